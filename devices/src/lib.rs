@@ -1,0 +1,16 @@
+//! uvm's guest-visible devices. Each device is one module; the VMM owns them
+//! through [`Bus`] and [`BusDevice`] and never the other way round: devices
+//! reach the VM only through the small traits defined here.
+
+pub mod boot_timer;
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice, BusError};
+
+/// An interrupt line into the guest (an irqfd on KVM, a requested interrupt on
+/// other hypervisors). Devices raise it; the VMM decides how it is delivered.
+pub trait Interrupt: Send + Sync {
+    fn trigger(&self) -> std::io::Result<()>;
+}

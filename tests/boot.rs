@@ -1,0 +1,126 @@
+//! Boot tests: each boots the real kernel and initrd from `cargo xtask guest`
+//! under KVM, because only a real guest shows that the boot path works.
+
+mod support;
+
+use std::fs;
+
+use support::{assert_fails_naming, guest_dir, kvm_available, run, stderr, uvm};
+
+/// Boots `kernel` with `cpus` vCPUs and the console shown; checks that the
+/// agent came up and the VM ended with status 0.
+fn boot(kernel: &str, cpus: &str) -> String {
+    let out = run(uvm().args(["run", "--console", "--cpus", cpus, "--kernel"]).arg(guest_dir().join(kernel)));
+    let err = stderr(&out);
+    assert!(out.status.success(), "boot failed:\n{err}");
+    assert!(err.contains("uvm-agent: ready"), "agent not ready:\n{err}");
+    err
+}
+
+// Why boot: the ELF vmlinux through PVH is the default, fastest path.
+#[test]
+fn elf_vmlinux_one_cpu() {
+    if kvm_available("elf_vmlinux_one_cpu") {
+        boot("vmlinux", "1");
+    }
+}
+
+// Why boot: the MP table, per-vCPU CPUID and AP start-up only show with 2 CPUs.
+#[test]
+fn elf_vmlinux_two_cpus() {
+    if kvm_available("elf_vmlinux_two_cpus") {
+        let log = boot("vmlinux", "2");
+        assert!(log.contains("Brought up 1 node, 2 CPUs"), "second CPU missing:\n{log}");
+    }
+}
+
+// Why boot: bzImage enters through the 64-bit Linux protocol (zero page,
+// page tables), a different path from PVH.
+#[test]
+fn bzimage_one_cpu() {
+    if kvm_available("bzimage_one_cpu") {
+        boot("bzImage", "1");
+    }
+}
+
+// Why boot: bzImage with an AP started from the MP table.
+#[test]
+fn bzimage_two_cpus() {
+    if kvm_available("bzimage_two_cpus") {
+        let log = boot("bzImage", "2");
+        assert!(log.contains("Brought up 1 node, 2 CPUs"), "second CPU missing:\n{log}");
+    }
+}
+
+// Why boot: timings are stamped by the running guest agent.
+#[test]
+fn timings_json_is_positive_and_ordered() {
+    if !kvm_available("timings_json_is_positive_and_ordered") {
+        return;
+    }
+    let out = run(uvm().args(["run", "--timings"]));
+    let err = stderr(&out);
+    assert!(out.status.success(), "boot failed:\n{err}");
+    let line = err.lines().rev().find(|l| l.starts_with('{')).expect("a JSON line");
+    let t: serde_json::Value = serde_json::from_str(line).expect("valid JSON");
+    let ms = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {line}"));
+    let (setup, kernel, agent, total) =
+        (ms("vmm_setup_ms"), ms("kernel_ms"), ms("agent_started_ms"), ms("total_ms"));
+    assert!(setup > 0.0 && kernel > 0.0, "{line}");
+    assert!(setup < agent && agent <= total, "{line}");
+    assert!((setup + kernel - agent).abs() < 0.01, "{line}");
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    let out = run(uvm().args(["run", "--kernel", "/nonexistent/vmlinux"]));
+    assert_fails_naming(&out, "kernel /nonexistent/vmlinux");
+}
+
+#[test]
+fn text_file_as_kernel_is_refused() {
+    let dir = tempdir("text-kernel");
+    let kernel = dir.join("vmlinux");
+    fs::write(&kernel, "this is not a kernel\n").unwrap();
+    let out = run(uvm().args(["run", "--kernel"]).arg(&kernel));
+    assert_fails_naming(&out, &format!("kernel {}", kernel.display()));
+    assert_fails_naming(&out, "neither an ELF vmlinux nor a bzImage");
+}
+
+#[test]
+fn empty_initrd_is_refused() {
+    let dir = tempdir("empty-initrd");
+    let initrd = dir.join("initrd.img");
+    fs::write(&initrd, "").unwrap();
+    let out = run(uvm().args(["run", "--initrd"]).arg(&initrd));
+    assert_fails_naming(&out, &format!("initrd {}: empty file", initrd.display()));
+}
+
+#[test]
+fn initrd_larger_than_memory_is_refused() {
+    let dir = tempdir("big-initrd");
+    let initrd = dir.join("initrd.img");
+    let file = fs::File::create(&initrd).unwrap();
+    file.set_len(128 << 20).unwrap(); // sparse: costs no disk
+    let out = run(uvm().args(["run", "--memory", "64", "--initrd"]).arg(&initrd));
+    assert_fails_naming(&out, &format!("initrd {}", initrd.display()));
+    assert_fails_naming(&out, "raise --memory");
+}
+
+#[test]
+fn too_little_memory_is_refused() {
+    let out = run(uvm().args(["run", "--memory", "1"]));
+    assert_fails_naming(&out, "--memory");
+}
+
+#[test]
+fn zero_cpus_is_refused() {
+    let out = run(uvm().args(["run", "--cpus", "0"]));
+    assert_fails_naming(&out, "--cpus");
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("uvm-test-{name}-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -1,0 +1,64 @@
+//! Helpers for tests that boot real guests with the `uvm` binary.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Generous: only here to turn a hang into a failure. A PVM boot takes ~10 s,
+/// a bzImage one (decompression emulated) longer.
+const HANG_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub fn uvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_uvm"))
+}
+
+/// `target/guest/`, where `cargo xtask guest` puts the kernel and initrd.
+pub fn guest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest")
+}
+
+/// Whether boot tests can run. Under CI a missing /dev/kvm is a failure;
+/// elsewhere the test says that it skipped.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::File::options().read(true).write(true).open("/dev/kvm").is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: CI=true but /dev/kvm cannot be opened"
+        );
+        eprintln!("SKIPPED {test}: /dev/kvm cannot be opened on this machine");
+    }
+    ok
+}
+
+/// Runs `cmd` to completion, killing it (and failing) if it hangs.
+pub fn run(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn uvm");
+    let start = Instant::now();
+    while child.try_wait().expect("wait for uvm").is_none() {
+        if start.elapsed() > HANG_TIMEOUT {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collect uvm output");
+            panic!("uvm hung for {HANG_TIMEOUT:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("collect uvm output")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts a failed run with exactly one error line naming `what`.
+pub fn assert_fails_naming(out: &Output, what: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, got success; stderr:\n{err}");
+    assert!(err.contains(what), "error does not name {what:?}:\n{err}");
+    assert!(!err.contains("panicked"), "uvm panicked:\n{err}");
+}

@@ -1,0 +1,281 @@
+//! KVM backend (kvm-ioctls). Works unchanged on hardware KVM and on kvm_pvm.
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_segment,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{CpuidEntry, EntryState, Error, IoHandler, Result, Segment, VcpuExit};
+
+/// Where KVM keeps the real-mode TSS it needs on Intel: three pages just below
+/// the 4 GiB BIOS area, outside guest RAM and the MMIO holes we use.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+
+// Local APIC LVT registers and delivery modes (Intel SDM vol. 3, 10.5.1).
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+
+pub struct KvmHypervisor {
+    kvm: Kvm,
+}
+
+impl KvmHypervisor {
+    pub fn new() -> Result<Self> {
+        Ok(Self { kvm: Kvm::new().map_err(|e| Error::backend("open /dev/kvm", e))? })
+    }
+}
+
+impl super::Hypervisor for KvmHypervisor {
+    type Vm = KvmVm;
+
+    fn create_vm(&self) -> Result<KvmVm> {
+        let fd = self.kvm.create_vm().map_err(|e| Error::backend("KVM_CREATE_VM", e))?;
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(|e| Error::backend("KVM_SET_TSS_ADDR", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| Error::backend("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(|e| Error::backend("KVM_CREATE_PIT2", e))?;
+        Ok(KvmVm { fd })
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::backend("KVM_GET_SUPPORTED_CPUID", e))?;
+        Ok(cpuid.as_slice().iter().map(from_kvm_cpuid).collect())
+    }
+}
+
+pub struct KvmVm {
+    fd: VmFd,
+}
+
+impl super::Vm for KvmVm {
+    type Vcpu = KvmVcpu;
+
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest: u64,
+        host: *mut u8,
+        size: u64,
+        read_only: bool,
+    ) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: if read_only { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: guest,
+            memory_size: size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the caller guarantees the host range outlives the VM.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|e| Error::backend("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    fn create_vcpu(&self, id: u8) -> Result<KvmVcpu> {
+        let fd = self
+            .fd
+            .create_vcpu(id.into())
+            .map_err(|e| Error::backend("KVM_CREATE_VCPU", e))?;
+        Ok(KvmVcpu { fd })
+    }
+
+    fn interrupt(&self, gsi: u32) -> Result<Arc<dyn devices::Interrupt>> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::backend("eventfd", e))?;
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(|e| Error::backend("KVM_IRQFD", e))?;
+        Ok(Arc::new(IrqFd(evt)))
+    }
+}
+
+/// An eventfd wired to a GSI with KVM_IRQFD: a write raises the interrupt.
+struct IrqFd(EventFd);
+
+impl devices::Interrupt for IrqFd {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+pub struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+impl super::Vcpu for KvmVcpu {
+    fn init(&mut self, cpuid: &[CpuidEntry]) -> Result<()> {
+        let entries: Vec<kvm_cpuid_entry2> = cpuid.iter().map(to_kvm_cpuid).collect();
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| {
+            Error::backend("KVM_SET_CPUID2", std::io::Error::other("too many CPUID entries"))
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| Error::backend("KVM_SET_CPUID2", e))?;
+        self.set_boot_msrs()?;
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        self.fd.set_fpu(&fpu).map_err(|e| Error::backend("KVM_SET_FPU", e))?;
+        self.set_lint()
+    }
+
+    fn set_entry_state(&mut self, state: &EntryState) -> Result<()> {
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| Error::backend("KVM_GET_SREGS", e))?;
+        sregs.cs = kvm_seg(&state.code);
+        let data = kvm_seg(&state.data);
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+        sregs.tr = kvm_seg(&state.tss);
+        sregs.gdt.base = state.gdt.base;
+        sregs.gdt.limit = state.gdt.limit;
+        sregs.idt.base = state.idt.base;
+        sregs.idt.limit = state.idt.limit;
+        sregs.cr0 = state.cr0;
+        sregs.cr3 = state.cr3;
+        sregs.cr4 = state.cr4;
+        sregs.efer = state.efer;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| Error::backend("KVM_SET_SREGS", e))?;
+
+        let regs = kvm_bindings::kvm_regs {
+            rip: state.rip,
+            rsp: state.rsp,
+            rbp: state.rsp,
+            rflags: state.rflags,
+            rbx: state.rbx,
+            rsi: state.rsi,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(|e| Error::backend("KVM_SET_REGS", e))
+    }
+
+    fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit> {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(VcpuExit::Interrupted)
+            }
+            Err(e) => return Err(Error::backend("KVM_RUN", e)),
+        };
+        Ok(match exit {
+            KvmExit::IoIn(port, data) => {
+                io.pio_read(port, data);
+                VcpuExit::Io
+            }
+            KvmExit::IoOut(port, data) => {
+                io.pio_write(port, data);
+                VcpuExit::Io
+            }
+            KvmExit::MmioRead(addr, data) => {
+                io.mmio_read(addr, data);
+                VcpuExit::Io
+            }
+            KvmExit::MmioWrite(addr, data) => {
+                io.mmio_write(addr, data);
+                VcpuExit::Io
+            }
+            KvmExit::Shutdown => VcpuExit::Shutdown,
+            KvmExit::InternalError => {
+                // SAFETY: KVM filled the `internal` member for this exit reason.
+                let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+                VcpuExit::InternalError {
+                    detail: format!("KVM internal error, suberror {}", internal.suberror),
+                }
+            }
+            KvmExit::FailEntry(reason, cpu) => VcpuExit::InternalError {
+                detail: format!("VM entry failed on cpu {cpu}: hardware reason {reason:#x}"),
+            },
+            other => VcpuExit::Unexpected { reason: format!("{other:?}") },
+        })
+    }
+
+    fn instruction_pointer(&self) -> Result<u64> {
+        Ok(self.fd.get_regs().map_err(|e| Error::backend("KVM_GET_REGS", e))?.rip)
+    }
+}
+
+impl KvmVcpu {
+    fn set_boot_msrs(&self) -> Result<()> {
+        let entries = [kvm_msr_entry {
+            index: MSR_IA32_MISC_ENABLE,
+            data: MISC_ENABLE_FAST_STRING,
+            ..Default::default()
+        }];
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|_| Error::backend("KVM_SET_MSRS", std::io::Error::other("bad MSR list")))?;
+        self.fd.set_msrs(&msrs).map_err(|e| Error::backend("KVM_SET_MSRS", e))?;
+        Ok(())
+    }
+
+    /// LINT0 takes the legacy PIC's interrupts (ExtINT), LINT1 the NMI, as on a
+    /// PC; the guest relies on it before it programs the IOAPIC.
+    fn set_lint(&self) -> Result<()> {
+        let mut lapic = self.fd.get_lapic().map_err(|e| Error::backend("KVM_GET_LAPIC", e))?;
+        for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let bytes = &mut lapic.regs[reg..reg + 4];
+            let value = u32::from_le_bytes([0, 1, 2, 3].map(|i| bytes[i] as u8));
+            let value = (value & !0x700) | (mode << 8);
+            for (b, v) in bytes.iter_mut().zip(value.to_le_bytes()) {
+                *b = v as _;
+            }
+        }
+        self.fd.set_lapic(&lapic).map_err(|e| Error::backend("KVM_SET_LAPIC", e))
+    }
+}
+
+fn kvm_seg(seg: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: seg.base,
+        limit: seg.limit,
+        selector: seg.selector,
+        type_: seg.type_,
+        present: seg.present.into(),
+        dpl: seg.dpl,
+        db: seg.db.into(),
+        s: seg.s.into(),
+        l: seg.l.into(),
+        g: seg.g.into(),
+        avl: 0,
+        unusable: (!seg.present).into(),
+        padding: 0,
+    }
+}
+
+fn from_kvm_cpuid(e: &kvm_cpuid_entry2) -> CpuidEntry {
+    CpuidEntry {
+        function: e.function,
+        index: e.index,
+        indexed: e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+    }
+}
+
+fn to_kvm_cpuid(e: &CpuidEntry) -> kvm_cpuid_entry2 {
+    kvm_cpuid_entry2 {
+        function: e.function,
+        index: e.index,
+        flags: if e.indexed { KVM_CPUID_FLAG_SIGNIFCANT_INDEX } else { 0 },
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+        ..Default::default()
+    }
+}

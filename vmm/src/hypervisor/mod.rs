@@ -1,0 +1,111 @@
+//! The hypervisor seam: everything backend-specific lives behind these traits.
+//!
+//! `Vcpu::run` returns a small exit enum and answers guest I/O through an
+//! [`IoHandler`] callback, so a backend that hands over the access (KVM) and
+//! one that must emulate the faulting instruction to learn it both fit.
+
+#[cfg(target_os = "linux")]
+pub mod kvm;
+pub mod regs;
+
+use std::sync::Arc;
+
+pub use regs::{EntryState, Segment};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op}: {source}")]
+    Backend {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps a backend failure of the operation `op`.
+    pub fn backend(op: &'static str, source: impl Into<std::io::Error>) -> Self {
+        Error::Backend { op, source: source.into() }
+    }
+}
+
+/// One CPUID leaf/subleaf as presented to the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    /// The leaf has subleaves selected by ECX (`index`).
+    pub indexed: bool,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+pub trait Hypervisor {
+    type Vm: Vm;
+
+    fn create_vm(&self) -> Result<Self::Vm>;
+
+    /// The CPUID the hypervisor can offer guests, before our template.
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
+}
+
+pub trait Vm: Send + Sync {
+    type Vcpu: Vcpu;
+
+    /// Maps `size` bytes of host memory at `host` to guest physical `guest`.
+    ///
+    /// # Safety
+    /// `host..host + size` must stay mapped and valid for the VM's lifetime.
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest: u64,
+        host: *mut u8,
+        size: u64,
+        read_only: bool,
+    ) -> Result<()>;
+
+    fn create_vcpu(&self, id: u8) -> Result<Self::Vcpu>;
+
+    /// An interrupt line for a device wired to `gsi` (IOAPIC pin).
+    fn interrupt(&self, gsi: u32) -> Result<Arc<dyn devices::Interrupt>>;
+}
+
+/// Guest port and MMIO accesses, answered by the VMM's buses.
+pub trait IoHandler {
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    fn pio_write(&self, port: u16, data: &[u8]);
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// A port or MMIO access, already answered through the [`IoHandler`].
+    Io,
+    /// Interrupted from outside (a signal); run again or stop.
+    Interrupted,
+    /// Triple fault or another reason the CPU shut down.
+    Shutdown,
+    /// The hypervisor could not run or emulate the guest.
+    InternalError { detail: String },
+    /// Anything else this VMM does not expect.
+    Unexpected { reason: String },
+}
+
+pub trait Vcpu: Send + 'static {
+    /// Per-vCPU set-up every vCPU needs: CPUID, MSRs, FPU, local APIC.
+    fn init(&mut self, cpuid: &[CpuidEntry]) -> Result<()>;
+
+    /// Registers for the boot CPU's first instruction.
+    fn set_entry_state(&mut self, state: &EntryState) -> Result<()>;
+
+    fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit>;
+
+    /// The guest's current RIP, for error messages.
+    fn instruction_pointer(&self) -> Result<u64>;
+}

@@ -1,0 +1,9 @@
+//! uvm: a minimal virtual machine monitor for utility VMs.
+
+pub mod boot;
+pub mod console;
+pub mod cpuid;
+pub mod hypervisor;
+pub mod memory;
+pub mod pvm;
+pub mod uvm;

@@ -1,0 +1,280 @@
+//! A utility VM: built from a [`VmConfig`], run until the guest ends it.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use devices::boot_timer::BootTimer;
+use devices::i8042::{self, I8042};
+use devices::serial::{self, Serial};
+use devices::{Bus, BusError};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::console::Console;
+use crate::hypervisor::{self, Hypervisor, IoHandler, Vcpu, VcpuExit, Vm};
+use crate::pvm::{self, HostKind};
+use crate::{boot, cpuid, memory};
+
+/// Command line every guest gets: console on COM1, reset through the i8042
+/// (so reboot ends the VM), reboot at once on panic, no legacy UART probing.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 no_timer_check";
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Appended to the command line uvm builds.
+    pub extra_cmdline: Option<String>,
+    pub memory_mib: u64,
+    pub cpus: u8,
+    /// Show the guest console (kernel log included) on stderr.
+    pub console: bool,
+    pub host: HostKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error("guest memory ({mib} MiB): {source}")]
+    Memory { mib: u64, source: std::io::Error },
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    #[error("starting vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// How the guest ended the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest reset the machine (reboot, power-off, or panic=-1).
+    Reset,
+    /// A vCPU stopped in a way the guest cannot recover from.
+    Fault { cpu: u8, reason: String, rip: Option<u64> },
+}
+
+/// What a run produced.
+pub struct Report {
+    pub exit: GuestExit,
+    pub timings: Timings,
+    pub console: Console,
+}
+
+/// Host-clock milestones, measured from VMM process start.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    pub first_vcpu_entry: Option<Duration>,
+    pub agent_started: Option<Duration>,
+    pub ended: Duration,
+}
+
+/// The first reason any part of the VM gives for ending it; later ones lose.
+#[derive(Default)]
+struct Ending {
+    exit: Mutex<Option<GuestExit>>,
+    cond: Condvar,
+}
+
+impl Ending {
+    fn signal(&self, exit: GuestExit) {
+        let mut slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(exit);
+        self.cond.notify_all();
+    }
+
+    fn wait(&self) -> GuestExit {
+        let slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = self
+            .cond
+            .wait_while(slot, |exit| exit.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        slot.clone().unwrap_or(GuestExit::Reset)
+    }
+}
+
+/// The port-I/O and MMIO buses the vCPUs dispatch to.
+struct Buses {
+    pio: Bus,
+    mmio: Bus,
+}
+
+impl IoHandler for Buses {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if !self.pio.read(port.into(), data) {
+            data.fill(0xff); // nothing there: the bus floats high
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.pio.write(port.into(), data);
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) {
+            data.fill(0xff);
+        }
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data);
+    }
+}
+
+/// The full guest command line for `config`.
+pub fn cmdline(config: &VmConfig) -> String {
+    let quiet = (!config.console).then_some("quiet");
+    [Some(BASE_CMDLINE), quiet, pvm::guest_flags(config.host), config.extra_cmdline.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A guest loaded into its memory, ready to run: all input is checked.
+pub struct Guest {
+    mem: memory::GuestMemory,
+    entry: hypervisor::EntryState,
+}
+
+/// Loads kernel, initrd and command line for `config`. Touches no hypervisor,
+/// so bad input is reported before anything else happens.
+pub fn prepare(config: &VmConfig) -> Result<Guest, Error> {
+    let mem = memory::create(config.memory_mib << 20)
+        .map_err(|source| Error::Memory { mib: config.memory_mib, source })?;
+    let entry = boot::load(&mem, &config.kernel, &config.initrd, &cmdline(config), config.cpus)?;
+    Ok(Guest { mem, entry })
+}
+
+/// Runs a prepared `guest` on `hv` until the guest ends the VM.
+/// `start` is when the VMM process started, for the timings.
+pub fn run<H: Hypervisor>(
+    hv: &H,
+    guest: Guest,
+    config: &VmConfig,
+    start: Instant,
+) -> Result<Report, Error> {
+    let Guest { mem, entry } = guest;
+    let vm = hv.create_vm()?;
+    for (slot, region) in mem.iter().enumerate() {
+        // SAFETY: `mem` is leaked below, so the mapping outlives the VM.
+        unsafe {
+            vm.map_memory(slot as u32, region.start_addr().0, region.as_ptr(), region.len(), false)?
+        };
+    }
+
+    let ending = Arc::new(Ending::default());
+    let console = Console::new(config.console);
+    let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
+    let buses = Arc::new(Buses {
+        pio: pio_bus(&vm, &ending, &console, &boot_timer)?,
+        mmio: Bus::new(),
+    });
+
+    let supported = hv.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(config.cpus.into());
+    for id in 0..config.cpus {
+        let mut vcpu = vm.create_vcpu(id)?;
+        vcpu.init(&cpuid::for_vcpu(&supported, id, config.cpus))?;
+        if id == 0 {
+            vcpu.set_entry_state(&entry)?;
+        }
+        vcpus.push(vcpu);
+    }
+
+    let entered = Arc::new(OnceLock::new());
+    for (id, vcpu) in (0u8..).zip(vcpus) {
+        let (buses, ending, entered) = (buses.clone(), ending.clone(), entered.clone());
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || run_vcpu(vcpu, id, &*buses, &ending, &entered))
+            .map_err(Error::Thread)?;
+    }
+    // The vCPU threads run until the process exits; guest memory must stay
+    // mapped for them, so it is never unmapped.
+    std::mem::forget(mem);
+
+    let exit = ending.wait();
+    let agent_started = boot_timer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .mark(guest::boot_mark::AGENT_STARTED);
+    let timings = Timings {
+        first_vcpu_entry: entered.get().map(|at: &Instant| at.duration_since(start)),
+        agent_started,
+        ended: start.elapsed(),
+    };
+    Ok(Report { exit, timings, console })
+}
+
+fn pio_bus<V: Vm>(
+    vm: &V,
+    ending: &Arc<Ending>,
+    console: &Console,
+    boot_timer: &Arc<Mutex<BootTimer>>,
+) -> Result<Bus, Error> {
+    let mut bus = Bus::new();
+    let irq = vm.interrupt(serial::COM1_IRQ)?;
+    let com1 = Serial::new(irq, Box::new(console.clone()));
+    bus.insert(Arc::new(Mutex::new(com1)), serial::COM1_PORT, serial::PORT_LEN)?;
+    let ending = ending.clone();
+    let i8042 = I8042::new(Box::new(move || ending.signal(GuestExit::Reset)));
+    bus.insert(Arc::new(Mutex::new(i8042)), i8042::PORT_BASE, i8042::PORT_LEN)?;
+    bus.insert(boot_timer.clone(), guest::boot_mark::PORT.into(), 1)?;
+    Ok(bus)
+}
+
+fn run_vcpu<V: Vcpu>(
+    mut vcpu: V,
+    id: u8,
+    io: &dyn IoHandler,
+    ending: &Ending,
+    entered: &OnceLock<Instant>,
+) {
+    if id == 0 {
+        let _ = entered.set(Instant::now());
+    }
+    let reason = loop {
+        match vcpu.run(io) {
+            Ok(VcpuExit::Io | VcpuExit::Interrupted) => {}
+            Ok(VcpuExit::Shutdown) => break "triple fault (shutdown)".to_string(),
+            Ok(VcpuExit::InternalError { detail }) => break detail,
+            Ok(VcpuExit::Unexpected { reason }) => break format!("unexpected exit {reason}"),
+            Err(e) => break e.to_string(),
+        }
+    };
+    let rip = vcpu.instruction_pointer().ok();
+    ending.signal(GuestExit::Fault { cpu: id, reason, rip });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(console: bool, host: HostKind) -> VmConfig {
+        VmConfig {
+            kernel: "k".into(),
+            initrd: "i".into(),
+            extra_cmdline: Some("foo=bar".into()),
+            memory_mib: 128,
+            cpus: 1,
+            console,
+            host,
+        }
+    }
+
+    #[test]
+    fn cmdline_adds_pvm_flags_only_on_pvm_hosts() {
+        let hw = cmdline(&config(false, HostKind::Hardware));
+        assert_eq!(hw, format!("{BASE_CMDLINE} quiet foo=bar"));
+        let pvm = cmdline(&config(true, HostKind::Pvm));
+        assert!(pvm.starts_with(BASE_CMDLINE) && pvm.ends_with("pvm_host foo=bar"));
+        assert!(!pvm.contains("quiet"));
+    }
+
+    #[test]
+    fn first_ending_wins() {
+        let ending = Ending::default();
+        ending.signal(GuestExit::Reset);
+        ending.signal(GuestExit::Fault { cpu: 1, reason: "x".into(), rip: None });
+        assert_eq!(ending.wait(), GuestExit::Reset);
+    }
+}
