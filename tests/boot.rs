@@ -10,7 +10,9 @@ use support::{assert_fails_naming, guest_dir, kvm_available, run, stderr, uvm};
 /// Boots `kernel` with `cpus` vCPUs and the console shown; checks that the
 /// agent came up and the VM ended with status 0.
 fn boot(kernel: &str, cpus: &str) -> String {
-    let out = run(uvm().args(["run", "--console", "--cpus", cpus, "--kernel"]).arg(guest_dir().join(kernel)));
+    let out = run(uvm()
+        .args(["run", "--console", "--cpus", cpus, "--kernel"])
+        .arg(guest_dir().join(kernel)));
     let err = stderr(&out);
     assert!(out.status.success(), "boot failed:\n{err}");
     assert!(err.contains("uvm-agent: ready"), "agent not ready:\n{err}");
@@ -30,7 +32,10 @@ fn elf_vmlinux_one_cpu() {
 fn elf_vmlinux_two_cpus() {
     if kvm_available("elf_vmlinux_two_cpus") {
         let log = boot("vmlinux", "2");
-        assert!(log.contains("Brought up 1 node, 2 CPUs"), "second CPU missing:\n{log}");
+        assert!(
+            log.contains("Brought up 1 node, 2 CPUs"),
+            "second CPU missing:\n{log}"
+        );
     }
 }
 
@@ -48,7 +53,10 @@ fn bzimage_one_cpu() {
 fn bzimage_two_cpus() {
     if kvm_available("bzimage_two_cpus") {
         let log = boot("bzImage", "2");
-        assert!(log.contains("Brought up 1 node, 2 CPUs"), "second CPU missing:\n{log}");
+        assert!(
+            log.contains("Brought up 1 node, 2 CPUs"),
+            "second CPU missing:\n{log}"
+        );
     }
 }
 
@@ -61,11 +69,22 @@ fn timings_json_is_positive_and_ordered() {
     let out = run(uvm().args(["run", "--timings"]));
     let err = stderr(&out);
     assert!(out.status.success(), "boot failed:\n{err}");
-    let line = err.lines().rev().find(|l| l.starts_with('{')).expect("a JSON line");
+    let line = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
     let t: serde_json::Value = serde_json::from_str(line).expect("valid JSON");
-    let ms = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {line}"));
-    let (setup, kernel, agent, total) =
-        (ms("vmm_setup_ms"), ms("kernel_ms"), ms("agent_started_ms"), ms("total_ms"));
+    let ms = |k: &str| {
+        t[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {line}"))
+    };
+    let (setup, kernel, agent, total) = (
+        ms("vmm_setup_ms"),
+        ms("kernel_ms"),
+        ms("agent_started_ms"),
+        ms("total_ms"),
+    );
     assert!(setup > 0.0 && kernel > 0.0, "{line}");
     assert!(setup < agent && agent <= total, "{line}");
     assert!((setup + kernel - agent).abs() < 0.01, "{line}");
@@ -102,7 +121,9 @@ fn initrd_larger_than_memory_is_refused() {
     let initrd = dir.join("initrd.img");
     let file = fs::File::create(&initrd).unwrap();
     file.set_len(128 << 20).unwrap(); // sparse: costs no disk
-    let out = run(uvm().args(["run", "--memory", "64", "--initrd"]).arg(&initrd));
+    let out = run(uvm()
+        .args(["run", "--memory", "64", "--initrd"])
+        .arg(&initrd));
     assert_fails_naming(&out, &format!("initrd {}", initrd.display()));
     assert_fails_naming(&out, "raise --memory");
 }

@@ -16,12 +16,18 @@ const MAX_MARKS: usize = 256;
 
 impl BootTimer {
     pub fn new(start: Instant) -> Self {
-        Self { start, marks: Vec::new() }
+        Self {
+            start,
+            marks: Vec::new(),
+        }
     }
 
     /// Time from `start` to the first write of `mark`, if the guest made it.
     pub fn mark(&self, mark: u8) -> Option<Duration> {
-        self.marks.iter().find(|(m, _)| *m == mark).map(|(_, at)| *at)
+        self.marks
+            .iter()
+            .find(|(m, _)| *m == mark)
+            .map(|(_, at)| *at)
     }
 }
 

@@ -51,7 +51,10 @@ impl Bus {
 
     /// The device whose range holds the whole access `[addr, addr + size)`.
     fn find(&self, addr: u64, size: usize) -> Option<(&Entry, u64)> {
-        let at = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
+        let at = self
+            .entries
+            .partition_point(|e| e.base <= addr)
+            .checked_sub(1)?;
         let entry = &self.entries[at];
         let offset = addr - entry.base;
         (offset.checked_add(size as u64)? <= entry.len).then_some((entry, offset))
@@ -77,7 +80,9 @@ impl Bus {
 /// A device mutex is only poisoned if a device panicked; the device state is
 /// still the best we have, so keep serving the guest.
 fn lock(device: &Mutex<dyn BusDevice>) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

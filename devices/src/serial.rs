@@ -29,7 +29,9 @@ pub struct Serial {
 impl Serial {
     /// A UART whose transmitted bytes go to `out`, raising `irq`.
     pub fn new(irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Uart::new(IrqTrigger(irq), out) }
+        Self {
+            uart: Uart::new(IrqTrigger(irq), out),
+        }
     }
 }
 

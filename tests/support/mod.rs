@@ -20,7 +20,11 @@ pub fn guest_dir() -> PathBuf {
 /// Whether boot tests can run. Under CI a missing /dev/kvm is a failure;
 /// elsewhere the test says that it skipped.
 pub fn kvm_available(test: &str) -> bool {
-    let ok = std::fs::File::options().read(true).write(true).open("/dev/kvm").is_ok();
+    let ok = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     if !ok {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -44,7 +48,10 @@ pub fn run(cmd: &mut Command) -> Output {
         if start.elapsed() > HANG_TIMEOUT {
             let _ = child.kill();
             let out = child.wait_with_output().expect("collect uvm output");
-            panic!("uvm hung for {HANG_TIMEOUT:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "uvm hung for {HANG_TIMEOUT:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -58,7 +65,10 @@ pub fn stderr(out: &Output) -> String {
 /// Asserts a failed run with exactly one error line naming `what`.
 pub fn assert_fails_naming(out: &Output, what: &str) {
     let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, got success; stderr:\n{err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr:\n{err}"
+    );
     assert!(err.contains(what), "error does not name {what:?}:\n{err}");
     assert!(!err.contains("panicked"), "uvm panicked:\n{err}");
 }

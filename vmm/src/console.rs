@@ -23,7 +23,10 @@ pub struct Console {
 
 impl Console {
     pub fn new(echo: bool) -> Self {
-        Self { echo, state: Arc::default() }
+        Self {
+            echo,
+            state: Arc::default(),
+        }
     }
 
     /// The last bytes the guest printed, lossily decoded.

@@ -49,7 +49,12 @@ pub fn for_vcpu(supported: &[CpuidEntry], id: u8, count: u8) -> Vec<CpuidEntry> 
                 e.eax = (e.eax & 0x3fff) | ((count - 1) << 26);
             }
             0x5 => *e = zeroed(e),
-            0x6 => *e = CpuidEntry { eax: e.eax & EAX_ARAT, ..zeroed(e) },
+            0x6 => {
+                *e = CpuidEntry {
+                    eax: e.eax & EAX_ARAT,
+                    ..zeroed(e)
+                }
+            }
             0xa => *e = zeroed(e),
             0xb | 0x1f => *e = topology(e, apic_id, count),
             _ => {}
@@ -59,7 +64,13 @@ pub fn for_vcpu(supported: &[CpuidEntry], id: u8, count: u8) -> Vec<CpuidEntry> 
 }
 
 fn zeroed(e: &CpuidEntry) -> CpuidEntry {
-    CpuidEntry { eax: 0, ebx: 0, ecx: 0, edx: 0, ..*e }
+    CpuidEntry {
+        eax: 0,
+        ebx: 0,
+        ecx: 0,
+        edx: 0,
+        ..*e
+    }
 }
 
 /// Extended topology: one thread per core, `count` cores in one package.
@@ -70,7 +81,13 @@ fn topology(e: &CpuidEntry, apic_id: u32, count: u32) -> CpuidEntry {
         1 => (core_shift, count, (LEVEL_CORE << 8) | 1),
         index => (0, 0, index),
     };
-    CpuidEntry { eax, ebx, ecx, edx: apic_id, ..*e }
+    CpuidEntry {
+        eax,
+        ebx,
+        ecx,
+        edx: apic_id,
+        ..*e
+    }
 }
 
 #[cfg(test)]
@@ -78,11 +95,22 @@ mod tests {
     use super::*;
 
     fn leaf(function: u32, index: u32) -> CpuidEntry {
-        CpuidEntry { function, index, eax: !0, ebx: !0, ecx: !0, edx: !0, ..Default::default() }
+        CpuidEntry {
+            function,
+            index,
+            eax: !0,
+            ebx: !0,
+            ecx: !0,
+            edx: !0,
+            ..Default::default()
+        }
     }
 
     fn find(entries: &[CpuidEntry], function: u32, index: u32) -> CpuidEntry {
-        *entries.iter().find(|e| e.function == function && e.index == index).unwrap()
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
     }
 
     #[test]

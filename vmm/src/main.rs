@@ -17,7 +17,11 @@ const MIN_MEMORY_MIB: u64 = 64;
 const MAX_CPUS: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "uvm", version, about = "Run Linux containers in tiny utility VMs")]
+#[command(
+    name = "uvm",
+    version,
+    about = "Run Linux containers in tiny utility VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -124,7 +128,10 @@ fn artifact(given: Option<PathBuf>, name: &str, flag: &str) -> anyhow::Result<Pa
 /// `target/guest`, next to `target/<profile>/uvm`.
 fn default_guest_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the uvm binary")?;
-    let target = exe.parent().and_then(Path::parent).context("uvm binary has no target dir")?;
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("uvm binary has no target dir")?;
     Ok(target.join("guest"))
 }
 
@@ -150,7 +157,10 @@ fn timings_json(report: &Report) -> String {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let t = &report.timings;
     let setup = t.first_vcpu_entry.map(ms);
-    let kernel = t.agent_started.zip(t.first_vcpu_entry).map(|(a, e)| ms(a.saturating_sub(e)));
+    let kernel = t
+        .agent_started
+        .zip(t.first_vcpu_entry)
+        .map(|(a, e)| ms(a.saturating_sub(e)));
     serde_json::json!({
         "vmm_setup_ms": setup,
         "kernel_ms": kernel,

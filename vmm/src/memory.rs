@@ -32,7 +32,10 @@ mod tests {
         assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
         assert_eq!(
             ram_ranges(4 << 30),
-            vec![(GuestAddress(0), 3 << 30), (GuestAddress(FOUR_GIB), 1 << 30)]
+            vec![
+                (GuestAddress(0), 3 << 30),
+                (GuestAddress(FOUR_GIB), 1 << 30)
+            ]
         );
     }
 }

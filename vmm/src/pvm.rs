@@ -50,7 +50,10 @@ mod tests {
     fn detects_by_module_presence() {
         let dir = std::env::temp_dir();
         assert_eq!(detect_at(&dir), HostKind::Pvm);
-        assert_eq!(detect_at(&dir.join("no-such-module-uvm")), HostKind::Hardware);
+        assert_eq!(
+            detect_at(&dir.join("no-such-module-uvm")),
+            HostKind::Hardware
+        );
     }
 
     #[test]

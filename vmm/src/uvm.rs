@@ -52,7 +52,11 @@ pub enum GuestExit {
     /// The guest reset the machine (reboot, power-off, or panic=-1).
     Reset,
     /// A vCPU stopped in a way the guest cannot recover from.
-    Fault { cpu: u8, reason: String, rip: Option<u64> },
+    Fault {
+        cpu: u8,
+        reason: String,
+        rip: Option<u64>,
+    },
 }
 
 /// What a run produced.
@@ -122,11 +126,16 @@ impl IoHandler for Buses {
 /// The full guest command line for `config`.
 pub fn cmdline(config: &VmConfig) -> String {
     let quiet = (!config.console).then_some("quiet");
-    [Some(BASE_CMDLINE), quiet, pvm::guest_flags(config.host), config.extra_cmdline.as_deref()]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(" ")
+    [
+        Some(BASE_CMDLINE),
+        quiet,
+        pvm::guest_flags(config.host),
+        config.extra_cmdline.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(" ")
 }
 
 /// A guest loaded into its memory, ready to run: all input is checked.
@@ -138,9 +147,17 @@ pub struct Guest {
 /// Loads kernel, initrd and command line for `config`. Touches no hypervisor,
 /// so bad input is reported before anything else happens.
 pub fn prepare(config: &VmConfig) -> Result<Guest, Error> {
-    let mem = memory::create(config.memory_mib << 20)
-        .map_err(|source| Error::Memory { mib: config.memory_mib, source })?;
-    let entry = boot::load(&mem, &config.kernel, &config.initrd, &cmdline(config), config.cpus)?;
+    let mem = memory::create(config.memory_mib << 20).map_err(|source| Error::Memory {
+        mib: config.memory_mib,
+        source,
+    })?;
+    let entry = boot::load(
+        &mem,
+        &config.kernel,
+        &config.initrd,
+        &cmdline(config),
+        config.cpus,
+    )?;
     Ok(Guest { mem, entry })
 }
 
@@ -157,7 +174,13 @@ pub fn run<H: Hypervisor>(
     for (slot, region) in mem.iter().enumerate() {
         // SAFETY: `mem` is leaked below, so the mapping outlives the VM.
         unsafe {
-            vm.map_memory(slot as u32, region.start_addr().0, region.as_ptr(), region.len(), false)?
+            vm.map_memory(
+                slot as u32,
+                region.start_addr().0,
+                region.as_ptr(),
+                region.len(),
+                false,
+            )?
         };
     }
 
@@ -202,7 +225,11 @@ pub fn run<H: Hypervisor>(
         agent_started,
         ended: start.elapsed(),
     };
-    Ok(Report { exit, timings, console })
+    Ok(Report {
+        exit,
+        timings,
+        console,
+    })
 }
 
 fn pio_bus<V: Vm>(
@@ -214,10 +241,18 @@ fn pio_bus<V: Vm>(
     let mut bus = Bus::new();
     let irq = vm.interrupt(serial::COM1_IRQ)?;
     let com1 = Serial::new(irq, Box::new(console.clone()));
-    bus.insert(Arc::new(Mutex::new(com1)), serial::COM1_PORT, serial::PORT_LEN)?;
+    bus.insert(
+        Arc::new(Mutex::new(com1)),
+        serial::COM1_PORT,
+        serial::PORT_LEN,
+    )?;
     let ending = ending.clone();
     let i8042 = I8042::new(Box::new(move || ending.signal(GuestExit::Reset)));
-    bus.insert(Arc::new(Mutex::new(i8042)), i8042::PORT_BASE, i8042::PORT_LEN)?;
+    bus.insert(
+        Arc::new(Mutex::new(i8042)),
+        i8042::PORT_BASE,
+        i8042::PORT_LEN,
+    )?;
     bus.insert(boot_timer.clone(), guest::boot_mark::PORT.into(), 1)?;
     Ok(bus)
 }
@@ -242,7 +277,11 @@ fn run_vcpu<V: Vcpu>(
         }
     };
     let rip = vcpu.instruction_pointer().ok();
-    ending.signal(GuestExit::Fault { cpu: id, reason, rip });
+    ending.signal(GuestExit::Fault {
+        cpu: id,
+        reason,
+        rip,
+    });
 }
 
 #[cfg(test)]
@@ -274,7 +313,11 @@ mod tests {
     fn first_ending_wins() {
         let ending = Ending::default();
         ending.signal(GuestExit::Reset);
-        ending.signal(GuestExit::Fault { cpu: 1, reason: "x".into(), rip: None });
+        ending.signal(GuestExit::Fault {
+            cpu: 1,
+            reason: "x".into(),
+            rip: None,
+        });
         assert_eq!(ending.wait(), GuestExit::Reset);
     }
 }

@@ -14,19 +14,43 @@ struct Entry<'a> {
 
 /// The initrd: /dev/console for init's stdio, mount points, and /init.
 pub fn initrd(agent: &[u8]) -> Vec<u8> {
-    let dir = |name| Entry { name, mode: S_IFDIR | 0o755, rdev: (0, 0), data: &[] };
+    let dir = |name| Entry {
+        name,
+        mode: S_IFDIR | 0o755,
+        rdev: (0, 0),
+        data: &[],
+    };
     let entries = [
         dir("dev"),
-        Entry { name: "dev/console", mode: S_IFCHR | 0o600, rdev: (5, 1), data: &[] },
+        Entry {
+            name: "dev/console",
+            mode: S_IFCHR | 0o600,
+            rdev: (5, 1),
+            data: &[],
+        },
         dir("proc"),
         dir("sys"),
-        Entry { name: "init", mode: S_IFREG | 0o755, rdev: (0, 0), data: agent },
+        Entry {
+            name: "init",
+            mode: S_IFREG | 0o755,
+            rdev: (0, 0),
+            data: agent,
+        },
     ];
     let mut out = Vec::new();
     for (ino, entry) in (1..).zip(&entries) {
         write_entry(&mut out, ino, entry);
     }
-    write_entry(&mut out, 0, &Entry { name: "TRAILER!!!", mode: 0, rdev: (0, 0), data: &[] });
+    write_entry(
+        &mut out,
+        0,
+        &Entry {
+            name: "TRAILER!!!",
+            mode: 0,
+            rdev: (0, 0),
+            data: &[],
+        },
+    );
     out
 }
 
@@ -72,7 +96,9 @@ mod tests {
         assert!(archive.starts_with(b"070701"));
         assert_eq!(archive.len() % 4, 0);
         let text = String::from_utf8_lossy(&archive);
-        assert!(text.contains("dev/console\0") && text.contains("init\0ELF!x"));
+        assert!(text.contains("dev/console\0"));
+        // Header (110 bytes) + "init\0" is padded to 116: data follows one NUL.
+        assert!(text.contains("init\0\0ELF!x"));
         assert!(text.contains("TRAILER!!!\0"));
         // 5 entries + trailer, each starting with the magic.
         assert_eq!(text.matches("070701").count(), 6);

@@ -12,10 +12,22 @@ use sha2::{Digest, Sha256};
 use crate::{apt_install, guest_dir, root, run};
 
 const SOURCE_PACKAGE: &str = "linux-source-6.12";
-const BUILD_PACKAGES: &[&str] =
-    &["linux-source-6.12", "bc", "flex", "bison", "libelf-dev", "libssl-dev", "make", "gcc", "xz-utils"];
-const ARTIFACTS: [(&str, &str); 3] =
-    [("vmlinux", "vmlinux"), ("arch/x86/boot/bzImage", "bzImage"), (".config", "config")];
+const BUILD_PACKAGES: &[&str] = &[
+    "linux-source-6.12",
+    "bc",
+    "flex",
+    "bison",
+    "libelf-dev",
+    "libssl-dev",
+    "make",
+    "gcc",
+    "xz-utils",
+];
+const ARTIFACTS: [(&str, &str); 3] = [
+    ("vmlinux", "vmlinux"),
+    ("arch/x86/boot/bzImage", "bzImage"),
+    (".config", "config"),
+];
 
 /// Builds (or reuses) the kernel and exposes it in target/guest/.
 pub fn build() -> Result<PathBuf> {
@@ -40,10 +52,15 @@ pub fn build() -> Result<PathBuf> {
 
 /// `$UVM_CACHE`, else `$XDG_CACHE_HOME/uvm`, else `~/.cache/uvm`.
 fn cache_dir() -> Result<PathBuf> {
-    let dir = match (std::env::var_os("UVM_CACHE"), std::env::var_os("XDG_CACHE_HOME")) {
+    let dir = match (
+        std::env::var_os("UVM_CACHE"),
+        std::env::var_os("XDG_CACHE_HOME"),
+    ) {
         (Some(dir), _) => PathBuf::from(dir),
         (None, Some(xdg)) => PathBuf::from(xdg).join("uvm"),
-        (None, None) => PathBuf::from(std::env::var("HOME").context("HOME unset")?).join(".cache/uvm"),
+        (None, None) => {
+            PathBuf::from(std::env::var("HOME").context("HOME unset")?).join(".cache/uvm")
+        }
     };
     Ok(dir.join("kernel"))
 }
@@ -77,7 +94,10 @@ fn cache_key(version: &str, config: &str, patches: &[PathBuf]) -> Result<String>
         hash.update(fs::read(patch)?);
     }
     let digest = hash.finalize();
-    Ok(format!("{SOURCE_PACKAGE}-{version}-{}", &hex(&digest)[..16]))
+    Ok(format!(
+        "{SOURCE_PACKAGE}-{version}-{}",
+        &hex(&digest)[..16]
+    ))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -86,7 +106,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Unpacks, patches, configures and builds into `dest` (then drops the tree).
 fn compile(dest: &Path, config_dir: &Path, patches: &[PathBuf]) -> Result<()> {
-    let work = dest.with_extension("build");
+    let work = PathBuf::from(format!("{}.build", dest.display()));
     if work.exists() {
         fs::remove_dir_all(&work)?;
     }
@@ -95,7 +115,11 @@ fn compile(dest: &Path, config_dir: &Path, patches: &[PathBuf]) -> Result<()> {
     run(Command::new("tar").args(["xf", &tarball, "-C"]).arg(&work))?;
     let src = work.join(SOURCE_PACKAGE);
     for patch in patches {
-        run(Command::new("patch").args(["-p1", "-s", "-d"]).arg(&src).arg("-i").arg(patch))?;
+        run(Command::new("patch")
+            .args(["-p1", "-s", "-d"])
+            .arg(&src)
+            .arg("-i")
+            .arg(patch))?;
     }
     let config = config_dir.join("uvm.config");
     run(Command::new("make")
@@ -103,9 +127,16 @@ fn compile(dest: &Path, config_dir: &Path, patches: &[PathBuf]) -> Result<()> {
         .arg(&src)
         .arg(format!("KCONFIG_ALLCONFIG={}", config.display()))
         .arg("allnoconfig"))?;
-    verify(&fs::read_to_string(&config)?, &fs::read_to_string(src.join(".config"))?)?;
+    verify(
+        &fs::read_to_string(&config)?,
+        &fs::read_to_string(src.join(".config"))?,
+    )?;
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    run(Command::new("make").arg("-C").arg(&src).arg(format!("-j{jobs}")).args(["vmlinux", "bzImage"]))?;
+    run(Command::new("make")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("-j{jobs}"))
+        .args(["vmlinux", "bzImage"]))?;
     fs::create_dir_all(dest)?;
     for (from, name) in ARTIFACTS {
         fs::copy(src.join(from), dest.join(name)).with_context(|| format!("copying {from}"))?;
@@ -123,7 +154,10 @@ fn verify(wanted: &str, result: &str) -> Result<()> {
     for line in wanted.lines() {
         if line.starts_with("CONFIG_") && !set.contains(line) {
             wrong.push(format!("{line} (missing)"));
-        } else if let Some(name) = line.strip_prefix("# ").and_then(|l| l.strip_suffix(" is not set")) {
+        } else if let Some(name) = line
+            .strip_prefix("# ")
+            .and_then(|l| l.strip_suffix(" is not set"))
+        {
             let prefix = format!("{name}=");
             if result.lines().any(|l| l.starts_with(&prefix)) {
                 wrong.push(format!("{name} (must be off)"));
@@ -144,7 +178,9 @@ mod tests {
     fn verify_names_missing_and_forbidden_options() {
         let wanted = "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\n# comment\n";
         assert!(verify(wanted, "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\n").is_ok());
-        let err = verify(wanted, "CONFIG_A=y\nCONFIG_C=y\n").unwrap_err().to_string();
+        let err = verify(wanted, "CONFIG_A=y\nCONFIG_C=y\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("CONFIG_B=y (missing)"), "{err}");
         assert!(err.contains("CONFIG_C (must be off)"), "{err}");
         assert!(!err.contains("CONFIG_A"), "{err}");

@@ -36,7 +36,10 @@ fn main() -> Result<()> {
 
 /// The workspace root (the parent of xtask/).
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").into()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .into()
 }
 
 /// Where guest artifacts land: `target/guest/`.
@@ -67,7 +70,9 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
             !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect();
@@ -88,14 +93,25 @@ const AGENT_TARGET: &str = "x86_64-unknown-linux-musl";
 
 fn initrd() -> Result<()> {
     run(Command::new("rustup").args(["target", "add", AGENT_TARGET]))?;
-    run(cargo().args(["build", "--profile", "guest", "-p", "guest", "--bin", "uvm-agent"]).args([
-        "--target",
-        AGENT_TARGET,
-    ]))?;
-    let agent = root().join("target").join(AGENT_TARGET).join("guest/uvm-agent");
+    run(cargo()
+        .args([
+            "build",
+            "--profile",
+            "guest",
+            "-p",
+            "guest",
+            "--bin",
+            "uvm-agent",
+        ])
+        .args(["--target", AGENT_TARGET]))?;
+    let agent = root()
+        .join("target")
+        .join(AGENT_TARGET)
+        .join("guest/uvm-agent");
     let agent = std::fs::read(&agent).with_context(|| format!("reading {}", agent.display()))?;
     let out = guest_dir()?.join("initrd.img");
-    std::fs::write(&out, cpio::initrd(&agent)).with_context(|| format!("writing {}", out.display()))?;
+    std::fs::write(&out, cpio::initrd(&agent))
+        .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("xtask: {} ({} bytes)", out.display(), agent.len());
     Ok(())
 }
@@ -115,14 +131,27 @@ fn test() -> Result<()> {
     check_kvm()?;
     guest()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(cargo().args(["test", "--workspace"]))
 }
 
 /// Under CI a missing /dev/kvm fails the run instead of skipping boot tests.
 fn check_kvm() -> Result<()> {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    if ci && std::fs::File::options().read(true).write(true).open("/dev/kvm").is_err() {
+    if ci
+        && std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+    {
         bail!("CI=true but /dev/kvm cannot be opened: the boot tests need KVM");
     }
     Ok(())

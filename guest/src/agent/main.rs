@@ -24,7 +24,13 @@ fn start() -> io::Result<()> {
 fn mount(source: &CStr, target: &CStr, fstype: &CStr) -> io::Result<()> {
     // SAFETY: all pointers are valid NUL-terminated strings; data is null.
     let rc = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     check(rc).map_err(|e| io::Error::new(e.kind(), format!("mount {target:?}: {e}")))
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
@@ -89,7 +89,7 @@ pub enum Protocol {
 /// Where the loaded pieces landed.
 struct Loaded {
     protocol: Protocol,
-    setup_header: Option<linux_loader::loader::bootparam::setup_header>,
+    setup_header: Option<setup_header>,
     kernel_end: u64,
 }
 
@@ -114,9 +114,8 @@ pub fn load(
             pvh_entry_state(entry)
         }
         Protocol::Linux { entry } => {
-            let mut params = boot_params::default();
-            params.hdr = loaded.setup_header.unwrap_or_default();
-            write_zero_page(mem, params, &memmap, cmdline_len, initrd_start, initrd_size)?;
+            let hdr = loaded.setup_header.unwrap_or_default();
+            write_zero_page(mem, hdr, &memmap, cmdline_len, initrd_start, initrd_size)?;
             write_gdt(mem, GDT_CODE64)?;
             write_page_tables(mem)?;
             linux64_entry_state(entry)
@@ -144,11 +143,18 @@ fn detect_format(head: &[u8]) -> Option<Format> {
 }
 
 fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<Loaded> {
-    let fail = |reason: String| Error::Kernel { path: path.to_owned(), reason };
+    let fail = |reason: String| Error::Kernel {
+        path: path.to_owned(),
+        reason,
+    };
     let mut file = File::open(path).map_err(|e| fail(e.to_string()))?;
     let mut head = Vec::with_capacity(0x210);
-    (&mut file).take(0x210).read_to_end(&mut head).map_err(|e| fail(e.to_string()))?;
-    let format = detect_format(&head).ok_or_else(|| fail("neither an ELF vmlinux nor a bzImage".into()))?;
+    (&mut file)
+        .take(0x210)
+        .read_to_end(&mut head)
+        .map_err(|e| fail(e.to_string()))?;
+    let format =
+        detect_format(&head).ok_or_else(|| fail("neither an ELF vmlinux nor a bzImage".into()))?;
     let himem = Some(GuestAddress(HIMEM_START));
     if format == Format::BzImage {
         let res = BzImage::load(mem, None, &mut file, himem).map_err(|e| fail(loader_reason(e)))?;
@@ -156,10 +162,14 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<Loaded> {
     }
     let res = Elf::load(mem, None, &mut file, himem).map_err(|e| fail(loader_reason(e)))?;
     let PvhBootCapability::PvhEntryPresent(entry) = res.pvh_boot_cap else {
-        return Err(fail("ELF kernel has no PVH entry point (build with CONFIG_PVH)".into()));
+        return Err(fail(
+            "ELF kernel has no PVH entry point (build with CONFIG_PVH)".into(),
+        ));
     };
     Ok(Loaded {
-        protocol: Protocol::Pvh { entry: entry.raw_value() },
+        protocol: Protocol::Pvh {
+            entry: entry.raw_value(),
+        },
         setup_header: None,
         kernel_end: res.kernel_end,
     })
@@ -174,7 +184,9 @@ fn bzimage_loaded(res: KernelLoaderResult) -> std::result::Result<Loaded, String
     // The kernel decompresses itself to pref_address and needs init_size there.
     let decompressed_end = hdr.pref_address.saturating_add(hdr.init_size.into());
     Ok(Loaded {
-        protocol: Protocol::Linux { entry: res.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET },
+        protocol: Protocol::Linux {
+            entry: res.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
+        },
         setup_header: Some(hdr),
         kernel_end: res.kernel_end.max(decompressed_end),
     })
@@ -191,14 +203,22 @@ fn loader_reason(e: loader::Error) -> String {
 
 /// Places the initrd at the top of low RAM, page aligned, above the kernel.
 fn load_initrd(mem: &GuestMemory, path: &Path, kernel: &Loaded) -> Result<(u64, u64)> {
-    let fail = |reason: String| Error::Initrd { path: path.to_owned(), reason };
+    let fail = |reason: String| Error::Initrd {
+        path: path.to_owned(),
+        reason,
+    };
     let mut file = File::open(path).map_err(|e| fail(e.to_string()))?;
     let size = file.metadata().map_err(|e| fail(e.to_string()))?.len();
     if size == 0 {
         return Err(fail("empty file".into()));
     }
-    let addr_max = kernel.setup_header.map_or(u64::MAX, |h| h.initrd_addr_max.into());
-    let low_ram_end = mem.iter().next().map_or(0, |r| r.start_addr().raw_value() + r.len());
+    let addr_max = kernel
+        .setup_header
+        .map_or(u64::MAX, |h| h.initrd_addr_max.into());
+    let low_ram_end = mem
+        .iter()
+        .next()
+        .map_or(0, |r| r.start_addr().raw_value() + r.len());
     let top = low_ram_end.min(addr_max.saturating_add(1));
     let start = top
         .checked_sub(size)
@@ -216,7 +236,8 @@ fn load_initrd(mem: &GuestMemory, path: &Path, kernel: &Loaded) -> Result<(u64, 
 }
 
 fn load_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<usize> {
-    let cmdline = Cmdline::try_from(cmdline, CMDLINE_MAX).map_err(|e| Error::Cmdline(e.to_string()))?;
+    let cmdline =
+        Cmdline::try_from(cmdline, CMDLINE_MAX).map_err(|e| Error::Cmdline(e.to_string()))?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
         .map_err(|e| Error::Cmdline(e.to_string()))?;
     Ok(cmdline.as_cstring().map_or(0, |c| c.as_bytes().len()))
@@ -248,9 +269,18 @@ fn write_pvh_info(mem: &GuestMemory, memmap: &[(u64, u64)], initrd: u64, size: u
     };
     let entries: Vec<_> = memmap
         .iter()
-        .map(|&(addr, size)| hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 })
+        .map(|&(addr, size)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_: E820_RAM,
+            reserved: 0,
+        })
         .collect();
-    let module = hvm_modlist_entry { paddr: initrd, size, ..Default::default() };
+    let module = hvm_modlist_entry {
+        paddr: initrd,
+        size,
+        ..Default::default()
+    };
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
     params.set_sections(&entries, GuestAddress(PVH_MEMMAP_START));
     params.set_modules(&[module], GuestAddress(PVH_MODLIST_START));
@@ -259,12 +289,16 @@ fn write_pvh_info(mem: &GuestMemory, memmap: &[(u64, u64)], initrd: u64, size: u
 
 fn write_zero_page(
     mem: &GuestMemory,
-    mut params: boot_params,
+    hdr: setup_header,
     memmap: &[(u64, u64)],
     cmdline_len: usize,
     initrd: u64,
     initrd_size: u64,
 ) -> Result<()> {
+    let mut params = boot_params {
+        hdr,
+        ..Default::default()
+    };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
@@ -272,7 +306,11 @@ fn write_zero_page(
     params.hdr.ramdisk_image = initrd as u32;
     params.hdr.ramdisk_size = initrd_size as u32;
     for (slot, &(addr, size)) in params.e820_table.iter_mut().zip(memmap) {
-        *slot = boot_e820_entry { addr, size, r#type: E820_RAM };
+        *slot = boot_e820_entry {
+            addr,
+            size,
+            r#type: E820_RAM,
+        };
     }
     params.e820_entries = memmap.len() as u8;
     let params = BootParams::new(&params, GuestAddress(ZERO_PAGE_START));
@@ -282,7 +320,8 @@ fn write_zero_page(
 fn write_gdt(mem: &GuestMemory, code: u64) -> Result<()> {
     let gdt = [0, code, GDT_DATA, GDT_TSS];
     let write = |value: u64, at: u64| {
-        mem.write_obj(value, GuestAddress(at)).map_err(|e| Error::Memory(e.to_string()))
+        mem.write_obj(value, GuestAddress(at))
+            .map_err(|e| Error::Memory(e.to_string()))
     };
     for (i, entry) in gdt.iter().enumerate() {
         write(*entry, GDT_START + 8 * i as u64)?;
@@ -295,7 +334,8 @@ fn write_page_tables(mem: &GuestMemory) -> Result<()> {
     const PRESENT_RW: u64 = 0x3;
     const PAGE_SIZE_2M: u64 = 0x80;
     let write = |value: u64, at: u64| {
-        mem.write_obj(value, GuestAddress(at)).map_err(|e| Error::Memory(e.to_string()))
+        mem.write_obj(value, GuestAddress(at))
+            .map_err(|e| Error::Memory(e.to_string()))
     };
     write(PDPTE_START | PRESENT_RW, PML4_START)?;
     write(PDE_START | PRESENT_RW, PDPTE_START)?;
@@ -315,8 +355,14 @@ fn segments(code: u64) -> (Segment, Segment, Segment) {
 
 fn tables() -> (Table, Table) {
     (
-        Table { base: GDT_START, limit: 4 * 8 - 1 },
-        Table { base: IDT_START, limit: 8 - 1 },
+        Table {
+            base: GDT_START,
+            limit: 4 * 8 - 1,
+        },
+        Table {
+            base: IDT_START,
+            limit: 8 - 1,
+        },
     )
 }
 
@@ -378,7 +424,10 @@ mod tests {
     #[test]
     fn linux64_entry_is_long_mode_with_boot_params_in_rsi() {
         let s = linux64_entry_state(0x100_200);
-        assert_eq!((s.rip, s.rsi, s.cr3), (0x100_200, ZERO_PAGE_START, PML4_START));
+        assert_eq!(
+            (s.rip, s.rsi, s.cr3),
+            (0x100_200, ZERO_PAGE_START, PML4_START)
+        );
         assert_ne!(s.cr0 & X86_CR0_PG, 0);
         assert_ne!(s.cr4 & X86_CR4_PAE, 0);
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
@@ -398,16 +447,25 @@ mod tests {
     #[test]
     fn memory_map_skips_the_bios_hole() {
         let mem = crate::memory::create(64 << 20).unwrap();
-        assert_eq!(memory_map(&mem), vec![(0, EBDA_START), (HIMEM_START, (64 << 20) - HIMEM_START)]);
+        assert_eq!(
+            memory_map(&mem),
+            vec![(0, EBDA_START), (HIMEM_START, (64 << 20) - HIMEM_START)]
+        );
     }
 
     #[test]
     fn page_tables_identity_map_first_gib() {
         let mem = crate::memory::create(64 << 20).unwrap();
         write_page_tables(&mem).unwrap();
-        let pde = |i: u64| mem.read_obj::<u64>(GuestAddress(PDE_START + 8 * i)).unwrap();
+        let pde = |i: u64| {
+            mem.read_obj::<u64>(GuestAddress(PDE_START + 8 * i))
+                .unwrap()
+        };
         assert_eq!(pde(0), 0x83);
         assert_eq!(pde(511), (511 << 21) | 0x83);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(PML4_START)).unwrap(), PDPTE_START | 3);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(PML4_START)).unwrap(),
+            PDPTE_START | 3
+        );
     }
 }

@@ -31,7 +31,9 @@ pub struct KvmHypervisor {
 
 impl KvmHypervisor {
     pub fn new() -> Result<Self> {
-        Ok(Self { kvm: Kvm::new().map_err(|e| Error::backend("open /dev/kvm", e))? })
+        Ok(Self {
+            kvm: Kvm::new().map_err(|e| Error::backend("open /dev/kvm", e))?,
+        })
     }
 }
 
@@ -39,13 +41,20 @@ impl super::Hypervisor for KvmHypervisor {
     type Vm = KvmVm;
 
     fn create_vm(&self) -> Result<KvmVm> {
-        let fd = self.kvm.create_vm().map_err(|e| Error::backend("KVM_CREATE_VM", e))?;
+        let fd = self
+            .kvm
+            .create_vm()
+            .map_err(|e| Error::backend("KVM_CREATE_VM", e))?;
         fd.set_tss_address(TSS_ADDRESS)
             .map_err(|e| Error::backend("KVM_SET_TSS_ADDR", e))?;
         fd.create_irq_chip()
             .map_err(|e| Error::backend("KVM_CREATE_IRQCHIP", e))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        fd.create_pit2(pit).map_err(|e| Error::backend("KVM_CREATE_PIT2", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| Error::backend("KVM_CREATE_PIT2", e))?;
         Ok(KvmVm { fd })
     }
 
@@ -119,14 +128,23 @@ impl super::Vcpu for KvmVcpu {
     fn init(&mut self, cpuid: &[CpuidEntry]) -> Result<()> {
         let entries: Vec<kvm_cpuid_entry2> = cpuid.iter().map(to_kvm_cpuid).collect();
         let cpuid = CpuId::from_entries(&entries).map_err(|_| {
-            Error::backend("KVM_SET_CPUID2", std::io::Error::other("too many CPUID entries"))
+            Error::backend(
+                "KVM_SET_CPUID2",
+                std::io::Error::other("too many CPUID entries"),
+            )
         })?;
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(|e| Error::backend("KVM_SET_CPUID2", e))?;
         self.set_boot_msrs()?;
-        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-        self.fd.set_fpu(&fpu).map_err(|e| Error::backend("KVM_SET_FPU", e))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd
+            .set_fpu(&fpu)
+            .map_err(|e| Error::backend("KVM_SET_FPU", e))?;
         self.set_lint()
     }
 
@@ -160,7 +178,9 @@ impl super::Vcpu for KvmVcpu {
             rsi: state.rsi,
             ..Default::default()
         };
-        self.fd.set_regs(&regs).map_err(|e| Error::backend("KVM_SET_REGS", e))
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| Error::backend("KVM_SET_REGS", e))
     }
 
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit> {
@@ -199,12 +219,18 @@ impl super::Vcpu for KvmVcpu {
             KvmExit::FailEntry(reason, cpu) => VcpuExit::InternalError {
                 detail: format!("VM entry failed on cpu {cpu}: hardware reason {reason:#x}"),
             },
-            other => VcpuExit::Unexpected { reason: format!("{other:?}") },
+            other => VcpuExit::Unexpected {
+                reason: format!("{other:?}"),
+            },
         })
     }
 
     fn instruction_pointer(&self) -> Result<u64> {
-        Ok(self.fd.get_regs().map_err(|e| Error::backend("KVM_GET_REGS", e))?.rip)
+        Ok(self
+            .fd
+            .get_regs()
+            .map_err(|e| Error::backend("KVM_GET_REGS", e))?
+            .rip)
     }
 }
 
@@ -217,14 +243,19 @@ impl KvmVcpu {
         }];
         let msrs = Msrs::from_entries(&entries)
             .map_err(|_| Error::backend("KVM_SET_MSRS", std::io::Error::other("bad MSR list")))?;
-        self.fd.set_msrs(&msrs).map_err(|e| Error::backend("KVM_SET_MSRS", e))?;
+        self.fd
+            .set_msrs(&msrs)
+            .map_err(|e| Error::backend("KVM_SET_MSRS", e))?;
         Ok(())
     }
 
     /// LINT0 takes the legacy PIC's interrupts (ExtINT), LINT1 the NMI, as on a
     /// PC; the guest relies on it before it programs the IOAPIC.
     fn set_lint(&self) -> Result<()> {
-        let mut lapic = self.fd.get_lapic().map_err(|e| Error::backend("KVM_GET_LAPIC", e))?;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(|e| Error::backend("KVM_GET_LAPIC", e))?;
         for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
             let bytes = &mut lapic.regs[reg..reg + 4];
             let value = u32::from_le_bytes([0, 1, 2, 3].map(|i| bytes[i] as u8));
@@ -233,7 +264,9 @@ impl KvmVcpu {
                 *b = v as _;
             }
         }
-        self.fd.set_lapic(&lapic).map_err(|e| Error::backend("KVM_SET_LAPIC", e))
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| Error::backend("KVM_SET_LAPIC", e))
     }
 }
 
@@ -271,7 +304,11 @@ fn to_kvm_cpuid(e: &CpuidEntry) -> kvm_cpuid_entry2 {
     kvm_cpuid_entry2 {
         function: e.function,
         index: e.index,
-        flags: if e.indexed { KVM_CPUID_FLAG_SIGNIFCANT_INDEX } else { 0 },
+        flags: if e.indexed {
+            KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+        } else {
+            0
+        },
         eax: e.eax,
         ebx: e.ebx,
         ecx: e.ecx,

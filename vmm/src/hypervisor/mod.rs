@@ -27,7 +27,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// Wraps a backend failure of the operation `op`.
     pub fn backend(op: &'static str, source: impl Into<std::io::Error>) -> Self {
-        Error::Backend { op, source: source.into() }
+        Error::Backend {
+            op,
+            source: source.into(),
+        }
     }
 }
 

@@ -24,7 +24,11 @@ impl Segment {
         let g = bits(55, 1) == 1;
         Segment {
             base: bits(16, 24) | (bits(56, 8) << 24),
-            limit: if g { (raw_limit << 12) | 0xfff } else { raw_limit },
+            limit: if g {
+                (raw_limit << 12) | 0xfff
+            } else {
+                raw_limit
+            },
             selector,
             type_: bits(40, 4) as u8,
             s: bits(44, 1) == 1,
@@ -72,7 +76,11 @@ mod tests {
     #[test]
     fn decodes_flat_code_and_data_descriptors() {
         let code64 = Segment::from_gdt_entry(0x00af_9b00_0000_ffff, 0x08);
-        assert_eq!((code64.base, code64.limit), (0, 0xffff_ffff), "4 KiB granular");
+        assert_eq!(
+            (code64.base, code64.limit),
+            (0, 0xffff_ffff),
+            "4 KiB granular"
+        );
         assert!(code64.l && !code64.db && code64.g && code64.present && code64.s);
         assert_eq!(code64.type_, 0xb);
 
