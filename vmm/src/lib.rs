@@ -6,4 +6,5 @@ pub mod cpuid;
 pub mod hypervisor;
 pub mod memory;
 pub mod pvm;
+pub mod rss;
 pub mod uvm;

@@ -166,6 +166,7 @@ fn timings_json(report: &Report) -> String {
         "kernel_ms": kernel,
         "agent_started_ms": t.agent_started.map(ms),
         "total_ms": ms(t.ended),
+        "vmm_rss_kib": report.vmm_rss_kib,
     })
     .to_string()
 }

@@ -64,6 +64,8 @@ pub struct Report {
     pub exit: GuestExit,
     pub timings: Timings,
     pub console: Console,
+    /// The VMM's resident memory without guest RAM, when the host tells.
+    pub vmm_rss_kib: Option<u64>,
 }
 
 /// Host-clock milestones, measured from VMM process start.
@@ -170,6 +172,7 @@ pub fn run<H: Hypervisor>(
     start: Instant,
 ) -> Result<Report, Error> {
     let Guest { mem, entry } = guest;
+    tracing::debug!(at = ?start.elapsed(), "guest loaded");
     let vm = hv.create_vm()?;
     for (slot, region) in mem.iter().enumerate() {
         // SAFETY: `mem` is leaked below, so the mapping outlives the VM.
@@ -192,6 +195,7 @@ pub fn run<H: Hypervisor>(
         mmio: Bus::new(),
     });
 
+    tracing::debug!(at = ?start.elapsed(), "VM created, memory mapped, devices ready");
     let supported = hv.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(config.cpus.into());
     for id in 0..config.cpus {
@@ -203,6 +207,7 @@ pub fn run<H: Hypervisor>(
         vcpus.push(vcpu);
     }
 
+    tracing::debug!(at = ?start.elapsed(), "vCPUs configured");
     let entered = Arc::new(OnceLock::new());
     for (id, vcpu) in (0u8..).zip(vcpus) {
         let (buses, ending, entered) = (buses.clone(), ending.clone(), entered.clone());
@@ -211,6 +216,7 @@ pub fn run<H: Hypervisor>(
             .spawn(move || run_vcpu(vcpu, id, &*buses, &ending, &entered))
             .map_err(Error::Thread)?;
     }
+    let guest_ram: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
     // The vCPU threads run until the process exits; guest memory must stay
     // mapped for them, so it is never unmapped.
     std::mem::forget(mem);
@@ -229,6 +235,7 @@ pub fn run<H: Hypervisor>(
         exit,
         timings,
         console,
+        vmm_rss_kib: crate::rss::vmm_rss_kib(&guest_ram),
     })
 }
 
