@@ -97,7 +97,7 @@ fn initrd() -> Result<()> {
         .args([
             "build",
             "--profile",
-            "guest",
+            "agent",
             "-p",
             "guest",
             "--bin",
