@@ -16,8 +16,11 @@ use crate::pvm::{self, HostKind};
 use crate::{boot, cpuid, memory};
 
 /// Command line every guest gets: console on COM1, reset through the i8042
-/// (so reboot ends the VM), reboot at once on panic, no legacy UART probing.
-const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 no_timer_check";
+/// (so reboot ends the VM), reboot at once on panic, no legacy UART probing,
+/// and no /sys/module/*/parameters for built-in code (nothing in a utility VM
+/// reads them; creating them took 2 s of a 16 s boot on PVM hosts).
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 no_timer_check \
+    initcall_blacklist=param_sysfs_builtin_init";
 
 #[derive(Clone, Debug)]
 pub struct VmConfig {
