@@ -345,64 +345,46 @@ fn write_page_tables(mem: &GuestMemory) -> Result<()> {
     Ok(())
 }
 
-fn segments(code: u64) -> (Segment, Segment, Segment) {
-    (
-        Segment::from_gdt_entry(code, 0x08),
-        Segment::from_gdt_entry(GDT_DATA, 0x10),
-        Segment::from_gdt_entry(GDT_TSS, 0x18),
-    )
-}
-
-fn tables() -> (Table, Table) {
-    (
-        Table {
+/// Flat segments from our GDT with `code` as the code descriptor, entering
+/// at `entry`: what both boot protocols start from.
+fn flat_state(code: u64, entry: u64) -> EntryState {
+    EntryState {
+        rip: entry,
+        rflags: RFLAGS_RESERVED,
+        code: Segment::from_gdt_entry(code, 0x08),
+        data: Segment::from_gdt_entry(GDT_DATA, 0x10),
+        tss: Segment::from_gdt_entry(GDT_TSS, 0x18),
+        gdt: Table {
             base: GDT_START,
             limit: 4 * 8 - 1,
         },
-        Table {
+        idt: Table {
             base: IDT_START,
             limit: 8 - 1,
         },
-    )
+        ..Default::default()
+    }
 }
 
 /// PVH: 32-bit protected mode, paging off, RBX = hvm_start_info.
 pub fn pvh_entry_state(entry: u64) -> EntryState {
-    let (code, data, tss) = segments(GDT_CODE32);
-    let (gdt, idt) = tables();
     EntryState {
-        rip: entry,
-        rflags: RFLAGS_RESERVED,
         rbx: PVH_INFO_START,
         cr0: X86_CR0_PE | X86_CR0_ET,
-        code,
-        data,
-        tss,
-        gdt,
-        idt,
-        ..Default::default()
+        ..flat_state(GDT_CODE32, entry)
     }
 }
 
 /// Linux 64-bit boot protocol: long mode, identity paging, RSI = boot_params.
 pub fn linux64_entry_state(entry: u64) -> EntryState {
-    let (code, data, tss) = segments(GDT_CODE64);
-    let (gdt, idt) = tables();
     EntryState {
-        rip: entry,
         rsp: BOOT_STACK,
-        rflags: RFLAGS_RESERVED,
         rsi: ZERO_PAGE_START,
         cr0: X86_CR0_PE | X86_CR0_ET | X86_CR0_PG,
         cr3: PML4_START,
         cr4: X86_CR4_PAE,
         efer: EFER_LME | EFER_LMA,
-        code,
-        data,
-        tss,
-        gdt,
-        idt,
-        ..Default::default()
+        ..flat_state(GDT_CODE64, entry)
     }
 }
 
