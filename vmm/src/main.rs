@@ -101,9 +101,7 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<()> {
         console: args.console,
         host: args.host.unwrap_or_else(pvm::detect),
     };
-    let guest = uvm::prepare(&config)?;
-    let hv = KvmHypervisor::new()?;
-    let report = uvm::run(&hv, guest, &config, start)?;
+    let report = uvm::run(KvmHypervisor::new, &config, start)?;
     if args.timings {
         eprintln!("{}", timings_json(&report));
     }

@@ -143,52 +143,35 @@ pub fn cmdline(config: &VmConfig) -> String {
     .join(" ")
 }
 
-/// A guest loaded into its memory, ready to run: all input is checked.
-pub struct Guest {
-    mem: memory::GuestMemory,
-    entry: hypervisor::EntryState,
-}
-
-/// Loads kernel, initrd and command line for `config`. Touches no hypervisor,
-/// so bad input is reported before anything else happens.
-pub fn prepare(config: &VmConfig) -> Result<Guest, Error> {
+/// Boots `config` and waits until the guest ends the VM. `open` opens the
+/// hypervisor; it runs, and the VM and its memory map are created, on a second
+/// thread while the guest is loaded, because on PVM hosts the first memory
+/// slot alone costs several milliseconds. Bad input is reported before any
+/// hypervisor error. `start` is when the VMM process started, for the timings.
+pub fn run<H, F>(open: F, config: &VmConfig, start: Instant) -> Result<Report, Error>
+where
+    H: Hypervisor + Send,
+    H::Vm: Send,
+    F: FnOnce() -> hypervisor::Result<H> + Send,
+{
     let mem = memory::create(config.memory_mib << 20).map_err(|source| Error::Memory {
         mib: config.memory_mib,
         source,
     })?;
-    let entry = boot::load(
-        &mem,
-        &config.kernel,
-        &config.initrd,
-        &cmdline(config),
-        config.cpus,
-    )?;
-    Ok(Guest { mem, entry })
-}
-
-/// Runs a prepared `guest` on `hv` until the guest ends the VM.
-/// `start` is when the VMM process started, for the timings.
-pub fn run<H: Hypervisor>(
-    hv: &H,
-    guest: Guest,
-    config: &VmConfig,
-    start: Instant,
-) -> Result<Report, Error> {
-    let Guest { mem, entry } = guest;
-    tracing::debug!(at = ?start.elapsed(), "guest loaded");
-    let vm = hv.create_vm()?;
-    for (slot, region) in mem.iter().enumerate() {
-        // SAFETY: `mem` is leaked below, so the mapping outlives the VM.
-        unsafe {
-            vm.map_memory(
-                slot as u32,
-                region.start_addr().0,
-                region.as_ptr(),
-                region.len(),
-                false,
-            )?
-        };
-    }
+    let (entry, created) = std::thread::scope(|s| {
+        let created = s.spawn(|| create_vm(open, &mem));
+        let entry = boot::load(
+            &mem,
+            &config.kernel,
+            &config.initrd,
+            &cmdline(config),
+            config.cpus,
+        );
+        (entry, created.join())
+    });
+    let entry = entry?;
+    let (hv, vm) = created.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+    tracing::debug!(at = ?start.elapsed(), "guest loaded, VM created");
 
     let ending = Arc::new(Ending::default());
     let console = Console::new(config.console);
@@ -198,7 +181,7 @@ pub fn run<H: Hypervisor>(
         mmio: Bus::new(),
     });
 
-    tracing::debug!(at = ?start.elapsed(), "VM created, memory mapped, devices ready");
+    tracing::debug!(at = ?start.elapsed(), "devices ready");
     let supported = hv.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(config.cpus.into());
     for id in 0..config.cpus {
@@ -240,6 +223,29 @@ pub fn run<H: Hypervisor>(
         console,
         vmm_rss_kib: crate::rss::vmm_rss_kib(&guest_ram),
     })
+}
+
+/// Opens the hypervisor and creates a VM with `mem` as its RAM.
+fn create_vm<H: Hypervisor, F: FnOnce() -> hypervisor::Result<H>>(
+    open: F,
+    mem: &memory::GuestMemory,
+) -> hypervisor::Result<(H, H::Vm)> {
+    let hv = open()?;
+    let vm = hv.create_vm()?;
+    for (slot, region) in mem.iter().enumerate() {
+        // SAFETY: guest memory is never unmapped (see `run`), so the mapping
+        // outlives the VM.
+        unsafe {
+            vm.map_memory(
+                slot as u32,
+                region.start_addr().0,
+                region.as_ptr(),
+                region.len(),
+                false,
+            )?
+        };
+    }
+    Ok((hv, vm))
 }
 
 fn pio_bus<V: Vm>(
