@@ -22,6 +22,7 @@ const BUILD_PACKAGES: &[&str] = &[
     "make",
     "gcc",
     "xz-utils",
+    "patch",
 ];
 const ARTIFACTS: [(&str, &str); 3] = [
     ("vmlinux", "vmlinux"),
