@@ -233,8 +233,9 @@ fn create_vm<H: Hypervisor, F: FnOnce() -> hypervisor::Result<H>>(
     let hv = open()?;
     let vm = hv.create_vm()?;
     for (slot, region) in mem.iter().enumerate() {
-        // SAFETY: guest memory is never unmapped (see `run`), so the mapping
-        // outlives the VM.
+        // SAFETY: in `run` the VM is declared after `mem`, so on every error
+        // path it is dropped first, and once vCPUs run `mem` is leaked: the
+        // mapping outlives the VM.
         unsafe {
             vm.map_memory(
                 slot as u32,
