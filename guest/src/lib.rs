@@ -1,5 +1,8 @@
 //! What the uvm host and the guest agent share.
 
+pub mod protocol;
+pub mod vsock;
+
 /// Boot marks: the agent writes a mark byte to the VMM's boot-timer port at
 /// each milestone, and the VMM stamps it with host time.
 pub mod boot_mark {

@@ -1,7 +1,8 @@
 //! Helpers for tests that boot real guests with the `uvm` binary.
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::io::Read;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Generous: only here to turn a hang into a failure. A PVM boot takes ~10 s,
@@ -43,19 +44,27 @@ pub fn run(cmd: &mut Command) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn uvm");
+    wait_or_kill(&mut child);
+    child.wait_with_output().expect("collect uvm output")
+}
+
+/// Waits for `child`, killing it (and failing with its stderr) if it hangs.
+pub fn wait_or_kill(child: &mut Child) -> ExitStatus {
     let start = Instant::now();
-    while child.try_wait().expect("wait for uvm").is_none() {
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for uvm") {
+            return status;
+        }
         if start.elapsed() > HANG_TIMEOUT {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("collect uvm output");
-            panic!(
-                "uvm hung for {HANG_TIMEOUT:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let mut err = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                let _ = stderr.read_to_string(&mut err);
+            }
+            panic!("uvm hung for {HANG_TIMEOUT:?}; stderr:\n{err}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    child.wait_with_output().expect("collect uvm output")
 }
 
 pub fn stderr(out: &Output) -> String {
@@ -72,3 +81,4 @@ pub fn assert_fails_naming(out: &Output, what: &str) {
     assert!(err.contains(what), "error does not name {what:?}:\n{err}");
     assert!(!err.contains("panicked"), "uvm panicked:\n{err}");
 }
+

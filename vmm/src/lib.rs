@@ -1,5 +1,6 @@
 //! uvm: a minimal virtual machine monitor for utility VMs.
 
+pub mod agent;
 pub mod boot;
 pub mod console;
 pub mod cpuid;
@@ -7,4 +8,6 @@ pub mod hypervisor;
 pub mod memory;
 pub mod pvm;
 pub mod rss;
+pub mod signals;
+pub mod terminal;
 pub mod uvm;

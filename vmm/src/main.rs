@@ -2,14 +2,17 @@
 //! turns the outcome into an exit status.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use devices::virtio::vsock::DEFAULT_GUEST_CID;
+use guest::protocol::TtySize;
+use vmm::agent::{Outcome, ProcessSpec};
 use vmm::hypervisor::kvm::KvmHypervisor;
 use vmm::pvm::{self, HostKind};
-use vmm::uvm::{self, GuestExit, Report, VmConfig};
+use vmm::terminal::RawMode;
+use vmm::uvm::{self, GuestExit, Report, VmConfig, VsockConfig};
 
 const DEFAULT_MEMORY_MIB: u64 = 128;
 const MIN_MEMORY_MIB: u64 = 64;
@@ -29,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a utility VM and run its agent until the guest ends the VM.
+    /// Boot a utility VM and run COMMAND in it, with its stdio and exit code.
+    /// Without COMMAND, boot until the guest agent is up.
     Run(RunArgs),
 }
 
@@ -71,9 +75,43 @@ struct RunArgs {
     /// kvm_pvm (software-virtualized /dev/kvm) needs.
     #[arg(long, value_enum, value_name = "KIND")]
     host: Option<HostKind>,
+
+    /// Set an environment variable for COMMAND (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VAL", value_parser = parse_env)]
+    env: Vec<String>,
+
+    /// Working directory of COMMAND in the guest.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+
+    /// Run COMMAND on a pseudo-terminal (the host terminal goes raw meanwhile).
+    #[arg(short = 't', long)]
+    tty: bool,
+
+    /// The guest's vsock context ID.
+    #[arg(long, value_name = "CID", default_value_t = DEFAULT_GUEST_CID,
+          value_parser = clap::value_parser!(u64).range(3..u64::from(u32::MAX)))]
+    cid: u64,
+
+    /// Hybrid vsock (Firecracker convention): host programs connect to PATH and
+    /// send `CONNECT <port>\n` to reach a guest port; guest connections to
+    /// host port P go to PATH_P.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+
+    /// The command to run in the guest, and its arguments.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
-fn main() -> ExitCode {
+fn parse_env(entry: &str) -> Result<String, String> {
+    match entry.split_once('=') {
+        Some((key, _)) if !key.is_empty() => Ok(entry.to_string()),
+        _ => Err(format!("expected KEY=VALUE, got `{entry}`")),
+    }
+}
+
+fn main() {
     let start = Instant::now();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("UVM_LOG"))
@@ -81,17 +119,23 @@ fn main() -> ExitCode {
         .init();
     let Command::Run(args) = Cli::parse().command;
     let code = match run(args, start) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("uvm: error: {e:#}");
-            ExitCode::FAILURE
+            1
         }
     };
     // vCPU threads are still inside the guest: leave without unwinding them.
-    std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 })
+    std::process::exit(code)
 }
 
-fn run(args: RunArgs, start: Instant) -> anyhow::Result<()> {
+fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
+    let process = (!args.command.is_empty()).then(|| ProcessSpec {
+        argv: args.command.clone(),
+        env: args.env.clone(),
+        cwd: args.workdir.clone(),
+        tty: args.tty.then(terminal_size),
+    });
     let config = VmConfig {
         kernel: artifact(args.kernel, "vmlinux", "--kernel")?,
         initrd: artifact(args.initrd, "initrd.img", "--initrd")?,
@@ -100,12 +144,28 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<()> {
         cpus: args.cpus,
         console: args.console,
         host: args.host.unwrap_or_else(pvm::detect),
+        vsock: VsockConfig {
+            guest_cid: args.cid,
+            uds: args.vsock_uds,
+        },
+        process,
     };
-    let report = uvm::run(KvmHypervisor::new, &config, start)?;
+    let raw = match args.tty && !args.command.is_empty() {
+        true => RawMode::enter_if_terminal(),
+        false => None,
+    };
+    let report = uvm::run(KvmHypervisor::new, &config, start);
+    drop(raw);
+    let report = report?;
     if args.timings {
         eprintln!("{}", timings_json(&report));
     }
-    check_exit(&report, args.console)
+    exit_code(&report, args.console)
+}
+
+/// The host terminal's size, for a guest pseudo-terminal.
+fn terminal_size() -> TtySize {
+    vmm::terminal::size().unwrap_or(TtySize { rows: 24, cols: 80 })
 }
 
 /// A path given on the command line, or the `cargo xtask guest` artifact.
@@ -133,18 +193,33 @@ fn default_guest_dir() -> anyhow::Result<PathBuf> {
     Ok(target.join("guest"))
 }
 
-fn check_exit(report: &Report, console_shown: bool) -> anyhow::Result<()> {
+/// uvm's exit status: the process's, like a shell's, or 0 for a boot check.
+fn exit_code(report: &Report, console_shown: bool) -> anyhow::Result<i32> {
     let tail = || match console_shown {
         true => String::new(),
         false => format!("\nlast console output:\n{}", report.console.tail()),
     };
-    match &report.exit {
-        GuestExit::Reset if report.timings.agent_started.is_some() => Ok(()),
-        GuestExit::Reset => bail!(
+    match (&report.process, &report.exit) {
+        (Some(Outcome::Exited(exited)), _) => Ok(exited.shell_status()),
+        (Some(Outcome::Failed(failed)), _) => {
+            eprintln!("uvm: error: cannot run the command: {}", failed.message);
+            Ok(failed.exit_code)
+        }
+        (None, GuestExit::Finished) => Ok(0),
+        (None, GuestExit::Interrupted { signal }) => Ok(128 + signal),
+        (None, GuestExit::Reset) if report.timings.agent_connected.is_some() => bail!(
+            "the guest reset while the process ran (did the agent crash?){}",
+            tail()
+        ),
+        (None, GuestExit::Reset) if report.timings.agent_started.is_some() => bail!(
+            "the guest reset before the agent connected over vsock{}",
+            tail()
+        ),
+        (None, GuestExit::Reset) => bail!(
             "the guest reset before the agent started (kernel panic or missing /init?){}",
             tail()
         ),
-        GuestExit::Fault { cpu, reason, rip } => {
+        (None, GuestExit::Fault { cpu, reason, rip }) => {
             let rip = rip.map_or("unknown".into(), |r| format!("{r:#x}"));
             bail!("vCPU {cpu} stopped: {reason} at guest RIP {rip}{}", tail())
         }
@@ -163,6 +238,9 @@ fn timings_json(report: &Report) -> String {
         "vmm_setup_ms": setup,
         "kernel_ms": kernel,
         "agent_started_ms": t.agent_started.map(ms),
+        "agent_connected_ms": t.agent_connected.map(ms),
+        "process_started_ms": t.process_started.map(ms),
+        "process_exited_ms": t.process_exited.map(ms),
         "total_ms": ms(t.ended),
         "vmm_rss_kib": report.vmm_rss_kib,
     })

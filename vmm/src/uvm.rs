@@ -1,19 +1,25 @@
 //! A utility VM: built from a [`VmConfig`], run until the guest ends it.
 
-use std::path::PathBuf;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use devices::boot_timer::BootTimer;
 use devices::i8042::{self, I8042};
 use devices::serial::{self, Serial};
+use devices::virtio::mmio::{self, MmioTransport};
+use devices::virtio::vsock::{HostPorts, Vsock};
+use devices::virtio::VirtioDevice;
 use devices::{Bus, BusError};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::agent::{Outcome, ProcessSpec, Session};
 use crate::console::Console;
 use crate::hypervisor::{self, Hypervisor, IoHandler, Vcpu, VcpuExit, Vm};
 use crate::pvm::{self, HostKind};
-use crate::{boot, cpuid, memory};
+use crate::{boot, cpuid, memory, signals};
 
 /// Command line every guest gets: console on COM1, reset through the i8042
 /// (so reboot ends the VM), reboot at once on panic, no legacy UART probing,
@@ -33,7 +39,27 @@ pub struct VmConfig {
     /// Show the guest console (kernel log included) on stderr.
     pub console: bool,
     pub host: HostKind,
+    pub vsock: VsockConfig,
+    /// The process to run; without one the VM ends once the agent is up.
+    pub process: Option<ProcessSpec>,
 }
+
+#[derive(Clone, Debug)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    /// Hybrid vsock: host programs reach guest ports through this Unix
+    /// socket, and guest connections to host port P go to `{uds}_P`.
+    pub uds: Option<PathBuf>,
+}
+
+/// virtio-mmio windows, one page per device, in the 32-bit MMIO hole.
+const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// GSIs 0-4 belong to legacy devices (timer, keyboard, cascade, COM2, COM1).
+const VIRTIO_FIRST_GSI: u32 = 5;
+/// The vsock device is virtio device 0.
+const VSOCK_SLOT: u32 = 0;
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,8 +71,15 @@ pub enum Error {
     Memory { mib: u64, source: std::io::Error },
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
-    #[error("starting vCPU thread: {0}")]
+    #[error("starting a VMM thread: {0}")]
     Thread(std::io::Error),
+    #[error("hybrid vsock socket {path}: {source}")]
+    VsockSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("setting up devices: {0}")]
+    Devices(std::io::Error),
 }
 
 /// How the guest ended the VM.
@@ -54,6 +87,10 @@ pub enum Error {
 pub enum GuestExit {
     /// The guest reset the machine (reboot, power-off, or panic=-1).
     Reset,
+    /// The agent session is over: the process ended, or there was none.
+    Finished,
+    /// uvm got `signal` before the process started.
+    Interrupted { signal: i32 },
     /// A vCPU stopped in a way the guest cannot recover from.
     Fault {
         cpu: u8,
@@ -69,6 +106,8 @@ pub struct Report {
     pub console: Console,
     /// The VMM's resident memory without guest RAM, when the host tells.
     pub vmm_rss_kib: Option<u64>,
+    /// How the process in the guest ended, if it ran.
+    pub process: Option<Outcome>,
 }
 
 /// Host-clock milestones, measured from VMM process start.
@@ -76,6 +115,9 @@ pub struct Report {
 pub struct Timings {
     pub first_vcpu_entry: Option<Duration>,
     pub agent_started: Option<Duration>,
+    pub agent_connected: Option<Duration>,
+    pub process_started: Option<Duration>,
+    pub process_exited: Option<Duration>,
     pub ended: Duration,
 }
 
@@ -131,9 +173,12 @@ impl IoHandler for Buses {
 /// The full guest command line for `config`.
 pub fn cmdline(config: &VmConfig) -> String {
     let quiet = (!config.console).then_some("quiet");
+    let (vsock_base, vsock_gsi) = virtio_slot(VSOCK_SLOT);
+    let vsock = MmioTransport::cmdline_entry(vsock_base, vsock_gsi);
     [
         Some(BASE_CMDLINE),
         quiet,
+        Some(&vsock),
         pvm::guest_flags(config.host),
         config.extra_cmdline.as_deref(),
     ]
@@ -141,6 +186,14 @@ pub fn cmdline(config: &VmConfig) -> String {
     .flatten()
     .collect::<Vec<_>>()
     .join(" ")
+}
+
+/// The MMIO window and GSI of virtio device `slot`.
+fn virtio_slot(slot: u32) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + u64::from(slot) * mmio::WINDOW_LEN,
+        VIRTIO_FIRST_GSI + slot,
+    )
 }
 
 /// Boots `config` and waits until the guest ends the VM. `open` opens the
@@ -154,6 +207,21 @@ where
     H::Vm: Send,
     F: FnOnce() -> hypervisor::Result<H> + Send,
 {
+    // Before any thread starts, so that all of them inherit the mask.
+    let signals = match config.process {
+        Some(_) => Some(signals::block().map_err(Error::Devices)?),
+        None => None,
+    };
+    let hybrid = config
+        .vsock
+        .uds
+        .as_deref()
+        .map(HybridSocket::bind)
+        .transpose()?;
+    let mut ports = HostPorts::new(config.vsock.uds.clone());
+    let session = Session::new(config.process.clone(), &mut ports);
+    let progress = session.progress();
+
     let mem = memory::create(config.memory_mib << 20).map_err(|source| Error::Memory {
         mib: config.memory_mib,
         source,
@@ -176,10 +244,39 @@ where
     let ending = Arc::new(Ending::default());
     let console = Console::new(config.console);
     let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
+    let mut mmio = Bus::new();
+    let mut events = EventManager::<Subscriber>::new()
+        .map_err(|e| Error::Devices(std::io::Error::other(format!("event loop: {e:?}"))))?;
+    let listener = hybrid.as_ref().map(|h| h.listener.try_clone()).transpose();
+    let vsock = Vsock::new(
+        mem.clone(),
+        config.vsock.guest_cid,
+        ports,
+        listener.map_err(Error::Devices)?,
+    )
+    .map_err(Error::Devices)?;
+    attach_virtio(&vm, &mem, &mut mmio, &mut events, VSOCK_SLOT, vsock)?;
     let buses = Arc::new(Buses {
         pio: pio_bus(&vm, &ending, &console, &boot_timer)?,
-        mmio: Bus::new(),
+        mmio,
     });
+    std::thread::Builder::new()
+        .name("events".into())
+        .spawn(move || run_events(events))
+        .map_err(Error::Thread)?;
+    let finished = ending.clone();
+    session
+        .start(move || finished.signal(GuestExit::Finished))
+        .map_err(Error::Thread)?;
+    if let Some(signals) = signals {
+        let (ending, progress) = (ending.clone(), progress.clone());
+        let forward = move |signal| {
+            if !lock(&progress).forward_signal(signal) {
+                ending.signal(GuestExit::Interrupted { signal });
+            }
+        };
+        signals.forward(forward).map_err(Error::Thread)?;
+    }
 
     tracing::debug!(at = ?start.elapsed(), "devices ready");
     let supported = hv.supported_cpuid()?;
@@ -212,9 +309,14 @@ where
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .mark(guest::boot_mark::AGENT_STARTED);
+    let progress = lock(&progress);
+    let since_start = |at: Option<Instant>| at.map(|at| at.duration_since(start));
     let timings = Timings {
-        first_vcpu_entry: entered.get().map(|at: &Instant| at.duration_since(start)),
+        first_vcpu_entry: since_start(entered.get().copied()),
         agent_started,
+        agent_connected: since_start(progress.agent_connected),
+        process_started: since_start(progress.process_started),
+        process_exited: since_start(progress.process_exited),
         ended: start.elapsed(),
     };
     Ok(Report {
@@ -222,7 +324,72 @@ where
         timings,
         console,
         vmm_rss_kib: crate::rss::vmm_rss_kib(&guest_ram),
+        process: progress.outcome.clone(),
     })
+}
+
+/// Puts a virtio device on the MMIO bus at `slot`: its register window, its
+/// interrupt, its queue notifications (straight to the device's events when
+/// the hypervisor can) and its place in the event loop.
+fn attach_virtio<V: Vm, D>(
+    vm: &V,
+    mem: &memory::GuestMemory,
+    mmio: &mut Bus,
+    events: &mut EventManager<Subscriber>,
+    slot: u32,
+    device: D,
+) -> Result<(), Error>
+where
+    D: VirtioDevice + MutEventSubscriber + 'static,
+{
+    let (base, gsi) = virtio_slot(slot);
+    for (queue, event) in (0u32..).zip(device.queue_events()) {
+        vm.register_notifier(event, base + mmio::NOTIFY_OFFSET, queue)?;
+    }
+    let device = Arc::new(Mutex::new(device));
+    let transport = MmioTransport::new(device.clone(), mem.clone(), vm.interrupt(gsi)?);
+    mmio.insert(Arc::new(Mutex::new(transport)), base, mmio::WINDOW_LEN)?;
+    events.add_subscriber(device);
+    Ok(())
+}
+
+/// The device event loop: queue notifications and host sockets.
+fn run_events(mut events: EventManager<Subscriber>) {
+    loop {
+        if let Err(e) = events.run() {
+            tracing::error!("event loop: {e:?}");
+            return;
+        }
+    }
+}
+
+/// The hybrid vsock socket, removed when the VM ends.
+struct HybridSocket {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl HybridSocket {
+    fn bind(path: &Path) -> Result<Self, Error> {
+        let listener = UnixListener::bind(path).map_err(|source| Error::VsockSocket {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            listener,
+        })
+    }
+}
+
+impl Drop for HybridSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Opens the hypervisor and creates a VM with `mem` as its RAM.
@@ -314,6 +481,11 @@ mod tests {
             cpus: 1,
             console,
             host,
+            vsock: VsockConfig {
+                guest_cid: 3,
+                uds: None,
+            },
+            process: None,
         }
     }
 

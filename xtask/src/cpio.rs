@@ -1,9 +1,11 @@
-//! A newc cpio archive holding the agent as /init plus the few nodes the
-//! kernel and agent need before devtmpfs is mounted.
+//! Newc cpio archives for the initrd, written here so that the build needs
+//! no cpio tool: the agent as /init plus the few nodes the kernel and agent
+//! need before devtmpfs is mounted.
 
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFCHR: u32 = 0o020000;
+const S_IFLNK: u32 = 0o120000;
 
 struct Entry<'a> {
     name: &'a str,
@@ -12,46 +14,77 @@ struct Entry<'a> {
     data: &'a [u8],
 }
 
-/// The initrd: /dev/console for init's stdio, mount points, and /init.
-pub fn initrd(agent: &[u8]) -> Vec<u8> {
-    let dir = |name| Entry {
-        name,
-        mode: S_IFDIR | 0o755,
-        rdev: (0, 0),
-        data: &[],
-    };
-    let entries = [
-        dir("dev"),
-        Entry {
+/// An archive being written; entries go in the order added.
+pub struct Archive {
+    out: Vec<u8>,
+    next_ino: u32,
+}
+
+impl Archive {
+    /// The base every initrd has: /dev/console for init's stdio, mount
+    /// points, and `agent` as /init.
+    pub fn initrd(agent: &[u8]) -> Self {
+        let mut archive = Self {
+            out: Vec::new(),
+            next_ino: 1,
+        };
+        archive.dir("dev");
+        archive.add(&Entry {
             name: "dev/console",
             mode: S_IFCHR | 0o600,
             rdev: (5, 1),
             data: &[],
-        },
-        dir("proc"),
-        dir("sys"),
-        Entry {
-            name: "init",
+        });
+        archive.dir("proc");
+        archive.dir("sys");
+        archive.file("init", agent);
+        archive
+    }
+
+    pub fn dir(&mut self, name: &str) {
+        self.add(&Entry {
+            name,
+            mode: S_IFDIR | 0o755,
+            rdev: (0, 0),
+            data: &[],
+        });
+    }
+
+    /// An executable file.
+    pub fn file(&mut self, name: &str, data: &[u8]) {
+        self.add(&Entry {
+            name,
             mode: S_IFREG | 0o755,
             rdev: (0, 0),
-            data: agent,
-        },
-    ];
-    let mut out = Vec::new();
-    for (ino, entry) in (1..).zip(&entries) {
-        write_entry(&mut out, ino, entry);
+            data,
+        });
     }
-    write_entry(
-        &mut out,
-        0,
-        &Entry {
+
+    pub fn symlink(&mut self, name: &str, target: &str) {
+        self.add(&Entry {
+            name,
+            mode: S_IFLNK | 0o777,
+            rdev: (0, 0),
+            data: target.as_bytes(),
+        });
+    }
+
+    fn add(&mut self, entry: &Entry) {
+        write_entry(&mut self.out, self.next_ino, entry);
+        self.next_ino += 1;
+    }
+
+    /// The archive with its trailer.
+    pub fn finish(mut self) -> Vec<u8> {
+        let trailer = Entry {
             name: "TRAILER!!!",
             mode: 0,
             rdev: (0, 0),
             data: &[],
-        },
-    );
-    out
+        };
+        write_entry(&mut self.out, 0, &trailer);
+        self.out
+    }
 }
 
 fn write_entry(out: &mut Vec<u8>, ino: u32, e: &Entry) {
@@ -92,7 +125,9 @@ mod tests {
 
     #[test]
     fn archive_is_aligned_newc_with_trailer() {
-        let archive = initrd(b"ELF!x");
+        let mut archive = Archive::initrd(b"ELF!x");
+        archive.symlink("sh", "busybox");
+        let archive = archive.finish();
         assert!(archive.starts_with(b"070701"));
         assert_eq!(archive.len() % 4, 0);
         let text = String::from_utf8_lossy(&archive);
@@ -100,7 +135,8 @@ mod tests {
         // Header (110 bytes) + "init\0" is padded to 116: data follows one NUL.
         assert!(text.contains("init\0\0ELF!x"));
         assert!(text.contains("TRAILER!!!\0"));
-        // 5 entries + trailer, each starting with the magic.
-        assert_eq!(text.matches("070701").count(), 6);
+        assert!(text.contains("sh\0") && text.contains("\0busybox"));
+        // 6 entries + trailer, each starting with the magic.
+        assert_eq!(text.matches("070701").count(), 7);
     }
 }

@@ -14,7 +14,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   kernel   build the guest kernel (cached) -> target/guest/{vmlinux,bzImage}
-  initrd   build the agent and pack it     -> target/guest/initrd.img
+  initrd   build the agent and pack it     -> target/guest/initrd.img, initrd-test.img
   guest    kernel + initrd
   demo     build what is missing, then boot a utility VM on the defaults
   test     guest, then fmt, clippy and the whole test suite (what CI runs)";
@@ -91,29 +91,69 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 /// static glibc one, and on PVM hosts each initrd MiB costs seconds to unpack.
 const AGENT_TARGET: &str = "x86_64-unknown-linux-musl";
 
+/// Guest programs built for the initrds: the agent, and a test peer.
+const GUEST_BINS: [&str; 2] = ["uvm-agent", "uvm-vsock-test"];
+/// Debian's static busybox: the commands of the default root until image
+/// layers provide them.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// Builds `initrd.img` (agent + busybox) and `initrd-test.img` (the same
+/// plus the vsock test peer).
 fn initrd() -> Result<()> {
     run(Command::new("rustup").args(["target", "add", AGENT_TARGET]))?;
-    run(cargo()
-        .args([
-            "build",
-            "--profile",
-            "agent",
-            "-p",
-            "guest",
-            "--bin",
-            "uvm-agent",
-        ])
-        .args(["--target", AGENT_TARGET]))?;
-    let agent = root()
-        .join("target")
-        .join(AGENT_TARGET)
-        .join("agent/uvm-agent");
-    let agent = std::fs::read(&agent).with_context(|| format!("reading {}", agent.display()))?;
-    let out = guest_dir()?.join("initrd.img");
-    std::fs::write(&out, cpio::initrd(&agent))
-        .with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("xtask: {} ({} bytes)", out.display(), agent.len());
+    let mut build = cargo();
+    build.args(["build", "--profile", "agent", "-p", "guest"]);
+    for bin in GUEST_BINS {
+        build.args(["--bin", bin]);
+    }
+    run(build.args(["--target", AGENT_TARGET]))?;
+    apt_install(&["busybox-static"])?;
+    let bin_dir = root().join("target").join(AGENT_TARGET).join("agent");
+    let read =
+        |path: &Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    let agent = read(&bin_dir.join("uvm-agent"))?;
+    let busybox = read(Path::new(BUSYBOX))?;
+    let applets = busybox_applets()?;
+
+    let mut archive = cpio::Archive::initrd(&agent);
+    add_busybox(&mut archive, &busybox, &applets);
+    let mut test_archive = cpio::Archive::initrd(&agent);
+    add_busybox(&mut test_archive, &busybox, &applets);
+    test_archive.file(
+        "bin/uvm-vsock-test",
+        &read(&bin_dir.join("uvm-vsock-test"))?,
+    );
+    for (name, archive) in [("initrd.img", archive), ("initrd-test.img", test_archive)] {
+        let out = guest_dir()?.join(name);
+        let bytes = archive.finish();
+        std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("xtask: {} ({} bytes)", out.display(), bytes.len());
+    }
     Ok(())
+}
+
+/// Where busybox installs each applet (`bin/sh`, `usr/bin/env`, …).
+fn busybox_applets() -> Result<Vec<String>> {
+    let out = Command::new(BUSYBOX)
+        .arg("--list-full")
+        .output()
+        .with_context(|| format!("running {BUSYBOX}"))?;
+    let list = String::from_utf8(out.stdout).context("busybox applet list")?;
+    Ok(list
+        .lines()
+        .filter(|l| l.contains('/'))
+        .map(String::from)
+        .collect())
+}
+
+fn add_busybox(archive: &mut cpio::Archive, busybox: &[u8], applets: &[String]) {
+    for dir in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "tmp"] {
+        archive.dir(dir);
+    }
+    archive.file("bin/busybox", busybox);
+    for applet in applets.iter().filter(|a| a.as_str() != "bin/busybox") {
+        archive.symlink(applet, "/bin/busybox");
+    }
 }
 
 fn guest() -> Result<()> {

@@ -1,10 +1,14 @@
 //! uvm-agent: PID 1 of the utility VM. Kept lean on purpose: on PVM hosts each
 //! guest system call costs about half a millisecond.
 
+mod process;
+
 use std::ffi::CStr;
 use std::io::{self, Write};
 
 use guest::boot_mark;
+use guest::protocol::{self, Run, CONTROL_PORT};
+use guest::vsock;
 
 fn main() {
     if let Err(e) = start() {
@@ -18,10 +22,20 @@ fn start() -> io::Result<()> {
     mount(c"sysfs", c"/sys", c"sysfs")?;
     mount(c"devtmpfs", c"/dev", c"devtmpfs")?;
     write_boot_mark(boot_mark::AGENT_STARTED)?;
-    writeln!(io::stdout(), "uvm-agent: ready")
+    writeln!(io::stdout(), "uvm-agent: ready")?;
+    let mut control = vsock::connect(CONTROL_PORT)?;
+    // The host closes the control stream when it has nothing to run.
+    let Some(frame) = protocol::receive(&mut control)? else {
+        return Ok(());
+    };
+    process::run(&frame.decode::<Run>()?, &mut control, frame.id)?;
+    // The host ends the VM once it has the exit status; should it close the
+    // stream instead, power off.
+    while protocol::receive(&mut control)?.is_some() {}
+    Ok(())
 }
 
-fn mount(source: &CStr, target: &CStr, fstype: &CStr) -> io::Result<()> {
+pub(crate) fn mount(source: &CStr, target: &CStr, fstype: &CStr) -> io::Result<()> {
     // SAFETY: all pointers are valid NUL-terminated strings; data is null.
     let rc = unsafe {
         libc::mount(
@@ -63,7 +77,7 @@ fn power_off() -> ! {
     }
 }
 
-fn check(rc: libc::c_int) -> io::Result<()> {
+pub(crate) fn check(rc: libc::c_int) -> io::Result<()> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

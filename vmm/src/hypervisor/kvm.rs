@@ -7,7 +7,7 @@ use kvm_bindings::{
     kvm_userspace_memory_region, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{CpuidEntry, EntryState, Error, IoHandler, Result, Segment, VcpuExit};
@@ -108,6 +108,12 @@ impl super::Vm for KvmVm {
             .register_irqfd(&evt, gsi)
             .map_err(|e| Error::backend("KVM_IRQFD", e))?;
         Ok(Arc::new(IrqFd(evt)))
+    }
+
+    fn register_notifier(&self, event: &EventFd, addr: u64, value: u32) -> Result<()> {
+        self.fd
+            .register_ioevent(event, &IoEventAddress::Mmio(addr), value)
+            .map_err(|e| Error::backend("KVM_IOEVENTFD", e))
     }
 }
 

@@ -10,6 +10,8 @@ pub mod regs;
 
 use std::sync::Arc;
 
+use vmm_sys_util::eventfd::EventFd;
+
 pub use regs::{EntryState, Segment};
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,11 @@ pub trait Vm: Send + Sync {
 
     /// An interrupt line for a device wired to `gsi` (IOAPIC pin).
     fn interrupt(&self, gsi: u32) -> Result<Arc<dyn devices::Interrupt>>;
+
+    /// Signals `event` on a 32-bit guest write of `value` to MMIO `addr`
+    /// without an exit to the VMM (a virtio queue notification). Writes the
+    /// hypervisor does not take this way reach the MMIO bus as usual.
+    fn register_notifier(&self, event: &EventFd, addr: u64, value: u32) -> Result<()>;
 }
 
 /// Guest port and MMIO accesses, answered by the VMM's buses.

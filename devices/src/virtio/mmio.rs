@@ -1,0 +1,495 @@
+//! The virtio-mmio transport, version 2 ("modern") register layout (virtio
+//! 1.2, section 4.2.2). The guest finds each device through a
+//! `virtio_mmio.device=` command-line entry ([`MmioTransport::cmdline_entry`]).
+
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_queue::{Queue, QueueT};
+
+use super::{GuestMemory, IrqStatus, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{BusDevice, Interrupt};
+
+/// Size of one device's register window.
+pub const WINDOW_LEN: u64 = 0x1000;
+/// Offset of the queue-notify register, where ioeventfds are attached.
+pub const NOTIFY_OFFSET: u64 = 0x50;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x554d_5655; // "UVMU"
+const CONFIG_OFFSET: u64 = 0x100;
+
+/// Offsets of the 32-bit registers.
+mod reg {
+    pub const MAGIC: u64 = 0x00;
+    pub const VERSION: u64 = 0x04;
+    pub const DEVICE_ID: u64 = 0x08;
+    pub const VENDOR_ID: u64 = 0x0c;
+    pub const DEVICE_FEATURES: u64 = 0x10;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
+    pub const DRIVER_FEATURES: u64 = 0x20;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
+    pub const QUEUE_SEL: u64 = 0x30;
+    pub const QUEUE_NUM_MAX: u64 = 0x34;
+    pub const QUEUE_NUM: u64 = 0x38;
+    pub const QUEUE_READY: u64 = 0x44;
+    pub const QUEUE_NOTIFY: u64 = super::NOTIFY_OFFSET;
+    pub const INTERRUPT_STATUS: u64 = 0x60;
+    pub const INTERRUPT_ACK: u64 = 0x64;
+    pub const STATUS: u64 = 0x70;
+    pub const QUEUE_DESC_LOW: u64 = 0x80;
+    pub const QUEUE_DESC_HIGH: u64 = 0x84;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x90;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x94;
+    pub const QUEUE_DEVICE_LOW: u64 = 0xa0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0xa4;
+    pub const CONFIG_GENERATION: u64 = 0xfc;
+}
+
+/// The register file of one virtio device. Guest accesses arrive on vCPU
+/// threads; after activation the device processes its queues elsewhere.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemory,
+    irq: Arc<IrqStatus>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    /// The queues as the driver configures them; handed to the device on
+    /// DRIVER_OK, rebuilt on reset.
+    queues: Vec<Queue>,
+    status: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        line: Arc<dyn Interrupt>,
+    ) -> Self {
+        let queues = fresh_queues(&*lock(&device));
+        Self {
+            device,
+            mem,
+            irq: Arc::new(IrqStatus::new(line)),
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues,
+            status: 0,
+            activated: false,
+        }
+    }
+
+    /// The kernel command-line entry that announces a device at `base` with
+    /// interrupt `gsi`.
+    pub fn cmdline_entry(base: u64, gsi: u32) -> String {
+        format!("virtio_mmio.device=4K@{base:#x}:{gsi}")
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        // Queues are only configurable before the driver says it is ready.
+        if self.activated {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let device = lock(&self.device);
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => {
+                let features = device.features() | VIRTIO_F_VERSION_1;
+                match self.device_features_sel {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            reg::QUEUE_NUM_MAX => queue.map_or(0, |q| q.max_size().into()),
+            reg::QUEUE_READY => queue.is_some_and(|q| q.ready()).into(),
+            reg::INTERRUPT_STATUS => self.irq.get(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DRIVER_FEATURES => self.set_driver_features(value),
+            reg::QUEUE_SEL => self.queue_sel = value,
+            reg::QUEUE_NUM => self.with_queue(|q| q.set_size(value as u16)),
+            reg::QUEUE_READY => self.with_queue(|q| q.set_ready(value == 1)),
+            reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
+            reg::QUEUE_DESC_HIGH => {
+                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            reg::QUEUE_DRIVER_LOW => {
+                self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            reg::QUEUE_DRIVER_HIGH => {
+                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            reg::QUEUE_DEVICE_LOW => {
+                self.with_queue(|q| q.set_used_ring_address(Some(value), None))
+            }
+            reg::QUEUE_DEVICE_HIGH => {
+                self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
+            reg::QUEUE_NOTIFY => self.notify(value),
+            reg::INTERRUPT_ACK => self.irq.ack(value),
+            reg::STATUS => self.set_status(value),
+            _ => tracing::debug!("virtio-mmio: write to read-only or unknown register {offset:#x}"),
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(queue) = self.selected_queue() {
+            f(queue);
+        }
+    }
+
+    fn set_driver_features(&mut self, value: u32) {
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            return; // features are frozen once accepted
+        }
+        match self.driver_features_sel {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+            1 => {
+                self.driver_features =
+                    (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+            }
+            _ => {}
+        }
+    }
+
+    /// Reached only when the hypervisor did not take the write itself
+    /// (no ioeventfd): pass the notification on to the device.
+    fn notify(&self, queue: u32) {
+        let device = lock(&self.device);
+        if let Some(event) = device.queue_events().get(queue as usize) {
+            if let Err(e) = event.write(1) {
+                tracing::warn!("virtio-mmio: queue notify: {e}");
+            }
+        }
+    }
+
+    /// Driver status transitions (virtio 1.2, 3.1.1).
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let added = value & !self.status;
+        if value & self.status != self.status {
+            return; // the driver may only add bits, or write 0 to reset
+        }
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 && !self.features_acceptable() {
+            self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
+            return;
+        }
+        self.status = value;
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn features_acceptable(&self) -> bool {
+        let offered = lock(&self.device).features() | VIRTIO_F_VERSION_1;
+        let wanted = self.driver_features;
+        wanted & !offered == 0 && wanted & VIRTIO_F_VERSION_1 != 0
+    }
+
+    fn activate(&mut self) {
+        const READY: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK;
+        let bad_queue = self
+            .queues
+            .iter()
+            .position(|q| q.ready() && !q.is_valid(&self.mem));
+        let result = match (self.status & READY == READY, bad_queue) {
+            (false, _) => Err("DRIVER_OK before FEATURES_OK".to_string()),
+            (true, Some(index)) => Err(format!("queue {index} is not set up correctly")),
+            (true, None) => {
+                let mut device = lock(&self.device);
+                let queues = std::mem::replace(&mut self.queues, fresh_queues(&*device));
+                device
+                    .activate(queues, self.irq.clone())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match result {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                tracing::warn!("virtio-mmio: cannot activate device: {e}");
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        let mut device = lock(&self.device);
+        if self.activated {
+            device.reset();
+        }
+        self.queues = fresh_queues(&*device);
+        drop(device);
+        self.irq.ack(u32::MAX);
+        self.status = 0;
+        self.activated = false;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            lock(&self.device).read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        if data.len() == 4 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            tracing::debug!("virtio-mmio: {}-byte register read", data.len());
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            return; // no device we have has a writable configuration
+        }
+        match <[u8; 4]>::try_from(data) {
+            Ok(data) => self.write_register(offset, u32::from_le_bytes(data)),
+            Err(_) => tracing::debug!("virtio-mmio: {}-byte register write", data.len()),
+        }
+    }
+}
+
+fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device
+        .queue_max_sizes()
+        .iter()
+        .map(|&max| Queue::new(max).expect("queue sizes are powers of two from the device"))
+        .collect()
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::virtio::{ActivateError, INT_VRING};
+
+    const S_ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+    const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+    const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+
+    struct FakeDevice {
+        events: [EventFd; 2],
+        activated: Option<usize>,
+        resets: usize,
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn features(&self) -> u64 {
+            1 << 3
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.events
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn activate(&mut self, queues: Vec<Queue>, _: Arc<IrqStatus>) -> Result<(), ActivateError> {
+            self.activated = Some(queues.len());
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.activated = None;
+            self.resets += 1;
+        }
+    }
+
+    #[derive(Default)]
+    struct Line(AtomicUsize);
+    impl Interrupt for Line {
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<FakeDevice>>) {
+        let device = Arc::new(Mutex::new(FakeDevice {
+            events: [
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            ],
+            activated: None,
+            resets: 0,
+        }));
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let line: Arc<dyn Interrupt> = Arc::new(Line::default());
+        (MmioTransport::new(device.clone(), mem, line), device)
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    /// What Linux's virtio_mmio driver does, up to DRIVER_OK.
+    fn bring_up(t: &mut MmioTransport, queue_addr: u64) {
+        write(t, reg::STATUS, S_ACK);
+        write(t, reg::STATUS, S_ACK | S_DRIVER);
+        write(t, reg::DRIVER_FEATURES_SEL, 1);
+        write(t, reg::DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+        write(t, reg::STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+        for queue in 0..2u32 {
+            let base = queue_addr + u64::from(queue) * 0x1000;
+            write(t, reg::QUEUE_SEL, queue);
+            write(t, reg::QUEUE_NUM, 16);
+            write(t, reg::QUEUE_DESC_LOW, base as u32);
+            write(t, reg::QUEUE_DRIVER_LOW, base as u32 + 0x100);
+            write(t, reg::QUEUE_DEVICE_LOW, base as u32 + 0x200);
+            write(t, reg::QUEUE_READY, 1);
+        }
+        write(
+            t,
+            reg::STATUS,
+            S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
+    }
+
+    #[test]
+    fn identifies_as_a_modern_device() {
+        let (mut t, _) = transport();
+        assert_eq!(read(&mut t, reg::MAGIC), MAGIC);
+        assert_eq!(read(&mut t, reg::VERSION), 2);
+        assert_eq!(read(&mut t, reg::DEVICE_ID), 42);
+        assert_eq!(read(&mut t, reg::DEVICE_FEATURES), 1 << 3);
+        write(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(
+            read(&mut t, reg::DEVICE_FEATURES),
+            1,
+            "VERSION_1 in the high word"
+        );
+        write(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(read(&mut t, reg::QUEUE_NUM_MAX), 16);
+        write(&mut t, reg::QUEUE_SEL, 2);
+        assert_eq!(read(&mut t, reg::QUEUE_NUM_MAX), 0, "no third queue");
+        let mut config = [0u8; 2];
+        t.read(CONFIG_OFFSET + 5, &mut config);
+        assert_eq!(config, [5, 5]);
+    }
+
+    #[test]
+    fn activates_on_driver_ok_and_resets_on_zero() {
+        let (mut t, device) = transport();
+        bring_up(&mut t, 0x1_0000);
+        assert_eq!(device.lock().unwrap().activated, Some(2));
+        assert_eq!(read(&mut t, reg::STATUS) & S_DRIVER_OK, S_DRIVER_OK);
+        // Queues cannot be changed under the running device.
+        write(&mut t, reg::QUEUE_SEL, 0);
+        write(&mut t, reg::QUEUE_READY, 0);
+        write(&mut t, reg::STATUS, 0);
+        assert_eq!(device.lock().unwrap().resets, 1);
+        assert_eq!(read(&mut t, reg::STATUS), 0);
+        assert_eq!(read(&mut t, reg::QUEUE_READY), 0);
+        bring_up(&mut t, 0x1_0000);
+        assert_eq!(
+            device.lock().unwrap().activated,
+            Some(2),
+            "works again after reset"
+        );
+    }
+
+    #[test]
+    fn refuses_features_it_did_not_offer_or_a_legacy_driver() {
+        let (mut t, device) = transport();
+        write(&mut t, reg::STATUS, S_ACK | S_DRIVER);
+        write(&mut t, reg::DRIVER_FEATURES, 1 << 5); // not offered, no VERSION_1
+        write(&mut t, reg::STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+        assert_eq!(read(&mut t, reg::STATUS) & S_FEATURES_OK, 0);
+        write(&mut t, reg::STATUS, S_ACK | S_DRIVER | S_DRIVER_OK);
+        assert_eq!(device.lock().unwrap().activated, None);
+        assert_ne!(read(&mut t, reg::STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn a_queue_outside_guest_memory_fails_activation() {
+        let (mut t, device) = transport();
+        bring_up(&mut t, 0xfff0_0000); // beyond the 1 MiB of guest memory
+        assert_eq!(device.lock().unwrap().activated, None);
+        assert_ne!(read(&mut t, reg::STATUS) & VIRTIO_CONFIG_S_FAILED, 0);
+    }
+
+    #[test]
+    fn notify_without_ioeventfd_signals_the_queue_event() {
+        let (mut t, device) = transport();
+        write(&mut t, reg::QUEUE_NOTIFY, 1);
+        write(&mut t, reg::QUEUE_NOTIFY, 7); // no such queue: ignored
+        let device = device.lock().unwrap();
+        assert_eq!(device.events[1].read().unwrap(), 1);
+        assert!(device.events[0].read().is_err(), "queue 0 was not notified");
+    }
+
+    #[test]
+    fn odd_sized_register_accesses_are_harmless() {
+        let (mut t, _) = transport();
+        let mut byte = [0xaau8];
+        t.read(reg::MAGIC, &mut byte);
+        assert_eq!(byte, [0]);
+        t.write(reg::STATUS, &[1]);
+        assert_eq!(read(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn interrupt_status_is_acknowledged_by_bits() {
+        let (mut t, _) = transport();
+        t.irq.signal_used_queue();
+        assert_eq!(read(&mut t, reg::INTERRUPT_STATUS), INT_VRING);
+        write(&mut t, reg::INTERRUPT_ACK, INT_VRING);
+        assert_eq!(read(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+}

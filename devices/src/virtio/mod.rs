@@ -1,0 +1,81 @@
+//! Virtio devices and their transport. A device ([`VirtioDevice`]) knows its
+//! queues and configuration space; the transport ([`mmio::MmioTransport`])
+//! turns guest register accesses into calls on it and activates it once the
+//! driver is ready. Queue processing runs on the VMM's event thread.
+
+pub mod mmio;
+pub mod vsock;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::Interrupt;
+
+/// Guest RAM as every virtio device sees it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Feature bit every modern (virtio 1.x) device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not set up correctly")]
+    BadQueue(usize),
+}
+
+/// One virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (5.x of the virtio spec).
+    fn device_type(&self) -> u32;
+    /// Features offered to the driver.
+    fn features(&self) -> u64;
+    /// Maximum size of each queue; the number of queues is its length.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// One event per queue, signalled when the driver notifies that queue:
+    /// by the hypervisor directly (ioeventfd) or by the transport.
+    fn queue_events(&self) -> &[EventFd];
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver is ready: from now on the device owns `queues`.
+    fn activate(&mut self, queues: Vec<Queue>, irq: Arc<IrqStatus>) -> Result<(), ActivateError>;
+    /// The driver reset the device: drop the queues and all device state.
+    fn reset(&mut self);
+}
+
+/// The interrupt status register shared by the transport (which the guest
+/// reads and acknowledges) and the device (which raises it).
+pub struct IrqStatus {
+    status: AtomicU32,
+    line: Arc<dyn Interrupt>,
+}
+
+/// Interrupt status bit: a queue has new used buffers.
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+
+impl IrqStatus {
+    pub fn new(line: Arc<dyn Interrupt>) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    /// Tells the driver that a queue has used buffers.
+    pub fn signal_used_queue(&self) {
+        self.status.fetch_or(INT_VRING, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            tracing::warn!("virtio interrupt: {e}");
+        }
+    }
+
+    fn get(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,174 @@
+//! The host end of vsock: where guest connections to host ports go, and the
+//! Firecracker "hybrid vsock" Unix socket through which host programs reach
+//! guest ports.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+
+/// Longest handshake line we accept: `CONNECT 4294967295\n` and some slack.
+const MAX_HANDSHAKE: usize = 32;
+
+/// Host ports the guest may connect to.
+#[derive(Default)]
+pub struct HostPorts {
+    /// Ports served inside the VMM: each guest connection arrives as the
+    /// other end of a socket pair.
+    internal: HashMap<u32, Sender<UnixStream>>,
+    /// Hybrid vsock: guest connections to port P go to `{uds}_{P}`.
+    uds: Option<PathBuf>,
+}
+
+impl HostPorts {
+    pub fn new(uds: Option<PathBuf>) -> Self {
+        Self {
+            internal: HashMap::new(),
+            uds,
+        }
+    }
+
+    /// Serves `port` inside the VMM; it takes precedence over the Unix socket.
+    pub fn serve(&mut self, port: u32, connections: Sender<UnixStream>) {
+        self.internal.insert(port, connections);
+    }
+
+    /// A host stream for a guest connection to `port`.
+    pub fn connect(&self, port: u32) -> io::Result<UnixStream> {
+        if let Some(accept) = self.internal.get(&port) {
+            let (ours, theirs) = UnixStream::pair()?;
+            accept
+                .send(theirs)
+                .map_err(|_| io::Error::from(io::ErrorKind::ConnectionRefused))?;
+            return Ok(ours);
+        }
+        match &self.uds {
+            Some(path) => {
+                let mut target = path.clone().into_os_string();
+                target.push(format!("_{port}"));
+                UnixStream::connect(target)
+            }
+            None => Err(io::ErrorKind::ConnectionRefused.into()),
+        }
+    }
+}
+
+/// A host client of the hybrid socket that has not yet said which guest port
+/// it wants (`CONNECT <port>\n`).
+pub struct Handshake {
+    pub stream: UnixStream,
+    line: Vec<u8>,
+}
+
+impl Handshake {
+    pub fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            line: Vec::new(),
+        }
+    }
+
+    /// Reads what the client sent. `Ok(Some(port))` once the line is
+    /// complete, `Ok(None)` while it is not, an error if it is malformed or
+    /// the client left. Reads byte by byte so that data after the line stays
+    /// in the stream for the guest.
+    pub fn advance(&mut self) -> io::Result<Option<u32>> {
+        let mut byte = [0u8];
+        loop {
+            match self.stream.read(&mut byte) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) if byte[0] == b'\n' => return parse_connect(&self.line).map(Some),
+                Ok(_) if self.line.len() < MAX_HANDSHAKE => self.line.push(byte[0]),
+                Ok(_) => return Err(invalid("handshake line too long")),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn parse_connect(line: &[u8]) -> io::Result<u32> {
+    std::str::from_utf8(line)
+        .ok()
+        .and_then(|l| l.trim_end_matches('\r').strip_prefix("CONNECT "))
+        .and_then(|port| port.trim().parse().ok())
+        .ok_or_else(|| invalid("expected `CONNECT <port>`"))
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc;
+
+    #[test]
+    fn parses_connect_lines() {
+        assert_eq!(parse_connect(b"CONNECT 52").unwrap(), 52);
+        assert_eq!(parse_connect(b"CONNECT 52\r").unwrap(), 52);
+        for bad in [
+            &b"CONNECT"[..],
+            b"CONNECT x",
+            b"connect 5",
+            b"CONNECT 99999999999",
+            b"\xff",
+        ] {
+            assert!(parse_connect(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn handshake_waits_for_the_whole_line_and_leaves_the_rest() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut handshake = Handshake::new(server);
+        client.write_all(b"CONNECT 1").unwrap();
+        assert_eq!(handshake.advance().unwrap(), None);
+        client.write_all(b"234\nhello").unwrap();
+        assert_eq!(handshake.advance().unwrap(), Some(1234));
+        let mut rest = [0u8; 5];
+        handshake.stream.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"hello");
+    }
+
+    #[test]
+    fn handshake_refuses_endless_lines() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut handshake = Handshake::new(server);
+        client.write_all(&[b'x'; 100]).unwrap();
+        assert!(handshake.advance().is_err());
+    }
+
+    #[test]
+    fn internal_ports_come_first_and_unknown_ports_are_refused() {
+        let (tx, rx) = mpsc::channel();
+        let mut ports = HostPorts::new(None);
+        ports.serve(7, tx);
+        let mut ours = ports.connect(7).unwrap();
+        let mut theirs = rx.try_recv().unwrap();
+        ours.write_all(b"x").unwrap();
+        let mut got = [0u8];
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(got[0], b'x');
+        let refused = ports.connect(8).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn uds_ports_connect_to_path_underscore_port() {
+        let dir = std::env::temp_dir().join(format!("uvm-host-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("v.sock");
+        let listener = std::os::unix::net::UnixListener::bind(dir.join("v.sock_5000")).unwrap();
+        let ports = HostPorts::new(Some(base));
+        ports.connect(5000).unwrap();
+        listener.accept().unwrap();
+        assert!(ports.connect(5001).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,485 @@
+//! The vsock device driven through real virtqueues in plain memory, the way
+//! a guest driver (or a hostile one) would.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::Interrupt;
+
+const GUEST_CID: u64 = 3;
+const SERVED_PORT: u32 = 1024;
+const QUEUE_LEN: u16 = 512;
+const HEADER_AREA: u64 = 0x10_0000;
+const DATA_AREA: u64 = 0x40_0000;
+const RX_AREA: u64 = 0x80_0000;
+const RX_BUF: u32 = 4096;
+
+#[derive(Default)]
+struct CountingIrq(AtomicUsize);
+
+impl Interrupt for CountingIrq {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A header the guest sends, in wire order (virtio 1.2, 5.10.6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Hdr {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    type_: u16,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+impl Hdr {
+    fn guest(op: u16, guest_port: u32, host_port: u32) -> Self {
+        Self {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port: guest_port,
+            dst_port: host_port,
+            type_: 1,
+            op,
+            buf_alloc: 64 * 1024,
+            ..Self::default()
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(44);
+        b.extend_from_slice(&self.src_cid.to_le_bytes());
+        b.extend_from_slice(&self.dst_cid.to_le_bytes());
+        b.extend_from_slice(&self.src_port.to_le_bytes());
+        b.extend_from_slice(&self.dst_port.to_le_bytes());
+        b.extend_from_slice(&self.len.to_le_bytes());
+        b.extend_from_slice(&self.type_.to_le_bytes());
+        b.extend_from_slice(&self.op.to_le_bytes());
+        b.extend_from_slice(&self.flags.to_le_bytes());
+        b.extend_from_slice(&self.buf_alloc.to_le_bytes());
+        b.extend_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+
+    fn parse(b: &[u8]) -> Self {
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
+        Self {
+            src_cid: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+            dst_cid: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+}
+
+const REQUEST: u16 = 1;
+const RESPONSE: u16 = 2;
+const RST: u16 = 3;
+const SHUTDOWN: u16 = 4;
+const RW: u16 = 5;
+
+/// The driver's side of one split virtqueue (virtio 1.2, 2.7) in guest
+/// memory: descriptor table, available ring, used ring.
+struct Ring {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl Ring {
+    fn new(base: u64) -> Self {
+        let avail = base + 16 * u64::from(QUEUE_LEN);
+        let used = (avail + 6 + 2 * u64::from(QUEUE_LEN)).next_multiple_of(4);
+        Self {
+            desc: base,
+            avail,
+            used,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn queue(&self) -> Queue {
+        let mut q = Queue::new(QUEUE_LEN).unwrap();
+        q.set_size(QUEUE_LEN);
+        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
+        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
+        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        q.set_ready(true);
+        q
+    }
+
+    fn write_desc(&self, mem: &GuestMemory, index: u16, (addr, len, flags): Desc, next: u16) {
+        let at = self.desc + 16 * u64::from(index);
+        mem.write_obj(addr, GuestAddress(at)).unwrap();
+        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    /// Makes descriptor `head` available to the device.
+    fn publish(&mut self, mem: &GuestMemory, head: u16) {
+        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QUEUE_LEN);
+        mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
+    /// Offers `descs` as one chain; returns the head index.
+    fn add_chain(&mut self, mem: &GuestMemory, descs: &[Desc]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let index = (head + i as u16) % QUEUE_LEN;
+            let last = i + 1 == descs.len();
+            let flags = if last {
+                flags
+            } else {
+                flags | VRING_DESC_F_NEXT as u16
+            };
+            self.write_desc(mem, index, (addr, len, flags), (index + 1) % QUEUE_LEN);
+        }
+        self.next_desc = (head + descs.len() as u16) % QUEUE_LEN;
+        self.publish(mem, head);
+        head
+    }
+
+    /// Used elements (head id, length) the device returned since last asked.
+    fn take_used(&mut self, mem: &GuestMemory) -> Vec<(u32, u32)> {
+        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let elem = self.used + 4 + 8 * u64::from(self.used_seen % QUEUE_LEN);
+            let id = mem.read_obj(GuestAddress(elem)).unwrap();
+            let len = mem.read_obj(GuestAddress(elem + 4)).unwrap();
+            out.push((id, len));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    fn used_idx(&self, mem: &GuestMemory) -> u16 {
+        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+}
+
+/// A descriptor: address, length, flags.
+type Desc = (u64, u32, u16);
+
+/// A guest driver in miniature: queues in plain memory, one vsock device.
+struct Guest {
+    mem: &'static GuestMemory,
+    rx: Ring,
+    tx: Ring,
+    vsock: Vsock,
+    irq: Arc<CountingIrq>,
+    served: Receiver<UnixStream>,
+}
+
+impl Guest {
+    fn new() -> Self {
+        let mem: &'static GuestMemory = Box::leak(Box::new(
+            GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap(),
+        ));
+        let (rx, tx, events) = (Ring::new(0), Ring::new(0x2_0000), Ring::new(0x4_0000));
+        let (served_tx, served) = mpsc::channel();
+        let mut ports = HostPorts::new(None);
+        ports.serve(SERVED_PORT, served_tx);
+        let mut vsock = Vsock::new(mem.clone(), GUEST_CID, ports, None).unwrap();
+        let irq = Arc::new(CountingIrq::default());
+        let queues = vec![rx.queue(), tx.queue(), events.queue()];
+        vsock
+            .activate(queues, Arc::new(IrqStatus::new(irq.clone())))
+            .unwrap();
+        Self {
+            mem,
+            rx,
+            tx,
+            vsock,
+            irq,
+            served,
+        }
+    }
+
+    /// Sends one well-formed packet and lets the device process it.
+    fn send(&mut self, hdr: Hdr, data: &[u8]) {
+        let slot = u64::from(self.tx.next_desc);
+        let hdr_addr = HEADER_AREA + slot * 64;
+        let hdr = Hdr {
+            len: data.len() as u32,
+            ..hdr
+        };
+        self.mem
+            .write_slice(&hdr.bytes(), GuestAddress(hdr_addr))
+            .unwrap();
+        if data.is_empty() {
+            self.tx.add_chain(self.mem, &[(hdr_addr, 44, 0)]);
+        } else {
+            let data_addr = DATA_AREA + slot * 0x1000;
+            self.mem.write_slice(data, GuestAddress(data_addr)).unwrap();
+            self.tx.add_chain(
+                self.mem,
+                &[(hdr_addr, 44, 0), (data_addr, data.len() as u32, 0)],
+            );
+        }
+        self.vsock.process_tx();
+        self.vsock.process_rx();
+    }
+
+    /// Offers `count` receive buffers and returns the packets the device
+    /// put in any buffer.
+    fn receive(&mut self, count: u16) -> Vec<(Hdr, Vec<u8>)> {
+        for _ in 0..count {
+            let addr = RX_AREA + u64::from(self.rx.next_desc) * u64::from(RX_BUF);
+            self.rx
+                .add_chain(self.mem, &[(addr, RX_BUF, VRING_DESC_F_WRITE as u16)]);
+        }
+        self.vsock.process_rx();
+        let mut packets = Vec::new();
+        for (id, len) in self.rx.take_used(self.mem) {
+            let mut buf = vec![0u8; len as usize];
+            let addr = RX_AREA + u64::from(id) * u64::from(RX_BUF);
+            self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            if buf.len() >= 44 {
+                packets.push((Hdr::parse(&buf[..44]), buf[44..].to_vec()));
+            }
+        }
+        packets
+    }
+
+    fn tx_used(&self) -> u16 {
+        self.tx.used_idx(self.mem)
+    }
+
+    /// Connects guest port `guest_port` to the served host port.
+    fn connect(&mut self, guest_port: u32) -> UnixStream {
+        self.send(Hdr::guest(REQUEST, guest_port, SERVED_PORT), &[]);
+        let reply = self.receive(1);
+        assert_eq!(reply[0].0.op, RESPONSE, "{reply:?}");
+        self.served.try_recv().expect("host end of the connection")
+    }
+}
+
+fn ops(packets: &[(Hdr, Vec<u8>)]) -> Vec<u16> {
+    packets.iter().map(|(h, _)| h.op).collect()
+}
+
+#[test]
+fn data_flows_both_ways_on_a_served_port() {
+    let mut guest = Guest::new();
+    let mut host = guest.connect(5000);
+    guest.send(Hdr::guest(RW, 5000, SERVED_PORT), b"hello");
+    let mut got = [0u8; 5];
+    host.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+
+    host.write_all(b"world").unwrap();
+    let fd = guest.vsock.muxer.host_fd(5000).unwrap();
+    guest.vsock.muxer.host_ready(fd, true, false);
+    let packets = guest.receive(4);
+    assert_eq!(ops(&packets), [RW]);
+    let (hdr, data) = &packets[0];
+    assert_eq!((hdr.src_cid, hdr.dst_cid), (HOST_CID, GUEST_CID));
+    assert_eq!((hdr.src_port, hdr.dst_port), (SERVED_PORT, 5000));
+    assert_eq!(data.as_slice(), b"world");
+    assert!(guest.irq.0.load(Ordering::SeqCst) > 0);
+
+    // The guest closes: the host sees end of file, the guest gets its RST.
+    let close = Hdr {
+        flags: 3,
+        ..Hdr::guest(SHUTDOWN, 5000, SERVED_PORT)
+    };
+    guest.send(close, &[]);
+    assert_eq!(ops(&guest.receive(2)), [RST]);
+    assert_eq!(host.read(&mut got).unwrap(), 0);
+    assert_eq!(guest.vsock.muxer.connection_count(), 0);
+}
+
+#[test]
+fn host_end_of_file_reaches_the_guest_as_shutdown() {
+    let mut guest = Guest::new();
+    let host = guest.connect(5001);
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let fd = guest.vsock.muxer.host_fd(5001).unwrap();
+    guest.vsock.muxer.host_ready(fd, true, false);
+    let packets = guest.receive(2);
+    assert_eq!(ops(&packets), [SHUTDOWN]);
+    assert_eq!(packets[0].0.flags, 2, "host will send no more");
+}
+
+#[test]
+fn unknown_ports_and_strangers_get_resets() {
+    let mut guest = Guest::new();
+    guest.send(Hdr::guest(REQUEST, 5000, 9999), &[]);
+    guest.send(Hdr::guest(RW, 5001, SERVED_PORT), b"no connection");
+    let datagram = Hdr {
+        type_: 2,
+        ..Hdr::guest(REQUEST, 5002, SERVED_PORT)
+    };
+    guest.send(datagram, &[]);
+    // A packet claiming another source CID is not answered at all.
+    let spoofed = Hdr {
+        src_cid: 77,
+        ..Hdr::guest(REQUEST, 5003, SERVED_PORT)
+    };
+    guest.send(spoofed, &[]);
+    let packets = guest.receive(8);
+    assert_eq!(ops(&packets), [RST, RST, RST]);
+    assert_eq!(guest.tx_used(), 4, "every packet is given back");
+}
+
+#[test]
+fn malformed_chains_are_returned_without_harm() {
+    let mut guest = Guest::new();
+    let good = Hdr::guest(REQUEST, 5000, SERVED_PORT).bytes();
+    guest
+        .mem
+        .write_slice(&good, GuestAddress(HEADER_AREA))
+        .unwrap();
+    let rw = Hdr {
+        len: 0x10_0000,
+        ..Hdr::guest(RW, 5000, SERVED_PORT)
+    };
+    guest
+        .mem
+        .write_slice(&rw.bytes(), GuestAddress(HEADER_AREA + 64))
+        .unwrap();
+    let write_only = VRING_DESC_F_WRITE as u16;
+    let bad_chains: [&[Desc]; 6] = [
+        &[(HEADER_AREA, 44, write_only)], // a header the device may not read
+        &[(HEADER_AREA, 10, 0)],          // a header too short
+        &[(0xffff_ffff_0000, 44, 0)],     // a header outside guest memory
+        &[(16 << 20, 44, 0)],             // a header just past the end of memory
+        &[(HEADER_AREA + 64, 44, 0)],     // a data length but no data descriptor
+        &[(HEADER_AREA + 64, 44, 0), (DATA_AREA, 16, 0)], // data past the buffer
+    ];
+    for chain in bad_chains {
+        guest.tx.add_chain(guest.mem, chain);
+    }
+    // A descriptor that points at itself: a loop the queue must cut.
+    let looped = guest.tx.next_desc;
+    let desc = (HEADER_AREA, 44, VRING_DESC_F_NEXT as u16);
+    guest.tx.write_desc(guest.mem, looped, desc, looped);
+    guest.tx.publish(guest.mem, looped);
+    guest.tx.next_desc += 1;
+    guest.vsock.process_tx();
+    assert_eq!(guest.tx_used(), 7);
+
+    // Receive buffers the device cannot use are given back empty.
+    for desc in [
+        (RX_AREA, RX_BUF, 0),                   // read-only
+        (RX_AREA, 8, write_only),               // too small for a header
+        (0xffff_0000_0000, RX_BUF, write_only), // not guest memory
+    ] {
+        guest.rx.add_chain(guest.mem, &[desc]);
+    }
+    guest.send(Hdr::guest(REQUEST, 6000, 9999), &[]); // something to send: a RST
+    assert_eq!(
+        guest.rx.used_idx(guest.mem),
+        3,
+        "bad receive buffers are returned"
+    );
+    // The looped chain's head was a good REQUEST; the replies waited for
+    // good buffers.
+    assert_eq!(ops(&guest.receive(2)), [RESPONSE, RST]);
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused() {
+    raise_fd_limit(); // each connection holds two descriptors in this process
+    let mut guest = Guest::new();
+    let extra = 10;
+    let total = (MAX_CONNECTIONS + extra) as u32;
+    let mut hosts = Vec::new();
+    for port in 0..total {
+        guest.send(Hdr::guest(REQUEST, 10_000 + port, SERVED_PORT), &[]);
+        hosts.extend(guest.served.try_recv());
+    }
+    let packets = guest.receive(total as u16);
+    let responses = packets.iter().filter(|(h, _)| h.op == RESPONSE).count();
+    let resets = packets.iter().filter(|(h, _)| h.op == RST).count();
+    assert_eq!((responses, resets), (MAX_CONNECTIONS, extra));
+    assert_eq!(hosts.len(), MAX_CONNECTIONS);
+    assert_eq!(guest.vsock.muxer.connection_count(), MAX_CONNECTIONS);
+}
+
+#[test]
+fn replies_waiting_for_buffers_are_bounded() {
+    let mut guest = Guest::new();
+    // No receive buffers at all, and a flood of packets that each earn a RST.
+    for round in 0..20u32 {
+        for port in 0..u32::from(QUEUE_LEN) {
+            guest.send(Hdr::guest(RW, round * 1000 + port, SERVED_PORT), &[]);
+        }
+    }
+    assert!(guest.vsock.muxer.backlog_len() <= 4 * MAX_CONNECTIONS);
+}
+
+#[test]
+fn a_guest_overrunning_its_credit_is_reset() {
+    let mut guest = Guest::new();
+    let host = guest.connect(5000);
+    let chunk = vec![7u8; 4096];
+    // The host never reads; the guest ignores the 256 KiB it was given.
+    let mut reset = false;
+    for _ in 0..200 {
+        guest.send(Hdr::guest(RW, 5000, SERVED_PORT), &chunk);
+        if guest.vsock.muxer.connection_count() == 0 {
+            reset = true;
+            break;
+        }
+    }
+    assert!(reset, "connection survived a credit overrun");
+    assert_eq!(ops(&guest.receive(QUEUE_LEN / 2)).last(), Some(&RST));
+    drop(host);
+}
+
+#[test]
+fn config_space_is_the_guest_cid() {
+    let guest = Guest::new();
+    let mut cid = [0u8; 8];
+    guest.vsock.read_config(0, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), GUEST_CID);
+    let mut past_end = [0xffu8; 4];
+    guest.vsock.read_config(6, &mut past_end);
+    assert_eq!(past_end, [0, 0, 0, 0]);
+}
+
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}

@@ -1,0 +1,303 @@
+//! Runs the process the host asked for and reports how it ended.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use guest::protocol::{self, Exited, Failed, Run, Signal, Started, TtySize};
+
+use guest::vsock;
+
+use crate::check;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs `req` to its end, answering on `control` with message id `id`.
+pub fn run(req: &Run, control: &mut File, id: u64) -> io::Result<()> {
+    let stdin = vsock::connect(req.stdin_port)?;
+    let stdout = vsock::connect(req.stdout_port)?;
+    let stderr = req.stderr_port.map(vsock::connect).transpose()?;
+    let spawned = match req.tty {
+        Some(size) => spawn_on_tty(req, size, stdin, stdout),
+        None => spawn(req, stdin, stdout, stderr).map(|child| (child, None)),
+    };
+    let (child, relay) = match spawned {
+        Ok(spawned) => spawned,
+        Err(e) => return protocol::send(control, id, &failure(req, &e)),
+    };
+    protocol::send(
+        control,
+        id,
+        &Started {
+            pid: child.id() as i32,
+        },
+    )?;
+    let status = supervise(child, control, relay, req.tty.is_some())?;
+    end_all_processes();
+    // SAFETY: sync has no arguments.
+    unsafe { libc::sync() };
+    let exited = match (status.code(), status.signal()) {
+        (Some(code), _) => Exited::Code(code),
+        (None, Some(signal)) => Exited::Signal(signal),
+        (None, None) => Exited::Code(255),
+    };
+    protocol::send(control, id, &exited)
+}
+
+/// The command line, environment and working directory of `req`.
+fn command(req: &Run) -> io::Result<Command> {
+    let (program, args) = req
+        .argv
+        .split_first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
+    if let Some(cwd) = &req.cwd {
+        let dir = std::fs::metadata(cwd)
+            .map_err(|e| io::Error::new(e.kind(), format!("working directory {cwd}: {e}")))?;
+        if !dir.is_dir() {
+            let e = format!("working directory {cwd}: not a directory");
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, e));
+        }
+    }
+    let mut cmd = Command::new(program);
+    cmd.args(args).env_clear();
+    cmd.env("PATH", DEFAULT_PATH).env("HOME", "/root");
+    if req.tty.is_some() {
+        cmd.env("TERM", "xterm");
+    }
+    for entry in &req.env {
+        match entry.split_once('=') {
+            Some((key, value)) => cmd.env(key, value),
+            None => cmd.env(entry, ""),
+        };
+    }
+    if let Some(cwd) = &req.cwd {
+        cmd.current_dir(cwd);
+    }
+    Ok(cmd)
+}
+
+fn spawn(req: &Run, stdin: File, stdout: File, stderr: Option<File>) -> io::Result<Child> {
+    let stderr = match stderr {
+        Some(file) => Stdio::from(file),
+        None => Stdio::null(),
+    };
+    command(req)?
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+}
+
+/// The agent's side of a pseudo-terminal: it copies between the master and
+/// the host streams.
+struct Relay {
+    master: File,
+    stdin: Option<File>,
+    stdout: File,
+}
+
+fn spawn_on_tty(
+    req: &Run,
+    size: TtySize,
+    stdin: File,
+    stdout: File,
+) -> io::Result<(Child, Option<Relay>)> {
+    mount_devpts()?;
+    let (master, slave) = openpty(size)?;
+    let mut cmd = command(req)?;
+    cmd.stdin(slave.try_clone()?)
+        .stdout(slave.try_clone()?)
+        .stderr(slave);
+    // SAFETY: between fork and exec only async-signal-safe calls (setsid,
+    // ioctl) run; both act on the child alone.
+    unsafe {
+        cmd.pre_exec(|| {
+            check(libc::setsid())?;
+            check(libc::ioctl(0, libc::TIOCSCTTY, 0))
+        });
+    }
+    let child = cmd.spawn()?;
+    let relay = Relay {
+        master,
+        stdin: Some(stdin),
+        stdout,
+    };
+    Ok((child, Some(relay)))
+}
+
+fn mount_devpts() -> io::Result<()> {
+    match std::fs::create_dir("/dev/pts") {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        result => result?,
+    }
+    crate::mount(c"devpts", c"/dev/pts", c"devpts")
+}
+
+fn openpty(size: TtySize) -> io::Result<(File, File)> {
+    let (mut master, mut slave): (RawFd, RawFd) = (-1, -1);
+    let winsize = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: the out-pointers are valid; name and termios may be null.
+    check(unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &winsize,
+        )
+    })?;
+    // SAFETY: openpty returned two new descriptors that nothing else owns.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    // SAFETY: plain fcntl on a descriptor we own.
+    check(unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    Ok((File::from(master), File::from(slave)))
+}
+
+/// Waits for the child while forwarding the host's signals and, on a tty,
+/// the terminal's bytes.
+fn supervise(
+    mut child: Child,
+    control: &mut File,
+    mut relay: Option<Relay>,
+    tty: bool,
+) -> io::Result<ExitStatus> {
+    let pid = child.id() as libc::pid_t;
+    let pidfd = pidfd_open(pid)?;
+    let mut control_open = true;
+    loop {
+        let mut fds = vec![poll_in(pidfd.as_raw_fd())];
+        if control_open {
+            fds.push(poll_in(control.as_raw_fd()));
+        }
+        if let Some(r) = &relay {
+            fds.push(poll_in(r.master.as_raw_fd()));
+            fds.extend(r.stdin.as_ref().map(|s| poll_in(s.as_raw_fd())));
+        }
+        // SAFETY: `fds` is a valid array of pollfd of the length passed.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let ready = |fd: RawFd| fds.iter().any(|p| p.fd == fd && p.revents != 0);
+        if control_open && ready(control.as_raw_fd()) {
+            control_open = forward_signal(control, pid, tty);
+        }
+        if let Some(r) = &mut relay {
+            if ready(r.master.as_raw_fd()) {
+                let _ = copy_once(&mut r.master, &mut r.stdout);
+            }
+            let stdin_ready = r.stdin.as_ref().is_some_and(|s| ready(s.as_raw_fd()));
+            if stdin_ready {
+                r.forward_stdin();
+            }
+        }
+        if ready(pidfd.as_raw_fd()) {
+            let status = child.wait()?;
+            if let Some(r) = &mut relay {
+                r.drain();
+            }
+            return Ok(status);
+        }
+    }
+}
+
+impl Relay {
+    /// Host input to the terminal; at its end, the terminal's EOF character.
+    fn forward_stdin(&mut self) {
+        let Some(stdin) = &mut self.stdin else {
+            return;
+        };
+        if !matches!(copy_once(stdin, &mut self.master), Ok(n) if n > 0) {
+            let _ = self.master.write_all(&[4]); // ^D
+            self.stdin = None;
+        }
+    }
+
+    /// What the process wrote before it ended.
+    fn drain(&mut self) {
+        // SAFETY: plain fcntl on a descriptor we own.
+        unsafe { libc::fcntl(self.master.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        while matches!(copy_once(&mut self.master, &mut self.stdout), Ok(n) if n > 0) {}
+    }
+}
+
+/// One read from `from`, all of it written to `to`.
+fn copy_once(from: &mut File, to: &mut File) -> io::Result<usize> {
+    let mut buf = [0u8; 16 * 1024];
+    let n = from.read(&mut buf)?;
+    to.write_all(&buf[..n])?;
+    Ok(n)
+}
+
+/// Handles one control message; false once the host is gone (then the
+/// process is killed: nobody is left to see its output).
+fn forward_signal(control: &mut File, pid: libc::pid_t, tty: bool) -> bool {
+    let frame = match protocol::receive(control) {
+        Ok(Some(frame)) => frame,
+        _ => {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return false;
+        }
+    };
+    if let Ok(Signal { signal }) = frame.decode::<Signal>() {
+        // On a tty the process leads its own group, as in a shell.
+        let target = if tty { -pid } else { pid };
+        // SAFETY: kill has no memory effects; a bad signal number is EINVAL.
+        unsafe { libc::kill(target, signal) };
+    }
+    true
+}
+
+/// Kills whatever the process left behind and reaps it, so that every
+/// stdio stream is closed before the exit status goes out.
+fn end_all_processes() {
+    // SAFETY: as PID 1, kill(-1) reaches every other process; waitpid with a
+    // null status pointer only reaps.
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        while libc::waitpid(-1, std::ptr::null_mut(), 0) > 0 {}
+    }
+}
+
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn poll_in(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Why the process could not start, with the shell's exit status for it.
+fn failure(req: &Run, e: &io::Error) -> Failed {
+    let program = req.argv.first().map_or("", String::as_str);
+    let exit_code = match e.kind() {
+        io::ErrorKind::NotFound => 127,
+        _ => 126,
+    };
+    Failed {
+        message: format!("{program}: {e}"),
+        exit_code,
+    }
+}

@@ -1,0 +1,210 @@
+//! The host↔agent protocol, shared by both sides (see PROTOCOL.md). Every
+//! message is a 16-byte little-endian header — kind, body size, id — and a
+//! JSON body.
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The host port the agent connects to when it starts.
+pub const CONTROL_PORT: u32 = 1024;
+pub const HEADER_LEN: usize = 16;
+/// Larger bodies are refused: no message needs more.
+pub const MAX_BODY: u32 = 1 << 20;
+
+/// A message type with its header kind.
+pub trait Message: Serialize + DeserializeOwned {
+    const KIND: u32;
+}
+
+/// Host → agent: start a process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` entries, on top of the agent's defaults.
+    pub env: Vec<String>,
+    pub cwd: Option<String>,
+    /// Run on a pseudo-terminal of this size; stderr then shares stdout.
+    pub tty: Option<TtySize>,
+    /// Host ports the agent connects to for the process's stdio.
+    pub stdin_port: u32,
+    pub stdout_port: u32,
+    /// Absent with a tty.
+    pub stderr_port: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Host → agent: deliver a signal to the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signal {
+    pub signal: i32,
+}
+
+/// Agent → host: the process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub pid: i32,
+}
+
+/// Agent → host: the process could not be started. `exit_code` follows the
+/// shell: 127 not found, 126 not executable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failed {
+    pub message: String,
+    pub exit_code: i32,
+}
+
+/// Agent → host: the process ended; the guest's file systems are synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Exited {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exited {
+    /// The status a shell would report: the code, or 128 + the signal.
+    pub fn shell_status(self) -> i32 {
+        match self {
+            Exited::Code(code) => code,
+            Exited::Signal(signal) => 128 + signal,
+        }
+    }
+}
+
+impl Message for Run {
+    const KIND: u32 = 1;
+}
+impl Message for Signal {
+    const KIND: u32 = 2;
+}
+impl Message for Started {
+    const KIND: u32 = 0x101;
+}
+impl Message for Failed {
+    const KIND: u32 = 0x102;
+}
+impl Message for Exited {
+    const KIND: u32 = 0x103;
+}
+
+/// One received message, not yet decoded.
+#[derive(Debug)]
+pub struct Frame {
+    pub kind: u32,
+    pub id: u64,
+    pub body: Vec<u8>,
+}
+
+impl Frame {
+    /// The body as `M`, if this frame is one.
+    pub fn decode<M: Message>(&self) -> io::Result<M> {
+        if self.kind != M::KIND {
+            return Err(invalid(format!(
+                "expected message kind {:#x}, got {:#x}",
+                M::KIND,
+                self.kind
+            )));
+        }
+        serde_json::from_slice(&self.body).map_err(|e| invalid(e.to_string()))
+    }
+}
+
+/// Sends `msg` in one write, so that writers sharing a stream never interleave.
+pub fn send<M: Message>(w: &mut impl Write, id: u64, msg: &M) -> io::Result<()> {
+    let body = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    let size = u32::try_from(body.len())
+        .ok()
+        .filter(|&s| s <= MAX_BODY)
+        .ok_or_else(|| invalid("message too large".into()))?;
+    let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
+    frame.extend_from_slice(&M::KIND.to_le_bytes());
+    frame.extend_from_slice(&size.to_le_bytes());
+    frame.extend_from_slice(&id.to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)
+}
+
+/// The next message, or `None` if the stream ended between messages.
+pub fn receive(r: &mut impl Read) -> io::Result<Option<Frame>> {
+    let mut header = [0u8; HEADER_LEN];
+    match r.read(&mut header[..1])? {
+        0 => return Ok(None),
+        _ => r.read_exact(&mut header[1..])?,
+    }
+    let [k0, k1, k2, k3, s0, s1, s2, s3, id @ ..] = header;
+    let kind = u32::from_le_bytes([k0, k1, k2, k3]);
+    let size = u32::from_le_bytes([s0, s1, s2, s3]);
+    let id = u64::from_le_bytes(id);
+    if size > MAX_BODY {
+        return Err(invalid(format!("message body of {size} bytes")));
+    }
+    let mut body = vec![0; size as usize];
+    r.read_exact(&mut body)?;
+    Ok(Some(Frame { kind, id, body }))
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_with_the_documented_header() {
+        let run = Run {
+            argv: vec!["/bin/echo".into(), "hi".into()],
+            env: vec!["A=1".into()],
+            cwd: Some("/tmp".into()),
+            tty: None,
+            stdin_port: 1025,
+            stdout_port: 1026,
+            stderr_port: Some(1027),
+        };
+        let mut wire = Vec::new();
+        send(&mut wire, 7, &run).unwrap();
+        send(&mut wire, 8, &Exited::Signal(9)).unwrap();
+        assert_eq!(&wire[0..4], &1u32.to_le_bytes());
+        let body_len = u32::from_le_bytes(wire[4..8].try_into().unwrap()) as usize;
+        assert_eq!(&wire[8..16], &7u64.to_le_bytes());
+        assert_eq!(wire[HEADER_LEN], b'{');
+
+        let mut r = &wire[..];
+        let frame = receive(&mut r).unwrap().unwrap();
+        assert_eq!((frame.kind, frame.id, frame.body.len()), (1, 7, body_len));
+        assert_eq!(frame.decode::<Run>().unwrap(), run);
+        assert!(frame.decode::<Signal>().is_err());
+        let exit = receive(&mut r)
+            .unwrap()
+            .unwrap()
+            .decode::<Exited>()
+            .unwrap();
+        assert_eq!(exit.shell_status(), 137);
+        assert!(receive(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn hostile_frames_are_errors() {
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&1u32.to_le_bytes());
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend_from_slice(&0u64.to_le_bytes());
+        assert!(receive(&mut &huge[..]).is_err());
+        let truncated = &huge[..10];
+        assert!(receive(&mut &truncated[..]).is_err());
+        let mut garbage = Vec::new();
+        garbage.extend_from_slice(&Signal::KIND.to_le_bytes());
+        garbage.extend_from_slice(&3u32.to_le_bytes());
+        garbage.extend_from_slice(&0u64.to_le_bytes());
+        garbage.extend_from_slice(b"{{{");
+        let frame = receive(&mut &garbage[..]).unwrap().unwrap();
+        assert!(frame.decode::<Signal>().is_err());
+    }
+}
