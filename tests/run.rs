@@ -10,7 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{guest_dir, kvm_available, run, stderr, uvm};
+use support::{guest_dir, kvm_available, run, stderr, uvm, Watchdog};
 
 fn uvm_run(args: &[&str], command: &[&str]) -> Command {
     let mut cmd = uvm();
@@ -37,6 +37,7 @@ fn streams_stdout_and_stderr_separately_as_written() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let _watchdog = Watchdog::default(&child);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     let first_at = Instant::now();
@@ -111,6 +112,8 @@ fn stdin_round_trips_64_mib_through_cat() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // A PVM guest moves data at well under 1 MiB/s: allow for that.
+    let _watchdog = Watchdog::new(&child, 4 * support::HANG_TIMEOUT);
     let mut stdin = child.stdin.take().unwrap();
     let feeder = std::thread::spawn({
         let data = data.clone();
@@ -149,6 +152,7 @@ fn sigterm_is_forwarded_to_the_process() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let _watchdog = Watchdog::default(&child);
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -201,6 +205,7 @@ fn hybrid_vsock_both_ways_and_connection_limit() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
+    let _watchdog = Watchdog::default(&child);
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut flood = String::new();
     out.read_line(&mut flood).unwrap();
@@ -262,4 +267,79 @@ fn bad_run_flags_are_refused_naming_them() {
     support::assert_fails_naming(&bad_env, "KEY=VALUE");
     let host_cid = run(&mut uvm_run(&["--cid", "2"], &["/bin/true"]));
     support::assert_fails_naming(&host_cid, "--cid");
+}
+
+// Why boot: -t gives the process a guest pseudo-terminal of the host
+// terminal's size, and uvm puts the host terminal back as it found it.
+#[test]
+fn tty_runs_on_a_guest_terminal_and_restores_the_host_one() {
+    if !kvm_available("tty_runs_on_a_guest_terminal_and_restores_the_host_one") {
+        return;
+    }
+    let (master, slave) = open_pty(33, 101);
+    let before = termios(&slave);
+    let mut child = uvm_run(&["-t"], &["/bin/sh", "-c", "tty; stty size"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = support::wait_or_kill(&mut child);
+    assert!(status.success(), "uvm -t failed");
+    let after = termios(&slave);
+    drop(slave);
+    let mut out = Vec::new();
+    let _ = (&master).read_to_end(&mut out); // ends with EIO once all slaves close
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("/dev/pts/0"), "not on a guest pty: {out:?}");
+    assert!(
+        out.contains("33 101"),
+        "terminal size not passed on: {out:?}"
+    );
+    assert!(before == after, "host terminal settings not restored");
+}
+
+/// A host pseudo-terminal pair of the given size.
+fn open_pty(rows: u16, cols: u16) -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: valid out-pointers; name and termios may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: two new descriptors that nothing else owns.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    }
+}
+
+fn termios(tty: &std::fs::File) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data that tcgetattr fills.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::tcgetattr(tty.as_raw_fd(), &mut t) }, 0);
+    // SAFETY: viewing a plain-data struct as bytes, for comparison.
+    unsafe {
+        std::slice::from_raw_parts(
+            (&t as *const libc::termios).cast::<u8>(),
+            std::mem::size_of_val(&t),
+        )
+        .to_vec()
+    }
 }

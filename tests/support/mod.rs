@@ -1,13 +1,15 @@
 //! Helpers for tests that boot real guests with the `uvm` binary.
 
-use std::path::PathBuf;
 use std::io::Read;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 /// Generous: only here to turn a hang into a failure. A PVM boot takes ~10 s,
 /// a bzImage one (decompression emulated) longer.
-const HANG_TIMEOUT: Duration = Duration::from_secs(300);
+pub const HANG_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub fn uvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_uvm"))
@@ -50,21 +52,16 @@ pub fn run(cmd: &mut Command) -> Output {
 
 /// Waits for `child`, killing it (and failing with its stderr) if it hangs.
 pub fn wait_or_kill(child: &mut Child) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for uvm") {
-            return status;
+    let watchdog = Watchdog::default(child);
+    let status = child.wait().expect("wait for uvm");
+    if watchdog.fired() {
+        let mut err = String::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            let _ = stderr.read_to_string(&mut err);
         }
-        if start.elapsed() > HANG_TIMEOUT {
-            let _ = child.kill();
-            let mut err = String::new();
-            if let Some(mut stderr) = child.stderr.take() {
-                let _ = stderr.read_to_string(&mut err);
-            }
-            panic!("uvm hung for {HANG_TIMEOUT:?}; stderr:\n{err}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        panic!("uvm hung for {HANG_TIMEOUT:?}; stderr:\n{err}");
     }
+    status
 }
 
 pub fn stderr(out: &Output) -> String {
@@ -82,3 +79,44 @@ pub fn assert_fails_naming(out: &Output, what: &str) {
     assert!(!err.contains("panicked"), "uvm panicked:\n{err}");
 }
 
+/// Kills a process the test waits for or reads from with blocking calls if
+/// it outlives a timeout, so that a hang fails the test instead of stalling it.
+pub struct Watchdog {
+    done: Option<mpsc::Sender<()>>,
+    fired: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    pub fn new(child: &Child, timeout: Duration) -> Self {
+        let pid = child.id() as libc::pid_t;
+        let (done, wait) = mpsc::channel::<()>();
+        let fired = Arc::new(AtomicBool::new(false));
+        let flag = fired.clone();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(timeout) {
+                eprintln!("watchdog: killing uvm after {timeout:?}");
+                flag.store(true, Ordering::SeqCst);
+                // SAFETY: kill has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        Self {
+            done: Some(done),
+            fired,
+        }
+    }
+
+    pub fn default(child: &Child) -> Self {
+        Self::new(child, HANG_TIMEOUT)
+    }
+
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take()); // wakes the thread, which leaves uvm alone
+    }
+}

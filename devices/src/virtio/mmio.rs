@@ -10,7 +10,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_queue::{Queue, QueueT};
 
-use super::{GuestMemory, IrqStatus, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{GuestMemory, IrqStatus, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::{BusDevice, Interrupt};
 
 /// Size of one device's register window.
@@ -229,7 +229,9 @@ impl MmioTransport {
             (true, Some(index)) => Err(format!("queue {index} is not set up correctly")),
             (true, None) => {
                 let mut device = lock(&self.device);
-                let queues = std::mem::replace(&mut self.queues, fresh_queues(&*device));
+                let mut queues = std::mem::replace(&mut self.queues, fresh_queues(&*device));
+                let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+                queues.iter_mut().for_each(|q| q.set_event_idx(event_idx));
                 device
                     .activate(queues, self.irq.clone())
                     .map_err(|e| e.to_string())

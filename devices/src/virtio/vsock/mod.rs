@@ -13,11 +13,14 @@ use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use std::io::Read;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use virtio_vsock::packet::VsockPacket;
+
+use virtio_queue::DescriptorChain;
+use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateError, GuestMemory, IrqStatus, VirtioDevice};
+use super::{ActivateError, GuestMemory, IrqStatus, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 pub use host::HostPorts;
 pub use muxer::{HOST_CID, MAX_CONNECTIONS};
 
@@ -44,6 +47,8 @@ pub struct Vsock {
     muxer: muxer::Muxer,
     /// The hybrid vsock socket host programs connect to.
     listener: Option<UnixListener>,
+    /// Where scattered guest packets are gathered.
+    tx_buf: Vec<u8>,
 }
 
 struct Active {
@@ -70,6 +75,7 @@ impl Vsock {
             active: None,
             muxer: muxer::Muxer::new(guest_cid, host),
             listener,
+            tx_buf: Vec::new(),
         })
     }
 
@@ -84,18 +90,22 @@ impl Vsock {
         };
         let queue = &mut active.queues[TX];
         let mut used = false;
-        while let Some(mut chain) = queue.pop_descriptor_chain(&self.mem) {
-            match VsockPacket::from_tx_virtq_chain(&self.mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => self.muxer.handle_guest_packet(&pkt),
-                Err(e) => tracing::debug!("vsock: dropping malformed guest packet: {e}"),
+        loop {
+            while let Some(chain) = queue.pop_descriptor_chain(&self.mem) {
+                let head = chain.head_index();
+                handle_tx_chain(&self.mem, &mut self.muxer, &mut self.tx_buf, chain);
+                if let Err(e) = queue.add_used(&self.mem, head, 0) {
+                    tracing::warn!("vsock: tx used ring: {e}");
+                }
+                used = true;
             }
-            if let Err(e) = queue.add_used(&self.mem, chain.head_index(), 0) {
-                tracing::warn!("vsock: tx used ring: {e}");
+            // Ask for a kick on the next packet; take any that raced in.
+            if !queue.enable_notification(&self.mem).unwrap_or(false) {
+                break;
             }
-            used = true;
         }
         if used {
-            active.irq.signal_used_queue();
+            active.irq.signal_used(queue, &self.mem);
         }
     }
 
@@ -108,7 +118,11 @@ impl Vsock {
         let mut used = false;
         while self.muxer.has_packet_for_guest() {
             let Some(mut chain) = queue.pop_descriptor_chain(&self.mem) else {
-                break; // no buffers: the guest notifies the RX queue when it adds some
+                // Out of buffers: ask for a kick when the guest adds some.
+                match queue.enable_notification(&self.mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
             };
             let len = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, MAX_PKT_DATA) {
                 Ok(mut pkt) => match self.muxer.fill_packet(&mut pkt) {
@@ -129,7 +143,7 @@ impl Vsock {
             used = true;
         }
         if used {
-            active.irq.signal_used_queue();
+            active.irq.signal_used(queue, &self.mem);
         }
     }
 
@@ -149,13 +163,74 @@ impl Vsock {
     }
 }
 
+/// One chain from the transmit queue: straight from guest memory when it has
+/// the usual shape, gathered into `buf` when its data is scattered.
+fn handle_tx_chain(
+    mem: &GuestMemory,
+    muxer: &mut muxer::Muxer,
+    buf: &mut Vec<u8>,
+    chain: DescriptorChain<&GuestMemory>,
+) {
+    let mut direct = chain.clone();
+    if let Ok(pkt) = VsockPacket::from_tx_virtq_chain(mem, &mut direct, MAX_PKT_DATA) {
+        return muxer.handle_guest_packet(&pkt);
+    }
+    // Not the usual shape (data spread over several descriptors): gather it.
+    let gathered = gather(mem, chain, buf).and_then(|mut gathered| {
+        let pkt = gathered.packet().map_err(std::io::Error::other)?;
+        muxer.handle_guest_packet(&pkt);
+        Ok(())
+    });
+    if let Err(e) = gathered {
+        tracing::debug!("vsock: dropping malformed guest packet: {e}");
+    }
+}
+
+/// A guest packet copied out of a descriptor chain of any shape.
+struct Gathered<'b> {
+    header: [u8; PKT_HEADER_SIZE],
+    data: &'b mut [u8],
+}
+
+/// Copies the readable part of `chain` into `buf`: header, then data.
+fn gather<'b>(
+    mem: &GuestMemory,
+    chain: DescriptorChain<&GuestMemory>,
+    buf: &'b mut Vec<u8>,
+) -> std::io::Result<Gathered<'b>> {
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut reader = chain.reader(mem).map_err(|e| invalid(&e.to_string()))?;
+    let mut header = [0u8; PKT_HEADER_SIZE];
+    reader.read_exact(&mut header)?;
+    let len = u32::from_le_bytes([header[24], header[25], header[26], header[27]]);
+    if len > MAX_PKT_DATA || len as usize > reader.available_bytes() {
+        return Err(invalid("data length beyond the descriptors or the limit"));
+    }
+    buf.resize(len as usize, 0);
+    reader.read_exact(buf)?;
+    Ok(Gathered { header, data: buf })
+}
+
+impl Gathered<'_> {
+    fn packet(&mut self) -> Result<VsockPacket<'_, ()>, virtio_vsock::packet::Error> {
+        let raw = self.header;
+        let data = (!self.data.is_empty()).then_some(&mut *self.data);
+        // SAFETY: the packet borrows `self` mutably, so the header and data
+        // it points at outlive it and nothing else touches them meanwhile.
+        let mut pkt = unsafe { VsockPacket::new(&mut self.header, data)? };
+        pkt.set_header_from_raw(&raw)?;
+        Ok(pkt)
+    }
+}
+
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         DEVICE_ID
     }
 
     fn features(&self) -> u64 {
-        0 // stream sockets only, no seqpacket
+        VIRTIO_RING_F_EVENT_IDX // stream sockets only, no seqpacket
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
