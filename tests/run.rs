@@ -7,7 +7,7 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{guest_dir, kvm_available, run, stderr, uvm, Watchdog};
@@ -16,6 +16,24 @@ fn uvm_run(args: &[&str], command: &[&str]) -> Command {
     let mut cmd = uvm();
     cmd.arg("run").args(args).arg("--").args(command);
     cmd
+}
+
+/// Starts `cmd` with stdout and stderr piped to the test.
+fn spawn_piped(cmd: &mut Command, stdin: Stdio) -> Child {
+    cmd.stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn uvm")
+}
+
+/// The rest of what the process wrote to stderr.
+fn read_stderr(child: &mut Child) -> String {
+    let mut err = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        stderr.read_to_string(&mut err).expect("read uvm stderr");
+    }
+    err
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -31,12 +49,7 @@ fn streams_stdout_and_stderr_separately_as_written() {
         return;
     }
     let script = "echo out1; echo err1 >&2; sleep 3; echo out2; echo err2 >&2; exit 7";
-    let mut child = uvm_run(&[], &["/bin/sh", "-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_piped(&mut uvm_run(&[], &["/bin/sh", "-c", script]), Stdio::null());
     let _watchdog = Watchdog::default(&child);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
@@ -45,13 +58,7 @@ fn streams_stdout_and_stderr_separately_as_written() {
     let gap = first_at.elapsed();
     assert_eq!((first.as_str(), second.as_str()), ("out1", "out2"));
     assert!(lines.next().is_none(), "more stdout than written");
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = read_stderr(&mut child);
     let status = child.wait().unwrap();
     assert!(err.contains("err1\nerr2\n"), "stderr:\n{err}");
     assert!(!err.contains("out"), "stdout leaked into stderr:\n{err}");
@@ -106,12 +113,7 @@ fn stdin_round_trips_64_mib_through_cat() {
     let data: Vec<u8> = (0..64u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let mut child = uvm_run(&[], &["/bin/cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_piped(&mut uvm_run(&[], &["/bin/cat"]), Stdio::piped());
     // A PVM guest moves data at well under 1 MiB/s: allow for that.
     let _watchdog = Watchdog::new(&child, 4 * support::HANG_TIMEOUT);
     let mut stdin = child.stdin.take().unwrap();
@@ -146,12 +148,8 @@ fn sigterm_is_forwarded_to_the_process() {
     if !kvm_available("sigterm_is_forwarded_to_the_process") {
         return;
     }
-    let mut child = uvm_run(&[], &["/bin/sh", "-c", "echo ready; exec sleep 600"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = uvm_run(&[], &["/bin/sh", "-c", "echo ready; exec sleep 600"]);
+    let mut child = spawn_piped(&mut cmd, Stdio::null());
     let _watchdog = Watchdog::default(&child);
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
@@ -191,20 +189,17 @@ fn hybrid_vsock_both_ways_and_connection_limit() {
         held.len()
     });
     let script = "uvm-vsock-test flood 6000 300 && uvm-vsock-test echo 5000";
-    let mut child = uvm_run(
+    let test_initrd = guest_dir().join("initrd-test.img");
+    let mut cmd = uvm_run(
         &[
             "--initrd",
-            guest_dir().join("initrd-test.img").to_str().unwrap(),
+            test_initrd.to_str().unwrap(),
             "--vsock-uds",
             uds.to_str().unwrap(),
         ],
         &["/bin/sh", "-c", script],
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    );
+    let mut child = spawn_piped(&mut cmd, Stdio::null());
     let _watchdog = Watchdog::default(&child);
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut flood = String::new();
@@ -241,13 +236,7 @@ fn hybrid_vsock_both_ways_and_connection_limit() {
     conn.shutdown(std::net::Shutdown::Write).unwrap();
 
     let status = support::wait_or_kill(&mut child);
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = read_stderr(&mut child);
     assert!(status.success(), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     drop(accepted);

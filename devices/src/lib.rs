@@ -15,3 +15,23 @@ pub use bus::{Bus, BusDevice, BusError};
 pub trait Interrupt: Send + Sync {
     fn trigger(&self) -> std::io::Result<()>;
 }
+
+/// An interrupt line that counts how often it was raised, for device tests.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct CountingInterrupt(std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl CountingInterrupt {
+    pub(crate) fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+impl Interrupt for CountingInterrupt {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}

@@ -55,17 +55,8 @@ impl BusDevice for Serial {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::CountingInterrupt;
     use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Counter(AtomicUsize);
-    impl Interrupt for Counter {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -81,7 +72,7 @@ mod tests {
 
     #[test]
     fn transmits_bytes_and_raises_thre_interrupt() {
-        let irq = Arc::new(Counter::default());
+        let irq = Arc::new(CountingInterrupt::default());
         let out = Shared::default();
         let mut serial = Serial::new(irq.clone(), Box::new(out.clone()));
         serial.write(1, &[0x02]); // IER: transmitter-empty interrupt on
@@ -90,7 +81,7 @@ mod tests {
         serial.read(2, &mut iir); // the guest acknowledges by reading IIR
         serial.write(0, b"k");
         assert_eq!(&*out.0.lock().unwrap(), b"ok");
-        assert!(irq.0.load(Ordering::SeqCst) >= 2);
+        assert!(irq.count() >= 2);
         let mut lsr = [0u8];
         serial.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "THR empty");

@@ -164,7 +164,14 @@ fn guest() -> Result<()> {
 fn demo() -> Result<()> {
     guest()?;
     run(cargo().args(["build", "--release", "-p", "vmm"]))?;
-    run(Command::new(root().join("target/release/uvm")).args(["run", "--timings"]))
+    run(Command::new(root().join("target/release/uvm")).args([
+        "run",
+        "--timings",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo hello from $(uname -n), kernel $(uname -r)",
+    ]))
 }
 
 fn test() -> Result<()> {

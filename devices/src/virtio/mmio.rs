@@ -302,8 +302,6 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -347,15 +345,6 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Line(AtomicUsize);
-    impl Interrupt for Line {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
     fn transport() -> (MmioTransport, Arc<Mutex<FakeDevice>>) {
         let device = Arc::new(Mutex::new(FakeDevice {
             events: [
@@ -366,7 +355,7 @@ mod tests {
             resets: 0,
         }));
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let line: Arc<dyn Interrupt> = Arc::new(Line::default());
+        let line: Arc<dyn Interrupt> = Arc::new(crate::CountingInterrupt::default());
         (MmioTransport::new(device.clone(), mem, line), device)
     }
 

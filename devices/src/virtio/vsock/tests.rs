@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 
@@ -12,7 +11,7 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::Interrupt;
+use crate::CountingInterrupt;
 
 const GUEST_CID: u64 = 3;
 const SERVED_PORT: u32 = 1024;
@@ -21,16 +20,6 @@ const HEADER_AREA: u64 = 0x10_0000;
 const DATA_AREA: u64 = 0x40_0000;
 const RX_AREA: u64 = 0x80_0000;
 const RX_BUF: u32 = 4096;
-
-#[derive(Default)]
-struct CountingIrq(AtomicUsize);
-
-impl Interrupt for CountingIrq {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
 
 /// A header the guest sends, in wire order (virtio 1.2, 5.10.6).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -198,7 +187,7 @@ struct Guest {
     rx: Ring,
     tx: Ring,
     vsock: Vsock,
-    irq: Arc<CountingIrq>,
+    irq: Arc<CountingInterrupt>,
     served: Receiver<UnixStream>,
 }
 
@@ -212,7 +201,7 @@ impl Guest {
         let mut ports = HostPorts::new(None);
         ports.serve(SERVED_PORT, served_tx);
         let mut vsock = Vsock::new(mem.clone(), GUEST_CID, ports, None).unwrap();
-        let irq = Arc::new(CountingIrq::default());
+        let irq = Arc::new(CountingInterrupt::default());
         let queues = vec![rx.queue(), tx.queue(), events.queue()];
         vsock
             .activate(queues, Arc::new(IrqStatus::new(irq.clone())))
@@ -308,7 +297,7 @@ fn data_flows_both_ways_on_a_served_port() {
     assert_eq!((hdr.src_cid, hdr.dst_cid), (HOST_CID, GUEST_CID));
     assert_eq!((hdr.src_port, hdr.dst_port), (SERVED_PORT, 5000));
     assert_eq!(data.as_slice(), b"world");
-    assert!(guest.irq.0.load(Ordering::SeqCst) > 0);
+    assert!(guest.irq.count() > 0);
 
     // The guest closes: the host sees end of file, the guest gets its RST.
     let close = Hdr {
@@ -497,7 +486,10 @@ fn data_scattered_over_descriptors_is_gathered() {
     };
     let slot = u64::from(guest.tx.next_desc);
     let hdr_addr = HEADER_AREA + slot * 64;
-    guest.mem.write_slice(&hdr.bytes(), GuestAddress(hdr_addr)).unwrap();
+    guest
+        .mem
+        .write_slice(&hdr.bytes(), GuestAddress(hdr_addr))
+        .unwrap();
     let parts: [&[u8]; 3] = [b"sca", b"tte", b"red"];
     let mut chain = vec![(hdr_addr, 44, 0)];
     for (i, part) in parts.iter().enumerate() {
