@@ -60,15 +60,17 @@ fn bzimage_two_cpus() {
     }
 }
 
-// Why boot: timings are stamped by the running guest agent.
+// Why boot: timings are stamped by the running guest agent and the process
+// it runs; the same run is the plainest `uvm run -- CMD`.
 #[test]
 fn timings_json_is_positive_and_ordered() {
     if !kvm_available("timings_json_is_positive_and_ordered") {
         return;
     }
-    let out = run(uvm().args(["run", "--timings"]));
+    let out = run(uvm().args(["run", "--timings", "--", "/bin/echo", "hello"]));
     let err = stderr(&out);
     assert!(out.status.success(), "boot failed:\n{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
     let line = err
         .lines()
         .rev()
@@ -85,8 +87,17 @@ fn timings_json_is_positive_and_ordered() {
         ms("agent_started_ms"),
         ms("total_ms"),
     );
+    let (connected, started, exited) = (
+        ms("agent_connected_ms"),
+        ms("process_started_ms"),
+        ms("process_exited_ms"),
+    );
     assert!(setup > 0.0 && kernel > 0.0, "{line}");
-    assert!(setup < agent && agent <= total, "{line}");
+    assert!(setup < agent && agent <= connected, "{line}");
+    assert!(
+        connected <= started && started <= exited && exited <= total,
+        "{line}"
+    );
     assert!((setup + kernel - agent).abs() < 0.01, "{line}");
 }
 

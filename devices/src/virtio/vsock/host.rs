@@ -4,8 +4,10 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
+use std::os::fd::FromRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
 /// Longest handshake line we accept: `CONNECT 4294967295\n` and some slack.
@@ -47,11 +49,44 @@ impl HostPorts {
             Some(path) => {
                 let mut target = path.clone().into_os_string();
                 target.push(format!("_{port}"));
-                UnixStream::connect(target)
+                connect_nonblocking(Path::new(&target))
             }
             None => Err(io::ErrorKind::ConnectionRefused.into()),
         }
     }
+}
+
+/// Connects to the Unix socket at `path` without waiting: a listener whose
+/// backlog is full refuses instead of stalling the device's event loop.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    let flags = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, flags, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket that nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of the length passed.
+    let rc = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// A host client of the hybrid socket that has not yet said which guest port
@@ -169,6 +204,25 @@ mod tests {
         ports.connect(5000).unwrap();
         listener.accept().unwrap();
         assert!(ports.connect(5001).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_full_listener_refuses_instead_of_blocking() {
+        let dir = std::env::temp_dir().join(format!("uvm-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(dir.join("v.sock_7")).unwrap();
+        let ports = HostPorts::new(Some(dir.join("v.sock")));
+        // Nobody accepts: the backlog fills, then connecting must fail at once.
+        let mut pending = Vec::new();
+        let refused = loop {
+            match ports.connect(7) {
+                Ok(stream) => pending.push(stream),
+                Err(e) => break e,
+            }
+            assert!(pending.len() < 10_000, "the backlog never filled");
+        };
+        assert_eq!(refused.kind(), io::ErrorKind::WouldBlock);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
