@@ -492,7 +492,8 @@ mod tests {
     #[test]
     fn cmdline_adds_pvm_flags_only_on_pvm_hosts() {
         let hw = cmdline(&config(false, HostKind::Hardware));
-        assert_eq!(hw, format!("{BASE_CMDLINE} quiet foo=bar"));
+        let vsock = "virtio_mmio.device=4K@0xd0000000:5";
+        assert_eq!(hw, format!("{BASE_CMDLINE} quiet {vsock} foo=bar"));
         let pvm = cmdline(&config(true, HostKind::Pvm));
         assert!(pvm.starts_with(BASE_CMDLINE) && pvm.ends_with("pvm_host foo=bar"));
         assert!(!pvm.contains("quiet"));
