@@ -67,7 +67,10 @@ fn timings_json_is_positive_and_ordered() {
     if !kvm_available("timings_json_is_positive_and_ordered") {
         return;
     }
-    let out = run(uvm().args(["run", "--timings", "--", "/bin/echo", "hello"]));
+    let out = run(uvm()
+        .args(["run", "--timings", "--layer"])
+        .arg(support::layer("base"))
+        .args(["--", "/bin/echo", "hello"]));
     let err = stderr(&out);
     assert!(out.status.success(), "boot failed:\n{err}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");

@@ -10,11 +10,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{guest_dir, kvm_available, run, stderr, uvm, Watchdog};
+use support::{kvm_available, layer, run, stderr, uvm, Watchdog};
 
+/// `uvm run` of `command` in a container on the demo base layer (busybox).
 fn uvm_run(args: &[&str], command: &[&str]) -> Command {
     let mut cmd = uvm();
-    cmd.arg("run").args(args).arg("--").args(command);
+    cmd.args(["run", "--layer"]).arg(layer("base"));
+    cmd.args(args).arg("--").args(command);
     cmd
 }
 
@@ -189,11 +191,11 @@ fn hybrid_vsock_both_ways_and_connection_limit() {
         held.len()
     });
     let script = "uvm-vsock-test flood 6000 300 && uvm-vsock-test echo 5000";
-    let test_initrd = guest_dir().join("initrd-test.img");
+    let test_layer = layer("test"); // the vsock peer, on top of base
     let mut cmd = uvm_run(
         &[
-            "--initrd",
-            test_initrd.to_str().unwrap(),
+            "--layer",
+            test_layer.to_str().unwrap(),
             "--vsock-uds",
             uds.to_str().unwrap(),
         ],

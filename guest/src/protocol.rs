@@ -32,6 +32,18 @@ pub struct Run {
     pub stdout_port: u32,
     /// Absent with a tty.
     pub stderr_port: Option<u32>,
+    /// The container root to assemble and run in; absent: run in the
+    /// agent's own root (the initrd).
+    pub root: Option<Root>,
+}
+
+/// A container root: the pmem layers (`/dev/pmem0` at the bottom) stacked
+/// under a writable layer with overlayfs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Root {
+    pub layers: u32,
+    /// Mount the layers with DAX (falling back to a plain mount).
+    pub dax: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +179,10 @@ mod tests {
             stdin_port: 1025,
             stdout_port: 1026,
             stderr_port: Some(1027),
+            root: Some(Root {
+                layers: 2,
+                dax: true,
+            }),
         };
         let mut wire = Vec::new();
         send(&mut wire, 7, &run).unwrap();

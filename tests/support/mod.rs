@@ -20,6 +20,11 @@ pub fn guest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest")
 }
 
+/// A demo layer image from `cargo xtask demo-layers` (base, app, test).
+pub fn layer(name: &str) -> PathBuf {
+    guest_dir().join("layers").join(format!("{name}.img"))
+}
+
 /// Whether boot tests can run. Under CI a missing /dev/kvm is a failure;
 /// elsewhere the test says that it skipped.
 pub fn kvm_available(test: &str) -> bool {

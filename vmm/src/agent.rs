@@ -10,7 +10,9 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use devices::virtio::vsock::HostPorts;
-use guest::protocol::{self, Exited, Failed, Run, Signal, Started, TtySize, CONTROL_PORT};
+use guest::protocol::{
+    self, Exited, Failed, Root, Run, Signal, Started, TtySize, CONTROL_PORT,
+};
 
 /// Host ports of the process's stdio, served inside uvm.
 const STDIN_PORT: u32 = CONTROL_PORT + 1;
@@ -28,6 +30,8 @@ pub struct ProcessSpec {
     pub cwd: Option<String>,
     /// Run on a guest pseudo-terminal of this size.
     pub tty: Option<TtySize>,
+    /// The container root, if the process runs in one.
+    pub root: Option<Root>,
 }
 
 /// How the process ended.
@@ -179,6 +183,7 @@ fn run_request(process: &ProcessSpec) -> Run {
         stdin_port: STDIN_PORT,
         stdout_port: STDOUT_PORT,
         stderr_port: process.tty.is_none().then_some(STDERR_PORT),
+        root: process.root,
     }
 }
 

@@ -5,6 +5,7 @@ pub mod boot;
 pub mod console;
 pub mod cpuid;
 pub mod hypervisor;
+pub mod layer;
 pub mod memory;
 pub mod pvm;
 pub mod rss;

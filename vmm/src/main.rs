@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use devices::virtio::vsock::DEFAULT_GUEST_CID;
-use guest::protocol::TtySize;
+use guest::protocol::{Root, TtySize};
 use vmm::agent::{Outcome, ProcessSpec};
 use vmm::hypervisor::kvm::KvmHypervisor;
 use vmm::pvm::{self, HostKind};
@@ -35,6 +35,23 @@ enum Command {
     /// Boot a utility VM and run COMMAND in it, with its stdio and exit code.
     /// Without COMMAND, boot until the guest agent is up.
     Run(RunArgs),
+    /// Container image layers.
+    #[command(subcommand)]
+    Layer(LayerCommand),
+}
+
+#[derive(Subcommand)]
+enum LayerCommand {
+    /// Make an ext4 layer image (for --layer) from a directory. Overlayfs
+    /// whiteouts in it (0:0 character devices) hide files of lower layers.
+    Create {
+        /// The directory whose content the layer holds.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// The image file to write.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -99,6 +116,15 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
 
+    /// A read-only image layer (ext4 image, see `uvm layer create`), bottom
+    /// first; repeat for each layer. COMMAND runs in their union.
+    #[arg(long = "layer", value_name = "FILE")]
+    layers: Vec<PathBuf>,
+
+    /// Mount the layers without DAX (through the page cache).
+    #[arg(long)]
+    no_dax: bool,
+
     /// The command to run in the guest, and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -117,8 +143,11 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("UVM_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let Command::Run(args) = Cli::parse().command;
-    let code = match run(args, start) {
+    let result = match Cli::parse().command {
+        Command::Run(args) => run(args, start),
+        Command::Layer(LayerCommand::Create { from, output }) => create_layer(&from, &output),
+    };
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("uvm: error: {e:#}");
@@ -135,6 +164,10 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
         env: args.env.clone(),
         cwd: args.workdir.clone(),
         tty: args.tty.then(terminal_size),
+        root: (!args.layers.is_empty()).then(|| Root {
+            layers: args.layers.len() as u32,
+            dax: !args.no_dax,
+        }),
     });
     let config = VmConfig {
         kernel: artifact(args.kernel, "vmlinux", "--kernel")?,
@@ -148,6 +181,7 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
             guest_cid: args.cid,
             uds: args.vsock_uds,
         },
+        layers: args.layers,
         process,
     };
     let raw = match args.tty && !args.command.is_empty() {
@@ -161,6 +195,12 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
         eprintln!("{}", timings_json(&report));
     }
     exit_code(&report, args.console)
+}
+
+fn create_layer(from: &Path, output: &Path) -> anyhow::Result<i32> {
+    let size = vmm::layer::create(from, output)?;
+    eprintln!("uvm: {} ({} MiB)", output.display(), size >> 20);
+    Ok(0)
 }
 
 /// The host terminal's size, for a guest pseudo-terminal.

@@ -18,6 +18,13 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
+/// Where device memory (pmem layers) starts for a guest with `size` bytes
+/// of RAM: above 4 GiB, after the RAM that lives there.
+pub fn device_memory_start(size: u64) -> u64 {
+    let high_ram = size.saturating_sub(MMIO_START);
+    (FOUR_GIB + high_ram).next_multiple_of(devices::virtio::pmem::ALIGNMENT)
+}
+
 /// Anonymous, lazily-backed guest RAM of `size` bytes.
 pub fn create(size: u64) -> std::io::Result<GuestMemory> {
     GuestMemory::from_ranges(&ram_ranges(size)).map_err(std::io::Error::other)
@@ -26,6 +33,13 @@ pub fn create(size: u64) -> std::io::Result<GuestMemory> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_memory_follows_ram() {
+        assert_eq!(device_memory_start(128 << 20), FOUR_GIB);
+        assert_eq!(device_memory_start(4 << 30), FOUR_GIB + (1 << 30));
+        assert_eq!(device_memory_start((3 << 30) + 1), FOUR_GIB + (2 << 20));
+    }
 
     #[test]
     fn splits_around_mmio_hole() {

@@ -9,6 +9,7 @@ use devices::boot_timer::BootTimer;
 use devices::i8042::{self, I8042};
 use devices::serial::{self, Serial};
 use devices::virtio::mmio::{self, MmioTransport};
+use devices::virtio::pmem::Pmem;
 use devices::virtio::vsock::{HostPorts, Vsock};
 use devices::virtio::VirtioDevice;
 use devices::{Bus, BusError};
@@ -19,6 +20,7 @@ use crate::agent::{Outcome, ProcessSpec, Session};
 use crate::console::Console;
 use crate::hypervisor::{self, Hypervisor, IoHandler, Vcpu, VcpuExit, Vm};
 use crate::pvm::{self, HostKind};
+use crate::layer::{self, Layer};
 use crate::{boot, cpuid, memory, signals};
 
 /// Command line every guest gets: console on COM1, reset through the i8042
@@ -40,6 +42,8 @@ pub struct VmConfig {
     pub console: bool,
     pub host: HostKind,
     pub vsock: VsockConfig,
+    /// Read-only image layers, bottom first: one virtio-pmem device each.
+    pub layers: Vec<PathBuf>,
     /// The process to run; without one the VM ends once the agent is up.
     pub process: Option<ProcessSpec>,
 }
@@ -56,8 +60,9 @@ pub struct VsockConfig {
 const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// GSIs 0-4 belong to legacy devices (timer, keyboard, cascade, COM2, COM1).
 const VIRTIO_FIRST_GSI: u32 = 5;
-/// The vsock device is virtio device 0.
+/// The vsock device is virtio device 0; layers follow in order.
 const VSOCK_SLOT: u32 = 0;
+const FIRST_LAYER_SLOT: u32 = 1;
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -80,6 +85,8 @@ pub enum Error {
     },
     #[error("setting up devices: {0}")]
     Devices(std::io::Error),
+    #[error(transparent)]
+    Layer(#[from] layer::Error),
 }
 
 /// How the guest ended the VM.
@@ -173,12 +180,19 @@ impl IoHandler for Buses {
 /// The full guest command line for `config`.
 pub fn cmdline(config: &VmConfig) -> String {
     let quiet = (!config.console).then_some("quiet");
-    let (vsock_base, vsock_gsi) = virtio_slot(VSOCK_SLOT);
-    let vsock = MmioTransport::cmdline_entry(vsock_base, vsock_gsi);
+    let layer_slots = (FIRST_LAYER_SLOT..).take(config.layers.len());
+    let virtio: Vec<String> = std::iter::once(VSOCK_SLOT)
+        .chain(layer_slots)
+        .map(|slot| {
+            let (base, gsi) = virtio_slot(slot);
+            MmioTransport::cmdline_entry(base, gsi)
+        })
+        .collect();
+    let virtio = virtio.join(" ");
     [
         Some(BASE_CMDLINE),
         quiet,
-        Some(&vsock),
+        Some(virtio.as_str()),
         pvm::guest_flags(config.host),
         config.extra_cmdline.as_deref(),
     ]
@@ -212,6 +226,11 @@ where
         Some(_) => Some(signals::block().map_err(Error::Devices)?),
         None => None,
     };
+    let layers = config
+        .layers
+        .iter()
+        .map(|path| Layer::open(path))
+        .collect::<Result<Vec<_>, _>>()?;
     let hybrid = config
         .vsock
         .uds
@@ -256,6 +275,7 @@ where
     )
     .map_err(Error::Devices)?;
     attach_virtio(&vm, &mem, &mut mmio, &mut events, VSOCK_SLOT, vsock)?;
+    attach_layers(&vm, &mem, &mut mmio, &mut events, &layers, config.memory_mib << 20)?;
     let buses = Arc::new(Buses {
         pio: pio_bus(&vm, &ending, &console, &boot_timer)?,
         mmio,
@@ -350,6 +370,28 @@ where
     let transport = MmioTransport::new(device.clone(), mem.clone(), vm.interrupt(gsi)?);
     mmio.insert(Arc::new(Mutex::new(transport)), base, mmio::WINDOW_LEN)?;
     events.add_subscriber(device);
+    Ok(())
+}
+
+/// Maps each layer read-only into guest memory above RAM and puts a
+/// virtio-pmem device describing it on the bus.
+fn attach_layers<V: Vm>(
+    vm: &V,
+    mem: &memory::GuestMemory,
+    mmio: &mut Bus,
+    events: &mut EventManager<Subscriber>,
+    layers: &[Layer],
+    ram_size: u64,
+) -> Result<(), Error> {
+    let mut guest_addr = memory::device_memory_start(ram_size);
+    let first_slot = mem.num_regions() as u32;
+    for ((slot, virtio_slot), layer) in (first_slot..).zip(FIRST_LAYER_SLOT..).zip(layers) {
+        // SAFETY: layer mappings are never unmapped (see `layer::map`).
+        unsafe { vm.map_memory(slot, guest_addr, layer.host_addr(), layer.len(), true)? };
+        let pmem = Pmem::new(mem.clone(), guest_addr, layer.len()).map_err(Error::Devices)?;
+        attach_virtio(vm, mem, mmio, events, virtio_slot, pmem)?;
+        guest_addr += layer.len();
+    }
     Ok(())
 }
 
@@ -485,6 +527,7 @@ mod tests {
                 guest_cid: 3,
                 uds: None,
             },
+            layers: vec!["a.img".into(), "b.img".into()],
             process: None,
         }
     }
@@ -492,8 +535,9 @@ mod tests {
     #[test]
     fn cmdline_adds_pvm_flags_only_on_pvm_hosts() {
         let hw = cmdline(&config(false, HostKind::Hardware));
-        let vsock = "virtio_mmio.device=4K@0xd0000000:5";
-        assert_eq!(hw, format!("{BASE_CMDLINE} quiet {vsock} foo=bar"));
+        let virtio = "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+                      virtio_mmio.device=4K@0xd0002000:7";
+        assert_eq!(hw, format!("{BASE_CMDLINE} quiet {virtio} foo=bar"));
         let pvm = cmdline(&config(true, HostKind::Pvm));
         assert!(pvm.starts_with(BASE_CMDLINE) && pvm.ends_with("pvm_host foo=bar"));
         assert!(!pvm.contains("quiet"));

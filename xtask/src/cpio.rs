@@ -5,7 +5,6 @@
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFCHR: u32 = 0o020000;
-const S_IFLNK: u32 = 0o120000;
 
 struct Entry<'a> {
     name: &'a str,
@@ -41,7 +40,7 @@ impl Archive {
         archive
     }
 
-    pub fn dir(&mut self, name: &str) {
+    fn dir(&mut self, name: &str) {
         self.add(&Entry {
             name,
             mode: S_IFDIR | 0o755,
@@ -51,21 +50,12 @@ impl Archive {
     }
 
     /// An executable file.
-    pub fn file(&mut self, name: &str, data: &[u8]) {
+    fn file(&mut self, name: &str, data: &[u8]) {
         self.add(&Entry {
             name,
             mode: S_IFREG | 0o755,
             rdev: (0, 0),
             data,
-        });
-    }
-
-    pub fn symlink(&mut self, name: &str, target: &str) {
-        self.add(&Entry {
-            name,
-            mode: S_IFLNK | 0o777,
-            rdev: (0, 0),
-            data: target.as_bytes(),
         });
     }
 
@@ -125,9 +115,7 @@ mod tests {
 
     #[test]
     fn archive_is_aligned_newc_with_trailer() {
-        let mut archive = Archive::initrd(b"ELF!x");
-        archive.symlink("sh", "busybox");
-        let archive = archive.finish();
+        let archive = Archive::initrd(b"ELF!x").finish();
         assert!(archive.starts_with(b"070701"));
         assert_eq!(archive.len() % 4, 0);
         let text = String::from_utf8_lossy(&archive);
@@ -135,8 +123,7 @@ mod tests {
         // Header (110 bytes) + "init\0" is padded to 116: data follows one NUL.
         assert!(text.contains("init\0\0ELF!x"));
         assert!(text.contains("TRAILER!!!\0"));
-        assert!(text.contains("sh\0") && text.contains("\0busybox"));
-        // 6 entries + trailer, each starting with the magic.
-        assert_eq!(text.matches("070701").count(), 7);
+        // 5 entries + trailer, each starting with the magic.
+        assert_eq!(text.matches("070701").count(), 6);
     }
 }

@@ -14,9 +14,10 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   kernel   build the guest kernel (cached) -> target/guest/{vmlinux,bzImage}
-  initrd   build the agent and pack it     -> target/guest/initrd.img, initrd-test.img
-  guest    kernel + initrd
-  demo     build what is missing, then boot a utility VM on the defaults
+  initrd   build the agent and pack it     -> target/guest/initrd.img
+  demo-layers  busybox base, app and test layers -> target/guest/layers/*.img
+  guest    kernel + initrd + demo layers
+  demo     build what is missing, then run a container from the demo layers
   test     guest, then fmt, clippy and the whole test suite (what CI runs)";
 
 fn main() -> Result<()> {
@@ -24,6 +25,7 @@ fn main() -> Result<()> {
     match cmd.as_str() {
         "kernel" => kernel::build().map(drop),
         "initrd" => initrd(),
+        "demo-layers" => demo_layers(),
         "guest" => guest(),
         "demo" => demo(),
         "test" => test(),
@@ -91,14 +93,13 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 /// static glibc one, and on PVM hosts each initrd MiB costs seconds to unpack.
 const AGENT_TARGET: &str = "x86_64-unknown-linux-musl";
 
-/// Guest programs built for the initrds: the agent, and a test peer.
+/// Guest programs: the agent, and a vsock peer for the tests' layer.
 const GUEST_BINS: [&str; 2] = ["uvm-agent", "uvm-vsock-test"];
-/// Debian's static busybox: the commands of the default root until image
-/// layers provide them.
+/// Debian's static busybox: the commands of the demo base layer.
 const BUSYBOX: &str = "/bin/busybox";
 
-/// Builds `initrd.img` (agent + busybox) and `initrd-test.img` (the same
-/// plus the vsock test peer).
+/// Builds the guest programs and `initrd.img`, which holds the agent alone:
+/// on PVM hosts every initrd MiB costs seconds of unpacking.
 fn initrd() -> Result<()> {
     run(Command::new("rustup").args(["target", "add", AGENT_TARGET]))?;
     let mut build = cargo();
@@ -107,29 +108,78 @@ fn initrd() -> Result<()> {
         build.args(["--bin", bin]);
     }
     run(build.args(["--target", AGENT_TARGET]))?;
-    apt_install(&["busybox-static"])?;
-    let bin_dir = root().join("target").join(AGENT_TARGET).join("agent");
-    let read =
-        |path: &Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
-    let agent = read(&bin_dir.join("uvm-agent"))?;
-    let busybox = read(Path::new(BUSYBOX))?;
-    let applets = busybox_applets()?;
+    let agent = read(&guest_bin("uvm-agent"))?;
+    let out = guest_dir()?.join("initrd.img");
+    let bytes = cpio::Archive::initrd(&agent).finish();
+    std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("xtask: {} ({} bytes)", out.display(), bytes.len());
+    Ok(())
+}
 
-    let mut archive = cpio::Archive::initrd(&agent);
-    add_busybox(&mut archive, &busybox, &applets);
-    let mut test_archive = cpio::Archive::initrd(&agent);
-    add_busybox(&mut test_archive, &busybox, &applets);
-    test_archive.file(
-        "bin/uvm-vsock-test",
-        &read(&bin_dir.join("uvm-vsock-test"))?,
-    );
-    for (name, archive) in [("initrd.img", archive), ("initrd-test.img", test_archive)] {
-        let out = guest_dir()?.join(name);
-        let bytes = archive.finish();
-        std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
-        eprintln!("xtask: {} ({} bytes)", out.display(), bytes.len());
+fn guest_bin(name: &str) -> PathBuf {
+    root().join("target").join(AGENT_TARGET).join("agent").join(name)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The demo layers, made with `uvm layer create`:
+/// - base: busybox and its applets, /etc/hello.txt and /etc/remove-me.txt;
+/// - app (on base): adds /etc/app.txt, changes /etc/hello.txt and deletes
+///   /etc/remove-me.txt with an overlayfs whiteout;
+/// - test (on base): the vsock peer the integration tests run.
+fn demo_layers() -> Result<()> {
+    apt_install(&["busybox-static", "e2fsprogs"])?;
+    let dir = guest_dir()?.join("layers");
+    let base = stage(&dir, "base")?;
+    for sub in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root"] {
+        std::fs::create_dir_all(base.join(sub))?;
+    }
+    std::fs::copy(BUSYBOX, base.join("bin/busybox"))?;
+    for applet in busybox_applets()? {
+        if applet != "bin/busybox" {
+            std::os::unix::fs::symlink("/bin/busybox", base.join(&applet))?;
+        }
+    }
+    std::fs::write(base.join("etc/hello.txt"), "hello from the base layer\n")?;
+    std::fs::write(base.join("etc/remove-me.txt"), "the app layer deletes this\n")?;
+
+    let app = stage(&dir, "app")?;
+    std::fs::create_dir_all(app.join("etc"))?;
+    std::fs::write(app.join("etc/app.txt"), "added by the app layer\n")?;
+    std::fs::write(app.join("etc/hello.txt"), "hello from the app layer\n")?;
+    whiteout(&app.join("etc/remove-me.txt"))?;
+
+    let test = stage(&dir, "test")?;
+    std::fs::create_dir_all(test.join("bin"))?;
+    std::fs::copy(guest_bin("uvm-vsock-test"), test.join("bin/uvm-vsock-test"))?;
+
+    for name in ["base", "app", "test"] {
+        let image = dir.join(format!("{name}.img"));
+        run(cargo()
+            .args(["run", "--quiet", "-p", "vmm", "--bin", "uvm", "--", "layer", "create"])
+            .arg("--from")
+            .arg(dir.join(format!("{name}.d")))
+            .arg("-o")
+            .arg(&image))?;
     }
     Ok(())
+}
+
+/// A fresh, empty staging directory `<dir>/<name>.d`.
+fn stage(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.d"));
+    if path.exists() {
+        std::fs::remove_dir_all(&path)?;
+    }
+    std::fs::create_dir_all(&path)?;
+    Ok(path)
+}
+
+/// An overlayfs whiteout: a 0:0 character device hides `path` below.
+fn whiteout(path: &Path) -> Result<()> {
+    run(Command::new("mknod").arg(path).args(["c", "0", "0"]))
 }
 
 /// Where busybox installs each applet (`bin/sh`, `usr/bin/env`, …).
@@ -139,39 +189,30 @@ fn busybox_applets() -> Result<Vec<String>> {
         .output()
         .with_context(|| format!("running {BUSYBOX}"))?;
     let list = String::from_utf8(out.stdout).context("busybox applet list")?;
-    Ok(list
-        .lines()
-        .filter(|l| l.contains('/'))
-        .map(String::from)
-        .collect())
-}
-
-fn add_busybox(archive: &mut cpio::Archive, busybox: &[u8], applets: &[String]) {
-    for dir in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "tmp"] {
-        archive.dir(dir);
-    }
-    archive.file("bin/busybox", busybox);
-    for applet in applets.iter().filter(|a| a.as_str() != "bin/busybox") {
-        archive.symlink(applet, "/bin/busybox");
-    }
+    Ok(list.lines().filter(|l| l.contains('/')).map(String::from).collect())
 }
 
 fn guest() -> Result<()> {
     kernel::build()?;
-    initrd()
+    initrd()?;
+    demo_layers()
 }
 
 fn demo() -> Result<()> {
     guest()?;
     run(cargo().args(["build", "--release", "-p", "vmm"]))?;
-    run(Command::new(root().join("target/release/uvm")).args([
-        "run",
-        "--timings",
-        "--",
-        "/bin/sh",
-        "-c",
-        "echo hello from $(uname -n), kernel $(uname -r)",
-    ]))
+    let layers = guest_dir()?.join("layers");
+    run(Command::new(root().join("target/release/uvm"))
+        .args(["run", "--timings", "--layer"])
+        .arg(layers.join("base.img"))
+        .arg("--layer")
+        .arg(layers.join("app.img"))
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /etc/hello.txt /etc/app.txt; ls /etc; mount | grep -E 'pmem|overlay'",
+        ]))
 }
 
 fn test() -> Result<()> {

@@ -4,12 +4,13 @@
 //! driver is ready. Queue processing runs on the VMM's event thread.
 
 pub mod mmio;
+pub mod pmem;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -89,4 +90,42 @@ impl IrqStatus {
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+}
+
+/// Takes every chain the driver made available on `queue`, passes it to
+/// `handle` (which returns how many bytes it wrote into the chain), gives it
+/// back, and interrupts the driver if it asked to hear.
+pub fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    irq: &IrqStatus,
+    mut handle: impl FnMut(DescriptorChain<&GuestMemory>) -> u32,
+) {
+    let mut used = false;
+    loop {
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = handle(chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                tracing::warn!("virtio: used ring: {e}");
+            }
+            used = true;
+        }
+        // Ask for a kick on the next chain; take any that raced in.
+        if !queue.enable_notification(mem).unwrap_or(false) {
+            break;
+        }
+    }
+    if used {
+        irq.signal_used(queue, mem);
+    }
+}
+
+/// Copies the part of a device's configuration space `config` at `offset`
+/// into `data`; bytes past its end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(config.len());
+    let end = start.saturating_add(data.len()).min(config.len());
+    data[..end - start].copy_from_slice(&config[start..end]);
 }

@@ -2,6 +2,7 @@
 //! guest system call costs about half a millisecond.
 
 mod process;
+mod root;
 
 use std::ffi::CStr;
 use std::io::{self, Write};
@@ -36,14 +37,25 @@ fn start() -> io::Result<()> {
 }
 
 pub(crate) fn mount(source: &CStr, target: &CStr, fstype: &CStr) -> io::Result<()> {
-    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    mount_with(source, target, fstype, 0, None)
+}
+
+pub(crate) fn mount_with(
+    source: &CStr,
+    target: &CStr,
+    fstype: &CStr,
+    flags: libc::c_ulong,
+    options: Option<&CStr>,
+) -> io::Result<()> {
+    let data = options.map_or(std::ptr::null(), |o| o.as_ptr().cast());
+    // SAFETY: all pointers are valid NUL-terminated strings or null.
     let rc = unsafe {
         libc::mount(
             source.as_ptr(),
             target.as_ptr(),
             fstype.as_ptr(),
-            0,
-            std::ptr::null(),
+            flags,
+            data,
         )
     };
     check(rc).map_err(|e| io::Error::new(e.kind(), format!("mount {target:?}: {e}")))

@@ -10,7 +10,7 @@ use guest::protocol::{self, Exited, Failed, Run, Signal, Started, TtySize};
 
 use guest::vsock;
 
-use crate::check;
+use crate::{check, root};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -19,6 +19,15 @@ pub fn run(req: &Run, control: &mut File, id: u64) -> io::Result<()> {
     let stdin = vsock::connect(req.stdin_port)?;
     let stdout = vsock::connect(req.stdout_port)?;
     let stderr = req.stderr_port.map(vsock::connect).transpose()?;
+    if let Some(root) = req.root {
+        if let Err(e) = root::assemble(root) {
+            let failed = Failed {
+                message: format!("assembling the container root: {e}"),
+                exit_code: 125,
+            };
+            return protocol::send(control, id, &failed);
+        }
+    }
     let spawned = match req.tty {
         Some(size) => spawn_on_tty(req, size, stdin, stdout),
         None => spawn(req, stdin, stdout, stderr).map(|child| (child, None)),
@@ -52,13 +61,14 @@ fn command(req: &Run) -> io::Result<Command> {
         .argv
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
-    if let Some(cwd) = &req.cwd {
-        let dir = std::fs::metadata(cwd)
-            .map_err(|e| io::Error::new(e.kind(), format!("working directory {cwd}: {e}")))?;
-        if !dir.is_dir() {
-            let e = format!("working directory {cwd}: not a directory");
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, e));
-        }
+    let cwd = req.cwd.as_deref().unwrap_or("/");
+    // Seen from the agent, the container's directories are under its root.
+    let prefix = if req.root.is_some() { root::ROOT } else { "" };
+    let dir = std::fs::metadata(format!("{prefix}/{cwd}"))
+        .map_err(|e| io::Error::new(e.kind(), format!("working directory {cwd}: {e}")))?;
+    if !dir.is_dir() {
+        let e = format!("working directory {cwd}: not a directory");
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, e));
     }
     let mut cmd = Command::new(program);
     cmd.args(args).env_clear();
@@ -72,8 +82,16 @@ fn command(req: &Run) -> io::Result<Command> {
             None => cmd.env(entry, ""),
         };
     }
-    if let Some(cwd) = &req.cwd {
-        cmd.current_dir(cwd);
+    match req.root {
+        Some(_) => {
+            let (tty, cwd) = (req.tty.is_some(), root::cstring(cwd.to_string())?);
+            // SAFETY: between fork and exec only system calls run (mount,
+            // pivot_root, chdir: async-signal-safe), on the child alone.
+            unsafe { cmd.pre_exec(move || root::enter(tty, &cwd)) };
+        }
+        None => {
+            cmd.current_dir(cwd);
+        }
     }
     Ok(cmd)
 }

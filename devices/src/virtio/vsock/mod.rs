@@ -20,7 +20,9 @@ use virtio_queue::DescriptorChain;
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateError, GuestMemory, IrqStatus, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    drain_queue, ActivateError, GuestMemory, IrqStatus, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+};
 pub use host::HostPorts;
 pub use muxer::{HOST_CID, MAX_CONNECTIONS};
 
@@ -88,25 +90,11 @@ impl Vsock {
         let Some(active) = &mut self.active else {
             return;
         };
-        let queue = &mut active.queues[TX];
-        let mut used = false;
-        loop {
-            while let Some(chain) = queue.pop_descriptor_chain(&self.mem) {
-                let head = chain.head_index();
-                handle_tx_chain(&self.mem, &mut self.muxer, &mut self.tx_buf, chain);
-                if let Err(e) = queue.add_used(&self.mem, head, 0) {
-                    tracing::warn!("vsock: tx used ring: {e}");
-                }
-                used = true;
-            }
-            // Ask for a kick on the next packet; take any that raced in.
-            if !queue.enable_notification(&self.mem).unwrap_or(false) {
-                break;
-            }
-        }
-        if used {
-            active.irq.signal_used(queue, &self.mem);
-        }
+        let (mem, muxer, buf) = (&self.mem, &mut self.muxer, &mut self.tx_buf);
+        drain_queue(&mut active.queues[TX], mem, &active.irq, |chain| {
+            handle_tx_chain(mem, muxer, buf, chain);
+            0
+        });
     }
 
     /// Fills guest receive buffers while there is something to send.
@@ -243,11 +231,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // The configuration space is the 64-bit guest CID.
-        let config = self.guest_cid().to_le_bytes();
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        data.fill(0);
-        data[..end - start].copy_from_slice(&config[start..end]);
+        super::read_config_bytes(&self.guest_cid().to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self, queues: Vec<Queue>, irq: Arc<IrqStatus>) -> Result<(), ActivateError> {

@@ -1,0 +1,122 @@
+//! The container's root file system: the read-only pmem layers stacked
+//! under a writable layer with overlayfs, entered in a mount namespace of
+//! its own by the process (pivot_root), the way a container runtime does.
+
+use std::ffi::{CStr, CString};
+use std::io::{self, Write};
+
+use guest::protocol::Root;
+
+use crate::{check, mount_with};
+
+/// Where the union is mounted in the agent's namespace.
+pub const ROOT: &str = "/rootfs";
+const ROOT_C: &CStr = c"/rootfs";
+/// The writable layer: upper and work directories of the overlay.
+const SCRATCH: &CStr = c"/scratch";
+
+/// Mounts the layers and the overlay at [`ROOT`].
+pub fn assemble(root: Root) -> io::Result<()> {
+    let mut lower = Vec::new();
+    for index in 0..root.layers {
+        let target = format!("/layers/{index}");
+        std::fs::create_dir_all(&target)?;
+        mount_layer(index, &target, root.dax)?;
+        lower.push(target);
+    }
+    lower.reverse(); // overlayfs lists the top layer first
+    std::fs::create_dir_all("/scratch")?;
+    mount_with(c"tmpfs", SCRATCH, c"tmpfs", 0, None)?;
+    std::fs::create_dir_all("/scratch/upper")?;
+    std::fs::create_dir_all("/scratch/work")?;
+    std::fs::create_dir_all(ROOT)?;
+    let options = format!(
+        "lowerdir={},upperdir=/scratch/upper,workdir=/scratch/work",
+        lower.join(":")
+    );
+    mount_with(c"overlay", ROOT_C, c"overlay", 0, Some(&cstring(options)?))?;
+    for dir in ["proc", "dev", "tmp", "sys"] {
+        std::fs::create_dir_all(format!("{ROOT}/{dir}"))?;
+    }
+    Ok(())
+}
+
+/// Mounts `/dev/pmem{index}` read-only at `target`: with DAX if asked, and
+/// without it (saying so) if the DAX mount fails.
+fn mount_layer(index: u32, target: &str, dax: bool) -> io::Result<()> {
+    let device = format!("/dev/pmem{index}");
+    wait_for(&device)?;
+    let source = cstring(device)?;
+    let target = cstring(target.to_string())?;
+    let mount = |options: &CStr| {
+        mount_with(&source, &target, c"ext4", libc::MS_RDONLY, Some(options))
+    };
+    if dax {
+        match mount(c"noload,dax=always") {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                let _ = writeln!(
+                    io::stderr(),
+                    "uvm-agent: layer {index}: DAX mount failed ({e}), mounting without DAX"
+                );
+            }
+        }
+    }
+    mount(c"noload")
+}
+
+/// Waits for a device node: pmem regions are probed asynchronously and may
+/// appear after the agent starts.
+fn wait_for(device: &str) -> io::Result<()> {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+    let start = std::time::Instant::now();
+    while !std::path::Path::new(device).exists() {
+        if start.elapsed() > PATIENCE {
+            let e = format!("{device} did not appear within {PATIENCE:?}");
+            return Err(io::Error::new(io::ErrorKind::NotFound, e));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Run in the process between fork and exec: a mount, UTS and IPC namespace
+/// of its own, /proc, /dev (with the agent's /dev/pts for a `tty`) and /tmp,
+/// then the union as `/` and `cwd` as the working directory.
+pub fn enter(tty: bool, cwd: &CStr) -> io::Result<()> {
+    // SAFETY: plain system calls on constant, NUL-terminated strings.
+    unsafe {
+        check(libc::unshare(
+            libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC,
+        ))?;
+        // Nothing mounted from here on leaks back into the agent's view.
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+    }
+    mount_with(c"proc", c"/rootfs/proc", c"proc", 0, None)?;
+    mount_with(c"devtmpfs", c"/rootfs/dev", c"devtmpfs", 0, None)?;
+    mount_with(c"tmpfs", c"/rootfs/tmp", c"tmpfs", 0, None)?;
+    if tty {
+        // SAFETY: a constant, NUL-terminated path.
+        check(unsafe { libc::mkdir(c"/rootfs/dev/pts".as_ptr(), 0o755) })?;
+        mount_with(c"/dev/pts", c"/rootfs/dev/pts", c"", libc::MS_BIND, None)?;
+    }
+    // SAFETY: as above; pivot_root has no libc wrapper.
+    unsafe {
+        check(libc::chdir(ROOT_C.as_ptr()))?;
+        let dot = c".".as_ptr();
+        check(libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int)?;
+        check(libc::umount2(dot, libc::MNT_DETACH))?;
+        check(libc::sethostname(c"uvm".as_ptr(), 3))?;
+        check(libc::chdir(cwd.as_ptr()))
+    }
+}
+
+pub fn cstring(s: String) -> io::Result<CString> {
+    CString::new(s).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}

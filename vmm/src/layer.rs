@@ -1,0 +1,188 @@
+//! Container image layers: ext4 image files mapped read-only into guest
+//! physical memory, one virtio-pmem device each. The mapping is shared, so
+//! VMs using the same layer share its host page cache.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use devices::virtio::pmem::ALIGNMENT;
+
+/// Where ext2/3/4 keep their superblock magic.
+const EXT_MAGIC_OFFSET: usize = 1024 + 56;
+const EXT_MAGIC: [u8; 2] = [0x53, 0xef];
+
+#[derive(Debug, thiserror::Error)]
+#[error("layer {}: {reason}", path.display())]
+pub struct Error {
+    path: PathBuf,
+    reason: String,
+}
+
+/// One layer file, mapped read-only and padded with zeros to the pmem
+/// alignment (the file itself is never written).
+pub struct Layer {
+    ptr: *mut u8,
+    len: u64,
+}
+
+// SAFETY: the mapping is read-only and lives as long as the process (see
+// `map`); sharing its address between threads is harmless.
+unsafe impl Send for Layer {}
+unsafe impl Sync for Layer {}
+
+impl Layer {
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let fail = |reason: String| Error {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut file = File::open(path).map_err(|e| fail(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(fail("not a regular file".into()));
+        }
+        let mut head = [0u8; EXT_MAGIC_OFFSET + 2];
+        match file.read_exact(&mut head) {
+            Ok(()) if head[EXT_MAGIC_OFFSET..] == EXT_MAGIC => {}
+            Ok(()) => return Err(fail("not an ext4 image (no ext2/3/4 superblock)".into())),
+            Err(_) if meta.len() == 0 => return Err(fail("empty file".into())),
+            Err(_) => return Err(fail("too short to be an ext4 image".into())),
+        }
+        let len = meta.len().next_multiple_of(ALIGNMENT);
+        let ptr = map(&file, meta.len(), len).map_err(|e| fail(format!("mapping it: {e}")))?;
+        Ok(Self { ptr, len })
+    }
+
+    pub fn host_addr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The mapped length: the file size rounded up to the pmem alignment.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// Maps `file_len` bytes of `file` read-only and shared, followed by
+/// read-only zero pages up to `len`. Never unmapped: the guest may use it
+/// until the process exits.
+fn map(file: &File, file_len: u64, len: u64) -> std::io::Result<*mut u8> {
+    let prot = libc::PROT_READ;
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: a fresh anonymous reservation; the kernel picks the address.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, prot, anon, -1, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let shared = libc::MAP_SHARED | libc::MAP_FIXED;
+    // SAFETY: replaces the start of the reservation made above, which we
+    // own, with the file; `file_len <= len`.
+    let at = unsafe { libc::mmap(base, file_len as usize, prot, shared, file.as_raw_fd(), 0) };
+    if at == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: unmapping the reservation made above.
+        unsafe { libc::munmap(base, len as usize) };
+        return Err(e);
+    }
+    Ok(base.cast())
+}
+
+/// Makes an ext4 layer image at `out` from the directory `from` with
+/// e2fsprogs' `mkfs.ext4 -d`: 4 KiB blocks (DAX needs the page size), no
+/// journal (layers are mounted read-only), sized to the content plus
+/// headroom and padded to the pmem alignment. Returns the image size.
+pub fn create(from: &Path, out: &Path) -> Result<u64, Error> {
+    let fail = |path: &Path, reason: String| Error {
+        path: path.to_owned(),
+        reason,
+    };
+    if !from.is_dir() {
+        return Err(fail(from, "--from must be a directory".into()));
+    }
+    let content = tree_size(from).map_err(|e| fail(from, e.to_string()))?;
+    // Metadata (inode tables, bitmaps, directories) grows with the content.
+    let mut size = (content + content / 4 + (16 << 20)).next_multiple_of(ALIGNMENT);
+    for _ in 0..3 {
+        let file = File::create(out).map_err(|e| fail(out, e.to_string()))?;
+        file.set_len(size).map_err(|e| fail(out, e.to_string()))?;
+        let mkfs = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-m", "0", "-O", "^has_journal"])
+            .args(["-E", "root_owner=0:0", "-L", "uvm-layer", "-d"])
+            .arg(from)
+            .arg(out)
+            .output()
+            .map_err(|e| fail(out, format!("running mkfs.ext4 (e2fsprogs): {e}")))?;
+        if mkfs.status.success() {
+            return Ok(size);
+        }
+        let stderr = String::from_utf8_lossy(&mkfs.stderr);
+        if !stderr.contains("Could not allocate") && !stderr.contains("No space") {
+            let _ = std::fs::remove_file(out);
+            return Err(fail(out, format!("mkfs.ext4 failed: {}", stderr.trim())));
+        }
+        size *= 2;
+    }
+    let _ = std::fs::remove_file(out);
+    Err(fail(out, format!("the content does not fit even in {size} bytes")))
+}
+
+/// Bytes the files under `dir` take in 4 KiB blocks, plus a block per entry.
+fn tree_size(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += 4096;
+        if meta.is_dir() {
+            total += tree_size(&entry.path())?;
+        } else if meta.is_file() {
+            total += meta.len().next_multiple_of(4096);
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("uvm-layer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn error(path: &Path) -> String {
+        Layer::open(path).err().expect("refused").to_string()
+    }
+
+    #[test]
+    fn bad_layers_are_refused_naming_file_and_reason() {
+        let missing = Path::new("/nonexistent/layer.img");
+        assert!(error(missing).starts_with("layer /nonexistent/layer.img: "));
+        let empty = temp("empty.img", b"");
+        assert!(error(&empty).ends_with("empty file"));
+        let text = temp("text.img", &[b'x'; 4096]);
+        assert!(error(&text).contains("not an ext4 image"));
+        let short = temp("short.img", b"tiny");
+        assert!(error(&short).contains("too short"));
+        assert!(error(&std::env::temp_dir()).contains("not a regular file"));
+    }
+
+    #[test]
+    fn maps_the_file_padded_with_zeros() {
+        let mut image = vec![0u8; 3000];
+        image[EXT_MAGIC_OFFSET..EXT_MAGIC_OFFSET + 2].copy_from_slice(&EXT_MAGIC);
+        image[2999] = 7;
+        let layer = Layer::open(&temp("tiny.img", &image)).unwrap();
+        assert_eq!(layer.len(), ALIGNMENT);
+        // SAFETY: the mapping is `len` bytes long and readable.
+        let mapped = unsafe { std::slice::from_raw_parts(layer.host_addr(), layer.len() as usize) };
+        assert_eq!(&mapped[..3000], &image[..]);
+        assert!(mapped[3000..].iter().all(|&b| b == 0));
+    }
+}
