@@ -44,6 +44,8 @@ pub struct Root {
     pub layers: u32,
     /// Mount the layers with DAX (falling back to a plain mount).
     pub dax: bool,
+    /// The writable layer is the disk `/dev/vda` (ext4), not a tmpfs.
+    pub scratch: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +184,7 @@ mod tests {
             root: Some(Root {
                 layers: 2,
                 dax: true,
+                scratch: true,
             }),
         };
         let mut wire = Vec::new();

@@ -10,9 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use devices::virtio::vsock::HostPorts;
-use guest::protocol::{
-    self, Exited, Failed, Root, Run, Signal, Started, TtySize, CONTROL_PORT,
-};
+use guest::protocol::{self, Exited, Failed, Root, Run, Signal, Started, TtySize, CONTROL_PORT};
 
 /// Host ports of the process's stdio, served inside uvm.
 const STDIN_PORT: u32 = CONTROL_PORT + 1;

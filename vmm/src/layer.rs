@@ -59,8 +59,8 @@ impl Layer {
         self.ptr
     }
 
-    /// The mapped length: the file size rounded up to the pmem alignment.
-    pub fn len(&self) -> u64 {
+    /// The file size rounded up to the pmem alignment.
+    pub fn mapped_len(&self) -> u64 {
         self.len
     }
 }
@@ -125,7 +125,10 @@ pub fn create(from: &Path, out: &Path) -> Result<u64, Error> {
         size *= 2;
     }
     let _ = std::fs::remove_file(out);
-    Err(fail(out, format!("the content does not fit even in {size} bytes")))
+    Err(fail(
+        out,
+        format!("the content does not fit even in {size} bytes"),
+    ))
 }
 
 /// Bytes the files under `dir` take in 4 KiB blocks, plus a block per entry.
@@ -179,9 +182,10 @@ mod tests {
         image[EXT_MAGIC_OFFSET..EXT_MAGIC_OFFSET + 2].copy_from_slice(&EXT_MAGIC);
         image[2999] = 7;
         let layer = Layer::open(&temp("tiny.img", &image)).unwrap();
-        assert_eq!(layer.len(), ALIGNMENT);
+        assert_eq!(layer.mapped_len(), ALIGNMENT);
         // SAFETY: the mapping is `len` bytes long and readable.
-        let mapped = unsafe { std::slice::from_raw_parts(layer.host_addr(), layer.len() as usize) };
+        let mapped =
+            unsafe { std::slice::from_raw_parts(layer.host_addr(), layer.mapped_len() as usize) };
         assert_eq!(&mapped[..3000], &image[..]);
         assert!(mapped[3000..].iter().all(|&b| b == 0));
     }

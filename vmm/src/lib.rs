@@ -9,6 +9,7 @@ pub mod layer;
 pub mod memory;
 pub mod pvm;
 pub mod rss;
+pub mod scratch;
 pub mod signals;
 pub mod terminal;
 pub mod uvm;

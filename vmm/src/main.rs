@@ -125,6 +125,15 @@ struct RunArgs {
     #[arg(long)]
     no_dax: bool,
 
+    /// The writable layer: a raw ext4 image, created sparse and formatted if
+    /// missing. Without it the writable layer is a tmpfs in the guest.
+    #[arg(long, value_name = "FILE", requires = "layers")]
+    scratch: Option<PathBuf>,
+
+    /// Size of a scratch image uvm creates (K, M, G, T suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = vmm::scratch::parse_size)]
+    scratch_size: u64,
+
     /// The command to run in the guest, and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -167,6 +176,7 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
         root: (!args.layers.is_empty()).then(|| Root {
             layers: args.layers.len() as u32,
             dax: !args.no_dax,
+            scratch: args.scratch.is_some(),
         }),
     });
     let config = VmConfig {
@@ -182,6 +192,7 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
             uds: args.vsock_uds,
         },
         layers: args.layers,
+        scratch: args.scratch.map(|path| (path, args.scratch_size)),
         process,
     };
     let raw = match args.tty && !args.command.is_empty() {

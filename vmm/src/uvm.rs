@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use devices::boot_timer::BootTimer;
 use devices::i8042::{self, I8042};
 use devices::serial::{self, Serial};
+use devices::virtio::block::Block;
 use devices::virtio::mmio::{self, MmioTransport};
 use devices::virtio::pmem::Pmem;
 use devices::virtio::vsock::{HostPorts, Vsock};
@@ -19,8 +20,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::agent::{Outcome, ProcessSpec, Session};
 use crate::console::Console;
 use crate::hypervisor::{self, Hypervisor, IoHandler, Vcpu, VcpuExit, Vm};
-use crate::pvm::{self, HostKind};
 use crate::layer::{self, Layer};
+use crate::pvm::{self, HostKind};
+use crate::scratch;
 use crate::{boot, cpuid, memory, signals};
 
 /// Command line every guest gets: console on COM1, reset through the i8042
@@ -44,6 +46,8 @@ pub struct VmConfig {
     pub vsock: VsockConfig,
     /// Read-only image layers, bottom first: one virtio-pmem device each.
     pub layers: Vec<PathBuf>,
+    /// The writable layer's image and the size to create it with.
+    pub scratch: Option<(PathBuf, u64)>,
     /// The process to run; without one the VM ends once the agent is up.
     pub process: Option<ProcessSpec>,
 }
@@ -60,7 +64,8 @@ pub struct VsockConfig {
 const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// GSIs 0-4 belong to legacy devices (timer, keyboard, cascade, COM2, COM1).
 const VIRTIO_FIRST_GSI: u32 = 5;
-/// The vsock device is virtio device 0; layers follow in order.
+/// The vsock device is virtio device 0; layers follow in order, then the
+/// scratch disk.
 const VSOCK_SLOT: u32 = 0;
 const FIRST_LAYER_SLOT: u32 = 1;
 
@@ -87,6 +92,8 @@ pub enum Error {
     Devices(std::io::Error),
     #[error(transparent)]
     Layer(#[from] layer::Error),
+    #[error(transparent)]
+    Scratch(#[from] scratch::Error),
 }
 
 /// How the guest ended the VM.
@@ -180,9 +187,9 @@ impl IoHandler for Buses {
 /// The full guest command line for `config`.
 pub fn cmdline(config: &VmConfig) -> String {
     let quiet = (!config.console).then_some("quiet");
-    let layer_slots = (FIRST_LAYER_SLOT..).take(config.layers.len());
+    let disks = config.layers.len() + usize::from(config.scratch.is_some());
     let virtio: Vec<String> = std::iter::once(VSOCK_SLOT)
-        .chain(layer_slots)
+        .chain((FIRST_LAYER_SLOT..).take(disks))
         .map(|slot| {
             let (base, gsi) = virtio_slot(slot);
             MmioTransport::cmdline_entry(base, gsi)
@@ -231,6 +238,11 @@ where
         .iter()
         .map(|path| Layer::open(path))
         .collect::<Result<Vec<_>, _>>()?;
+    let scratch = config
+        .scratch
+        .as_ref()
+        .map(|(path, size)| scratch::open_or_create(path, *size))
+        .transpose()?;
     let hybrid = config
         .vsock
         .uds
@@ -275,7 +287,19 @@ where
     )
     .map_err(Error::Devices)?;
     attach_virtio(&vm, &mem, &mut mmio, &mut events, VSOCK_SLOT, vsock)?;
-    attach_layers(&vm, &mem, &mut mmio, &mut events, &layers, config.memory_mib << 20)?;
+    attach_layers(
+        &vm,
+        &mem,
+        &mut mmio,
+        &mut events,
+        &layers,
+        config.memory_mib << 20,
+    )?;
+    if let Some(file) = scratch {
+        let disk = Block::new(mem.clone(), file, false).map_err(Error::Devices)?;
+        let slot = FIRST_LAYER_SLOT + layers.len() as u32;
+        attach_virtio(&vm, &mem, &mut mmio, &mut events, slot, disk)?;
+    }
     let buses = Arc::new(Buses {
         pio: pio_bus(&vm, &ending, &console, &boot_timer)?,
         mmio,
@@ -387,10 +411,19 @@ fn attach_layers<V: Vm>(
     let first_slot = mem.num_regions() as u32;
     for ((slot, virtio_slot), layer) in (first_slot..).zip(FIRST_LAYER_SLOT..).zip(layers) {
         // SAFETY: layer mappings are never unmapped (see `layer::map`).
-        unsafe { vm.map_memory(slot, guest_addr, layer.host_addr(), layer.len(), true)? };
-        let pmem = Pmem::new(mem.clone(), guest_addr, layer.len()).map_err(Error::Devices)?;
+        unsafe {
+            vm.map_memory(
+                slot,
+                guest_addr,
+                layer.host_addr(),
+                layer.mapped_len(),
+                true,
+            )?
+        };
+        let pmem =
+            Pmem::new(mem.clone(), guest_addr, layer.mapped_len()).map_err(Error::Devices)?;
         attach_virtio(vm, mem, mmio, events, virtio_slot, pmem)?;
-        guest_addr += layer.len();
+        guest_addr += layer.mapped_len();
     }
     Ok(())
 }
@@ -527,7 +560,8 @@ mod tests {
                 guest_cid: 3,
                 uds: None,
             },
-            layers: vec!["a.img".into(), "b.img".into()],
+            layers: vec!["a.img".into()],
+            scratch: Some(("s.img".into(), 1 << 30)),
             process: None,
         }
     }

@@ -117,7 +117,11 @@ fn initrd() -> Result<()> {
 }
 
 fn guest_bin(name: &str) -> PathBuf {
-    root().join("target").join(AGENT_TARGET).join("agent").join(name)
+    root()
+        .join("target")
+        .join(AGENT_TARGET)
+        .join("agent")
+        .join(name)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -133,7 +137,9 @@ fn demo_layers() -> Result<()> {
     apt_install(&["busybox-static", "e2fsprogs"])?;
     let dir = guest_dir()?.join("layers");
     let base = stage(&dir, "base")?;
-    for sub in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root"] {
+    for sub in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root",
+    ] {
         std::fs::create_dir_all(base.join(sub))?;
     }
     std::fs::copy(BUSYBOX, base.join("bin/busybox"))?;
@@ -143,7 +149,10 @@ fn demo_layers() -> Result<()> {
         }
     }
     std::fs::write(base.join("etc/hello.txt"), "hello from the base layer\n")?;
-    std::fs::write(base.join("etc/remove-me.txt"), "the app layer deletes this\n")?;
+    std::fs::write(
+        base.join("etc/remove-me.txt"),
+        "the app layer deletes this\n",
+    )?;
 
     let app = stage(&dir, "app")?;
     std::fs::create_dir_all(app.join("etc"))?;
@@ -158,7 +167,9 @@ fn demo_layers() -> Result<()> {
     for name in ["base", "app", "test"] {
         let image = dir.join(format!("{name}.img"));
         run(cargo()
-            .args(["run", "--quiet", "-p", "vmm", "--bin", "uvm", "--", "layer", "create"])
+            .args([
+                "run", "--quiet", "-p", "vmm", "--bin", "uvm", "--", "layer", "create",
+            ])
             .arg("--from")
             .arg(dir.join(format!("{name}.d")))
             .arg("-o")
@@ -189,7 +200,11 @@ fn busybox_applets() -> Result<Vec<String>> {
         .output()
         .with_context(|| format!("running {BUSYBOX}"))?;
     let list = String::from_utf8(out.stdout).context("busybox applet list")?;
-    Ok(list.lines().filter(|l| l.contains('/')).map(String::from).collect())
+    Ok(list
+        .lines()
+        .filter(|l| l.contains('/'))
+        .map(String::from)
+        .collect())
 }
 
 fn guest() -> Result<()> {

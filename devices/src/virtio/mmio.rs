@@ -191,7 +191,11 @@ impl MmioTransport {
 
     /// Driver status transitions (virtio 1.2, 3.1.1).
     fn set_status(&mut self, value: u32) {
-        tracing::trace!("DBG status {:#x} -> {value:#x} features {:#x}", self.status, self.driver_features);
+        tracing::trace!(
+            "DBG status {:#x} -> {value:#x} features {:#x}",
+            self.status,
+            self.driver_features
+        );
         if value == 0 {
             self.reset();
             return;

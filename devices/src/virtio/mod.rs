@@ -3,8 +3,11 @@
 //! turns guest register accesses into calls on it and activates it once the
 //! driver is ready. Queue processing runs on the VMM's event thread.
 
+pub mod block;
 pub mod mmio;
 pub mod pmem;
+#[cfg(test)]
+mod testing;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -125,7 +128,69 @@ pub fn drain_queue(
 /// into `data`; bytes past its end read as zero.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(config.len());
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(config.len());
     let end = start.saturating_add(data.len()).min(config.len());
     data[..end - start].copy_from_slice(&config[start..end]);
+}
+
+/// The single request queue of a simple device (pmem, block) and its
+/// notification event.
+pub struct RequestQueue {
+    events: [EventFd; 1],
+    active: Option<(Queue, Arc<IrqStatus>)>,
+}
+
+impl RequestQueue {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            events: [EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?],
+            active: None,
+        })
+    }
+
+    pub fn events(&self) -> &[EventFd] {
+        &self.events
+    }
+
+    /// Takes the driver's queue; the device then calls [`Self::serve`].
+    pub fn activate(
+        &mut self,
+        mut queues: Vec<Queue>,
+        irq: Arc<IrqStatus>,
+    ) -> Result<(), ActivateError> {
+        match queues.pop() {
+            Some(queue) if queue.ready() => {
+                self.active = Some((queue, irq));
+                Ok(())
+            }
+            _ => Err(ActivateError::BadQueue(0)),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.active = None;
+    }
+
+    /// Watches the notification event in the device's event loop.
+    pub fn subscribe(&self, ops: &mut event_manager::EventOps, device: &str) {
+        let events = event_manager::Events::new(&self.events[0], event_manager::EventSet::IN);
+        if let Err(e) = ops.add(events) {
+            tracing::error!("{device}: watching the queue: {e}");
+        }
+    }
+
+    /// Clears the notification and passes every waiting request to `serve`
+    /// (see [`drain_queue`]).
+    pub fn serve(
+        &mut self,
+        mem: &GuestMemory,
+        serve: impl FnMut(DescriptorChain<&GuestMemory>) -> u32,
+    ) {
+        let _ = self.events[0].read();
+        if let Some((queue, irq)) = &mut self.active {
+            drain_queue(queue, mem, irq, serve);
+        }
+    }
 }

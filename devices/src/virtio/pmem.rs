@@ -5,13 +5,13 @@
 
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::Le32;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    drain_queue, ActivateError, GuestMemory, IrqStatus, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    ActivateError, GuestMemory, IrqStatus, RequestQueue, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
 };
 
 pub const DEVICE_ID: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_PMEM;
@@ -29,8 +29,7 @@ pub struct Pmem {
     /// Guest-physical start and length of the range: the config space.
     start: u64,
     len: u64,
-    queue_events: [EventFd; 1],
-    active: Option<(Queue, Arc<IrqStatus>)>,
+    queue: RequestQueue,
 }
 
 impl Pmem {
@@ -41,15 +40,13 @@ impl Pmem {
             mem,
             start,
             len,
-            queue_events: [EventFd::new(EFD_NONBLOCK)?],
-            active: None,
+            queue: RequestQueue::new()?,
         })
     }
 
     fn process_queue(&mut self) {
-        if let Some((queue, irq)) = &mut self.active {
-            drain_queue(queue, &self.mem, irq, |chain| respond(&self.mem, chain));
-        }
+        let mem = &self.mem;
+        self.queue.serve(mem, |chain| respond(mem, chain));
     }
 }
 
@@ -84,7 +81,7 @@ impl VirtioDevice for Pmem {
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+        self.queue.events()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -94,31 +91,67 @@ impl VirtioDevice for Pmem {
         super::read_config_bytes(&config, offset, data);
     }
 
-    fn activate(&mut self, mut queues: Vec<Queue>, irq: Arc<IrqStatus>) -> Result<(), ActivateError> {
-        match queues.pop() {
-            Some(queue) if queue.ready() => {
-                self.active = Some((queue, irq));
-                self.process_queue();
-                Ok(())
-            }
-            _ => Err(ActivateError::BadQueue(0)),
-        }
+    fn activate(&mut self, queues: Vec<Queue>, irq: Arc<IrqStatus>) -> Result<(), ActivateError> {
+        self.queue.activate(queues, irq)?;
+        self.process_queue();
+        Ok(())
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.queue.reset();
     }
 }
 
 impl MutEventSubscriber for Pmem {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
-            tracing::error!("pmem: watching the queue: {e}");
-        }
+        self.queue.subscribe(ops, "pmem");
     }
 
     fn process(&mut self, _: Events, _: &mut EventOps) {
-        let _ = self.queue_events[0].read();
         self.process_queue();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::virtio::testing::Ring;
+    use crate::CountingInterrupt;
+
+    #[test]
+    fn describes_its_range_and_answers_flushes() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut pmem = Pmem::new(mem.clone(), 1 << 32, 4 << 20).unwrap();
+        let mut config = [0u8; 16];
+        pmem.read_config(0, &mut config);
+        assert_eq!(u64::from_le_bytes(config[..8].try_into().unwrap()), 1 << 32);
+        assert_eq!(u64::from_le_bytes(config[8..].try_into().unwrap()), 4 << 20);
+
+        let mut ring = Ring::new(0);
+        let irq = Arc::new(IrqStatus::new(Arc::new(CountingInterrupt::default())));
+        pmem.activate(vec![ring.queue()], irq).unwrap();
+        let w = VRING_DESC_F_WRITE as u16;
+        for (i, kind) in [REQ_TYPE_FLUSH, 7].into_iter().enumerate() {
+            let (req, resp) = (0x8_0000 + i as u64 * 16, 0x9_0000 + i as u64 * 16);
+            mem.write_obj(kind, GuestAddress(req)).unwrap();
+            ring.add_chain(&mem, &[(req, 4, 0), (resp, 4, w)]);
+        }
+        ring.add_chain(&mem, &[(0x8_0100, 4, 0)]); // no room for an answer
+        pmem.process_queue();
+        let used = ring.take_used(&mem);
+        assert_eq!(used.iter().map(|u| u.1).collect::<Vec<_>>(), [4, 4, 0]);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x9_0000)).unwrap(),
+            RESP_OK
+        );
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x9_0010)).unwrap(),
+            RESP_EIO
+        );
     }
 }

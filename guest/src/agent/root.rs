@@ -1,6 +1,6 @@
 //! The container's root file system: the read-only pmem layers stacked
-//! under a writable layer with overlayfs, entered in a mount namespace of
-//! its own by the process (pivot_root), the way a container runtime does.
+//! under a writable layer with overlayfs, entered by the process in a mount
+//! namespace of its own, the way a container runtime does.
 
 use std::ffi::{CStr, CString};
 use std::io::{self, Write};
@@ -26,7 +26,12 @@ pub fn assemble(root: Root) -> io::Result<()> {
     }
     lower.reverse(); // overlayfs lists the top layer first
     std::fs::create_dir_all("/scratch")?;
-    mount_with(c"tmpfs", SCRATCH, c"tmpfs", 0, None)?;
+    if root.scratch {
+        wait_for("/dev/vda")?;
+        mount_with(c"/dev/vda", SCRATCH, c"ext4", 0, None)?;
+    } else {
+        mount_with(c"tmpfs", SCRATCH, c"tmpfs", 0, None)?;
+    }
     std::fs::create_dir_all("/scratch/upper")?;
     std::fs::create_dir_all("/scratch/work")?;
     std::fs::create_dir_all(ROOT)?;
@@ -48,9 +53,8 @@ fn mount_layer(index: u32, target: &str, dax: bool) -> io::Result<()> {
     wait_for(&device)?;
     let source = cstring(device)?;
     let target = cstring(target.to_string())?;
-    let mount = |options: &CStr| {
-        mount_with(&source, &target, c"ext4", libc::MS_RDONLY, Some(options))
-    };
+    let mount =
+        |options: &CStr| mount_with(&source, &target, c"ext4", libc::MS_RDONLY, Some(options));
     if dax {
         match mount(c"noload,dax=always") {
             Ok(()) => return Ok(()),
@@ -106,12 +110,16 @@ pub fn enter(tty: bool, cwd: &CStr) -> io::Result<()> {
         check(unsafe { libc::mkdir(c"/rootfs/dev/pts".as_ptr(), 0o755) })?;
         mount_with(c"/dev/pts", c"/rootfs/dev/pts", c"", libc::MS_BIND, None)?;
     }
-    // SAFETY: as above; pivot_root has no libc wrapper.
+    // The agent's root is the initramfs, which pivot_root cannot move away
+    // from: move the union over `/` instead and chroot into it, as runc
+    // does with --no-pivot. In this private mount namespace only the
+    // process sees it.
+    // SAFETY: a constant, NUL-terminated path.
+    check(unsafe { libc::chdir(ROOT_C.as_ptr()) })?;
+    mount_with(c".", c"/", c"", libc::MS_MOVE, None)?;
+    // SAFETY: plain system calls on constant, NUL-terminated strings.
     unsafe {
-        check(libc::chdir(ROOT_C.as_ptr()))?;
-        let dot = c".".as_ptr();
-        check(libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int)?;
-        check(libc::umount2(dot, libc::MNT_DETACH))?;
+        check(libc::chroot(c".".as_ptr()))?;
         check(libc::sethostname(c"uvm".as_ptr(), 3))?;
         check(libc::chdir(cwd.as_ptr()))
     }

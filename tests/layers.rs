@@ -1,0 +1,218 @@
+//! Container layers: read-only pmem layers stacked by the agent with
+//! overlayfs over a writable scratch disk (or tmpfs). Tests that boot say
+//! why they must; the rest check bad input, which fails before any VM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use support::{assert_fails_naming, kvm_available, layer, run, stderr, uvm, Watchdog};
+
+fn uvm_run(layers: &[PathBuf], args: &[&str], script: &str) -> Command {
+    let mut cmd = uvm();
+    cmd.arg("run");
+    for layer in layers {
+        cmd.arg("--layer").arg(layer);
+    }
+    cmd.args(args).args(["--", "/bin/sh", "-c", script]);
+    cmd
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn checksum(path: &Path) -> Vec<u8> {
+    std::fs::read(path).expect("read layer")
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("uvm-layers-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+// Why boot: only the guest kernel and the agent can show the union: the app
+// layer's change wins, its whiteout hides the base file, the mounts are
+// what they claim, and nothing a container does reaches the layer files.
+#[test]
+fn base_and_app_layers_stack_and_stay_unchanged() {
+    if !kvm_available("base_and_app_layers_stack_and_stay_unchanged") {
+        return;
+    }
+    let (base, app) = (layer("base"), layer("app"));
+    let before = (checksum(&base), checksum(&app));
+    let script = "cat /etc/hello.txt /etc/app.txt; \
+        test -e /etc/remove-me.txt && echo remove-me visible; \
+        echo scribble > /etc/hello.txt; cat /etc/hello.txt; \
+        dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 2>/dev/null && echo wrote pmem0; \
+        cat /proc/mounts /proc/1/mounts";
+    let out = run(&mut uvm_run(&[base.clone(), app.clone()], &[], script));
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}\n{text}", stderr(&out));
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("hello from the app layer"));
+    assert_eq!(lines.next(), Some("added by the app layer"));
+    assert_eq!(
+        lines.next(),
+        Some("scribble"),
+        "the upper layer takes writes"
+    );
+    assert!(
+        !text.contains("remove-me visible"),
+        "whiteout ignored:\n{text}"
+    );
+    assert!(
+        !text.contains("wrote pmem0"),
+        "the container wrote a layer device:\n{text}"
+    );
+    assert!(
+        text.contains("overlay / overlay"),
+        "no overlay root:\n{text}"
+    );
+    assert_eq!(
+        (checksum(&base), checksum(&app)),
+        before,
+        "a layer file changed"
+    );
+}
+
+// Why boot: the agent's DAX mount (and its fallback) happen in the guest;
+// /proc/mounts there says what it got.
+#[test]
+fn layers_mount_read_only_with_dax_or_without_when_asked() {
+    if !kvm_available("layers_mount_read_only_with_dax_or_without_when_asked") {
+        return;
+    }
+    // PID 1 is the agent: its mounts hold the layers, the container's only
+    // the union.
+    let script = "grep pmem /proc/1/mounts";
+    let dax = run(&mut uvm_run(&[layer("base")], &[], script));
+    assert!(dax.status.success(), "{}", stderr(&dax));
+    let mounts = stdout(&dax);
+    assert!(mounts.contains("/dev/pmem0 /layers/0 ext4 ro"), "{mounts}");
+    assert!(mounts.contains("dax"), "no DAX:\n{mounts}");
+    let plain = run(&mut uvm_run(&[layer("base")], &["--no-dax"], script));
+    assert!(!stdout(&plain).contains("dax"), "{}", stdout(&plain));
+}
+
+// Why boot: persistence is the guest writing through virtio-blk into the
+// image. One run writes and syncs, then uvm is killed; the next reads back.
+#[test]
+fn scratch_keeps_data_across_runs_even_after_sigkill() {
+    if !kvm_available("scratch_keeps_data_across_runs_even_after_sigkill") {
+        return;
+    }
+    let dir = tempdir("scratch");
+    let scratch = dir.join("scratch.img");
+    let args = [
+        "--scratch",
+        scratch.to_str().unwrap(),
+        "--scratch-size",
+        "64M",
+    ];
+    let write =
+        "seq 1 20000 > /data.txt; md5sum /data.txt > /data.md5; sync; echo synced; sleep 600";
+    let mut child = uvm_run(&[layer("base")], &args, write)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let watchdog = Watchdog::default(&child);
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "synced\n");
+    child.kill().unwrap(); // SIGKILL: no chance to flush anything more
+    child.wait().unwrap();
+    drop(watchdog);
+
+    let read = run(&mut uvm_run(&[layer("base")], &args, "md5sum -c /data.md5"));
+    assert!(
+        read.status.success(),
+        "{}\n{}",
+        stdout(&read),
+        stderr(&read)
+    );
+    assert!(stdout(&read).contains("/data.txt: OK"), "{}", stdout(&read));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+// Why boot: eight pmem devices at once must all probe and stack.
+#[test]
+fn eight_layers_at_once() {
+    if !kvm_available("eight_layers_at_once") {
+        return;
+    }
+    let layers: Vec<PathBuf> = std::iter::repeat_n(layer("base"), 7)
+        .chain([layer("app")])
+        .collect();
+    let out = run(&mut uvm_run(
+        &layers,
+        &[],
+        "grep -c pmem /proc/1/mounts; cat /etc/hello.txt",
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "8\nhello from the app layer\n");
+}
+
+#[test]
+fn bad_layers_are_refused_before_boot() {
+    let dir = tempdir("bad");
+    let empty = dir.join("empty.img");
+    std::fs::write(&empty, "").unwrap();
+    let text = dir.join("text.img");
+    std::fs::write(&text, vec![b'x'; 8192]).unwrap();
+    for (layer, reason) in [
+        (dir.join("missing.img"), "No such file"),
+        (empty.clone(), "empty file"),
+        (text.clone(), "not an ext4 image"),
+        (dir.clone(), "not a regular file"),
+    ] {
+        let out = run(&mut uvm_run(std::slice::from_ref(&layer), &[], "true"));
+        assert_fails_naming(&out, &format!("layer {}", layer.display()));
+        assert_fails_naming(&out, reason);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn scratch_on_a_read_only_path_is_refused_and_nothing_written() {
+    let out = run(&mut uvm_run(
+        &[layer("base")],
+        &["--scratch", "/proc/uvm-scratch.img"],
+        "true",
+    ));
+    assert_fails_naming(&out, "scratch /proc/uvm-scratch.img");
+    assert!(!Path::new("/proc/uvm-scratch.img").exists());
+    let no_layer = run(uvm().args(["run", "--scratch", "/tmp/x.img", "--", "true"]));
+    assert_fails_naming(&no_layer, "--layer");
+}
+
+#[test]
+fn layer_create_makes_a_padded_ext4_image() {
+    let dir = tempdir("create");
+    let from = dir.join("content");
+    std::fs::create_dir_all(from.join("etc")).unwrap();
+    std::fs::write(from.join("etc/x.txt"), "x").unwrap();
+    let image = dir.join("x.img");
+    let out = run(uvm()
+        .args(["layer", "create", "--from"])
+        .arg(&from)
+        .arg("-o")
+        .arg(&image));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&image).unwrap();
+    assert_eq!(bytes.len() % (2 << 20), 0, "not padded to 2 MiB");
+    assert_eq!(&bytes[1024 + 56..1024 + 58], &[0x53, 0xef], "not ext4");
+    let missing = run(uvm()
+        .args(["layer", "create", "--from", "/nonexistent", "-o"])
+        .arg(dir.join("y.img")));
+    assert_fails_naming(&missing, "/nonexistent");
+    assert!(!dir.join("y.img").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}

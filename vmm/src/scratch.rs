@@ -1,0 +1,135 @@
+//! The writable scratch layer: a raw ext4 image that virtio-blk serves as
+//! the upper layer of the container's overlay. A missing file is created
+//! sparse and formatted, the way LCOW makes a fresh sandbox.vhdx.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// The default size of a new scratch image.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+#[error("scratch {}: {reason}", path.display())]
+pub struct Error {
+    path: PathBuf,
+    reason: String,
+}
+
+/// Opens the scratch image at `path` for reading and writing; creates a
+/// sparse, ext4-formatted one of `size` bytes if there is none.
+pub fn open_or_create(path: &Path, size: u64) -> Result<File, Error> {
+    let fail = |reason: String| Error {
+        path: path.to_owned(),
+        reason,
+    };
+    if !path.exists() {
+        create(path, size).map_err(fail)?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| fail(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    if meta.len() < 1 << 20 {
+        return Err(fail(format!(
+            "{} bytes is too small for a disk",
+            meta.len()
+        )));
+    }
+    Ok(file)
+}
+
+fn create(path: &Path, size: u64) -> Result<(), String> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let made = file
+        .set_len(size)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let out = std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096", "-L", "uvm-scratch"])
+                .arg(path)
+                .output()
+                .map_err(|e| format!("running mkfs.ext4 (e2fsprogs): {e}"))?;
+            match out.status.success() {
+                true => Ok(()),
+                false => Err(format!(
+                    "mkfs.ext4 failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+            }
+        });
+    if made.is_err() {
+        let _ = std::fs::remove_file(path); // leave nothing half-made behind
+    }
+    made
+}
+
+/// Parses a size such as `1G`, `512M`, `65536K` or a plain byte count.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
+        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
+        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
+        Some(b'T' | b't') => (&text[..text.len() - 1], 40),
+        _ => (text, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n >= 16 << 20)
+        .ok_or_else(|| format!("expected a size of at least 16M such as 512M or 1G, got `{text}`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("33554432"), Ok(32 << 20));
+        for bad in ["", "G", "1X", "-1G", "1M", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn creates_a_sparse_formatted_image_once() {
+        let dir = std::env::temp_dir().join(format!("uvm-scratch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("scratch.img");
+        let file = open_or_create(&path, 64 << 20).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 64 << 20);
+        let magic = std::fs::read(&path).unwrap()[1024 + 56..1024 + 58].to_vec();
+        assert_eq!(magic, [0x53, 0xef], "formatted ext4");
+        std::fs::write(&path, vec![1u8; 2 << 20]).unwrap();
+        open_or_create(&path, 64 << 20).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            2 << 20,
+            "kept, not recreated"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unusable_paths_are_refused_and_nothing_is_left() {
+        let err = open_or_create(Path::new("/proc/uvm-scratch.img"), 64 << 20).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("scratch /proc/uvm-scratch.img: "));
+        assert!(!Path::new("/proc/uvm-scratch.img").exists());
+        let dir_err = open_or_create(&std::env::temp_dir(), 64 << 20).unwrap_err();
+        assert!(dir_err.to_string().contains("scratch"));
+    }
+}
