@@ -32,7 +32,7 @@ fn mapping_start(line: &str) -> Option<u64> {
     u64::from_str_radix(start, 16).ok()
 }
 
-/// This process's resident KiB outside guest RAM, if /proc says.
+/// This process's resident KiB outside guest memory, if /proc says.
 pub fn vmm_rss_kib(guest: &[(u64, u64)]) -> Option<u64> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     Some(outside(&smaps, guest))

@@ -343,7 +343,12 @@ where
             .spawn(move || run_vcpu(vcpu, id, &*buses, &ending, &entered))
             .map_err(Error::Thread)?;
     }
-    let guest_ram: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
+    // Guest memory: RAM and the layer files mapped into it.
+    let guest_memory: Vec<(u64, u64)> = mem
+        .iter()
+        .map(|r| (r.as_ptr() as u64, r.len()))
+        .chain(layers.iter().map(|l| (l.host_addr() as u64, l.mapped_len())))
+        .collect();
     // The vCPU threads run until the process exits; guest memory must stay
     // mapped for them, so it is never unmapped.
     std::mem::forget(mem);
@@ -367,7 +372,7 @@ where
         exit,
         timings,
         console,
-        vmm_rss_kib: crate::rss::vmm_rss_kib(&guest_ram),
+        vmm_rss_kib: crate::rss::vmm_rss_kib(&guest_memory),
         process: progress.outcome.clone(),
     })
 }
