@@ -48,7 +48,7 @@ fn base_and_app_layers_stack_and_stay_unchanged() {
         test -e /etc/remove-me.txt && echo remove-me visible; \
         echo scribble > /etc/hello.txt; cat /etc/hello.txt; \
         dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 2>/dev/null && echo wrote pmem0; \
-        cat /proc/mounts /proc/1/mounts";
+        cat /proc/mounts";
     let out = run(&mut uvm_run(&[base.clone(), app.clone()], &[], script));
     let text = stdout(&out);
     assert!(out.status.success(), "{}\n{text}", stderr(&out));
@@ -86,13 +86,14 @@ fn layers_mount_read_only_with_dax_or_without_when_asked() {
     if !kvm_available("layers_mount_read_only_with_dax_or_without_when_asked") {
         return;
     }
-    // PID 1 is the agent: its mounts hold the layers, the container's only
-    // the union.
-    let script = "grep pmem /proc/1/mounts";
+    let script = "grep pmem /proc/mounts";
     let dax = run(&mut uvm_run(&[layer("base")], &[], script));
     assert!(dax.status.success(), "{}", stderr(&dax));
     let mounts = stdout(&dax);
-    assert!(mounts.contains("/dev/pmem0 /layers/0 ext4 ro"), "{mounts}");
+    assert!(
+        mounts.contains("/dev/pmem0 /run/layers/0 ext4 ro"),
+        "{mounts}"
+    );
     assert!(mounts.contains("dax"), "no DAX:\n{mounts}");
     let plain = run(&mut uvm_run(&[layer("base")], &["--no-dax"], script));
     assert!(!stdout(&plain).contains("dax"), "{}", stdout(&plain));
@@ -154,10 +155,11 @@ fn eight_layers_at_once() {
     let out = run(&mut uvm_run(
         &layers,
         &[],
-        "grep -c pmem /proc/1/mounts; cat /etc/hello.txt",
+        "grep -c pmem /proc/mounts; echo $$; cat /etc/hello.txt",
     ));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "8\nhello from the app layer\n");
+    // $$ = 1: the shell is PID 1 of its own PID namespace.
+    assert_eq!(stdout(&out), "8\n1\nhello from the app layer\n");
 }
 
 #[test]

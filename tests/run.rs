@@ -71,11 +71,15 @@ fn streams_stdout_and_stderr_separately_as_written() {
     assert_eq!(status.code(), Some(7));
 }
 
-// Why boot: the exit status of a process killed by a signal.
+// Why boot: the exit status of a process killed by a signal (a child of the
+// container's PID 1, which a signal from its own namespace cannot kill).
 #[test]
 fn killed_process_exits_128_plus_signal() {
     if kvm_available("killed_process_exits_128_plus_signal") {
-        let out = run(&mut uvm_run(&[], &["/bin/sh", "-c", "kill -9 $$"]));
+        let out = run(&mut uvm_run(
+            &[],
+            &["/bin/sh", "-c", "/bin/sh -c 'kill -9 $$'; exit $?"],
+        ));
         assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
     }
 }
@@ -143,14 +147,10 @@ fn stdin_round_trips_64_mib_through_cat() {
     );
 }
 
-// Why boot: SIGTERM to uvm must reach the process in the guest, and uvm must
-// still end the VM.
-#[test]
-fn sigterm_is_forwarded_to_the_process() {
-    if !kvm_available("sigterm_is_forwarded_to_the_process") {
-        return;
-    }
-    let mut cmd = uvm_run(&[], &["/bin/sh", "-c", "echo ready; exec sleep 600"]);
+/// Starts `script` (which prints `ready` first), sends uvm SIGTERM once it
+/// runs, and returns uvm's exit status and how long it took to end.
+fn terminate_after_ready(script: &str) -> (Option<i32>, Duration) {
+    let mut cmd = uvm_run(&[], &["/bin/sh", "-c", script]);
     let mut child = spawn_piped(&mut cmd, Stdio::null());
     let _watchdog = Watchdog::default(&child);
     let mut line = String::new();
@@ -158,10 +158,37 @@ fn sigterm_is_forwarded_to_the_process() {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line, "ready\n");
+    let sent = Instant::now();
     // SAFETY: plain kill of our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = support::wait_or_kill(&mut child);
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    (status.code(), sent.elapsed())
+}
+
+// Why boot: SIGTERM to uvm must reach the process in the guest (PID 1 of its
+// namespace, so it needs a handler, as under docker), and uvm must still end
+// the VM.
+#[test]
+fn sigterm_is_forwarded_to_the_process() {
+    if kvm_available("sigterm_is_forwarded_to_the_process") {
+        let script = "trap 'exit 143' TERM; echo ready; sleep 600 & wait";
+        let (code, _) = terminate_after_ready(script);
+        assert_eq!(code, Some(128 + libc::SIGTERM));
+    }
+}
+
+// Why boot: a process that ignores the forwarded signal is killed after the
+// grace period, like `docker stop` does.
+#[test]
+fn a_process_ignoring_sigterm_is_killed_after_the_grace_period() {
+    if kvm_available("a_process_ignoring_sigterm_is_killed_after_the_grace_period") {
+        let (code, took) = terminate_after_ready("echo ready; exec sleep 600");
+        assert_eq!(code, Some(128 + libc::SIGKILL));
+        assert!(
+            took >= Duration::from_secs(9),
+            "killed before the grace period: {took:?}"
+        );
+    }
 }
 
 // Why boot: hybrid vsock in both directions needs a guest kernel on the other

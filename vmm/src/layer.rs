@@ -89,18 +89,106 @@ fn map(file: &File, file_len: u64, len: u64) -> std::io::Result<*mut u8> {
     Ok(base.cast())
 }
 
+/// Makes an ext4 layer image at `out` from `from`: a directory, or a (possibly
+/// compressed) tar file of an OCI image layer, whose whiteouts become
+/// overlayfs ones. See [`create_from_dir`].
+pub fn create(from: &Path, out: &Path) -> Result<u64, Error> {
+    if from.is_dir() {
+        return create_from_dir(from, out);
+    }
+    let fail = |reason: String| Error {
+        path: from.to_owned(),
+        reason,
+    };
+    if !from.is_file() {
+        return Err(fail("--from must be a directory or a tar file".into()));
+    }
+    let staging = out.with_extension("uvm-staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| fail(e.to_string()))?;
+    let made = unpack_oci_layer(from, &staging)
+        .map_err(fail)
+        .and_then(|()| create_from_dir(&staging, out));
+    let _ = std::fs::remove_dir_all(&staging);
+    made
+}
+
+/// Unpacks a tar file into `dir` and turns OCI whiteouts into overlayfs
+/// ones: `.wh.NAME` hides NAME below (a 0:0 character device),
+/// `.wh..wh..opq` makes its directory opaque (`trusted.overlay.opaque`).
+fn unpack_oci_layer(tar: &Path, dir: &Path) -> Result<(), String> {
+    let out = std::process::Command::new("tar")
+        .args(["-x", "--numeric-owner", "-C"])
+        .arg(dir)
+        .arg("-f")
+        .arg(tar)
+        .output()
+        .map_err(|e| format!("running tar: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "not a tar file: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    convert_whiteouts(dir).map_err(|e| format!("converting whiteouts: {e}"))
+}
+
+fn convert_whiteouts(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            convert_whiteouts(&path)?;
+        } else if name == ".wh..wh..opq" {
+            std::fs::remove_file(&path)?;
+            set_xattr(dir, c"trusted.overlay.opaque", b"y")?;
+        } else if let Some(hidden) = name.strip_prefix(".wh.") {
+            std::fs::remove_file(&path)?;
+            make_whiteout(&dir.join(hidden))?;
+        }
+    }
+    Ok(())
+}
+
+fn make_whiteout(path: &Path) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a valid NUL-terminated path; device 0:0 is overlayfs's whiteout.
+    let rc = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR, 0) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_xattr(path: &Path, name: &std::ffi::CStr, value: &[u8]) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid NUL-terminated strings and a value buffer of the length passed.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes an ext4 layer image at `out` from the directory `from` with
 /// e2fsprogs' `mkfs.ext4 -d`: 4 KiB blocks (DAX needs the page size), no
 /// journal (layers are mounted read-only), sized to the content plus
 /// headroom and padded to the pmem alignment. Returns the image size.
-pub fn create(from: &Path, out: &Path) -> Result<u64, Error> {
+fn create_from_dir(from: &Path, out: &Path) -> Result<u64, Error> {
     let fail = |path: &Path, reason: String| Error {
         path: path.to_owned(),
         reason,
     };
-    if !from.is_dir() {
-        return Err(fail(from, "--from must be a directory".into()));
-    }
     let content = tree_size(from).map_err(|e| fail(from, e.to_string()))?;
     // Metadata (inode tables, bitmaps, directories) grows with the content.
     let mut size = (content + content / 4 + (16 << 20)).next_multiple_of(ALIGNMENT);
@@ -174,6 +262,41 @@ mod tests {
         let short = temp("short.img", b"tiny");
         assert!(error(&short).contains("too short"));
         assert!(error(&std::env::temp_dir()).contains("not a regular file"));
+    }
+
+    #[test]
+    fn oci_whiteouts_become_overlayfs_whiteouts() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let dir = std::env::temp_dir().join(format!("uvm-wh-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("etc/opaque")).unwrap();
+        std::fs::write(dir.join("etc/.wh.gone.txt"), "").unwrap();
+        std::fs::write(dir.join("etc/opaque/.wh..wh..opq"), "").unwrap();
+        std::fs::write(dir.join("etc/kept.txt"), "kept").unwrap();
+        convert_whiteouts(&dir).unwrap();
+        let gone = std::fs::symlink_metadata(dir.join("etc/gone.txt")).unwrap();
+        assert!(gone.file_type().is_char_device() && gone.rdev() == 0);
+        assert!(!dir.join("etc/.wh.gone.txt").exists());
+        assert!(!dir.join("etc/opaque/.wh..wh..opq").exists());
+        let mut value = [0u8; 4];
+        let path =
+            std::ffi::CString::new(dir.join("etc/opaque").into_os_string().into_encoded_bytes())
+                .unwrap();
+        // SAFETY: valid strings and a buffer of the length passed.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                value.as_mut_ptr().cast(),
+                4,
+            )
+        };
+        assert_eq!(&value[..n.max(0) as usize], b"y");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("etc/kept.txt")).unwrap(),
+            "kept"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -12,7 +12,7 @@ use devices::virtio::block::Block;
 use devices::virtio::mmio::{self, MmioTransport};
 use devices::virtio::pmem::Pmem;
 use devices::virtio::vsock::{HostPorts, Vsock};
-use devices::virtio::VirtioDevice;
+use devices::virtio::{RequestDevice, VirtioDevice};
 use devices::{Bus, BusError};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -296,7 +296,8 @@ where
         config.memory_mib << 20,
     )?;
     if let Some(file) = scratch {
-        let disk = Block::new(mem.clone(), file, false).map_err(Error::Devices)?;
+        let block = Block::new(file, false).map_err(Error::Devices)?;
+        let disk = RequestDevice::new(mem.clone(), block).map_err(Error::Devices)?;
         let slot = FIRST_LAYER_SLOT + layers.len() as u32;
         attach_virtio(&vm, &mem, &mut mmio, &mut events, slot, disk)?;
     }
@@ -347,7 +348,11 @@ where
     let guest_memory: Vec<(u64, u64)> = mem
         .iter()
         .map(|r| (r.as_ptr() as u64, r.len()))
-        .chain(layers.iter().map(|l| (l.host_addr() as u64, l.mapped_len())))
+        .chain(
+            layers
+                .iter()
+                .map(|l| (l.host_addr() as u64, l.mapped_len())),
+        )
         .collect();
     // The vCPU threads run until the process exits; guest memory must stay
     // mapped for them, so it is never unmapped.
@@ -425,8 +430,11 @@ fn attach_layers<V: Vm>(
                 true,
             )?
         };
-        let pmem =
-            Pmem::new(mem.clone(), guest_addr, layer.mapped_len()).map_err(Error::Devices)?;
+        let range = Pmem {
+            start: guest_addr,
+            len: layer.mapped_len(),
+        };
+        let pmem = RequestDevice::new(mem.clone(), range).map_err(Error::Devices)?;
         attach_virtio(vm, mem, mmio, events, virtio_slot, pmem)?;
         guest_addr += layer.mapped_len();
     }

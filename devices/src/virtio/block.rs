@@ -5,24 +5,17 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::DescriptorChain;
 
-use super::{
-    ActivateError, GuestMemory, IrqStatus, RequestQueue, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
-};
+use super::{GuestMemory, RequestHandler};
 
-pub const DEVICE_ID: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 pub const SECTOR_SIZE: u64 = 512;
 
-const QUEUE_SIZE: u16 = 256;
 /// The most data one request may carry; larger ones fail with an I/O error.
 const MAX_REQUEST: usize = 4 << 20;
 /// The driver may use this many data segments per request.
-const SEG_MAX: u32 = (QUEUE_SIZE - 2) as u32;
+const SEG_MAX: u32 = 254;
 /// The serial number GET_ID returns (at most 20 bytes).
 const ID: &[u8] = b"uvm-scratch";
 
@@ -45,36 +38,50 @@ mod status {
     pub const UNSUPP: u8 = 2;
 }
 
+/// A disk backed by an image file; served by a [`super::RequestDevice`].
 pub struct Block {
-    mem: GuestMemory,
     file: File,
     /// Capacity in sectors: the image size, rounded down.
     sectors: u64,
     read_only: bool,
-    queue: RequestQueue,
 }
 
 impl Block {
     /// A disk backed by `file`, `read_only` or writable.
-    pub fn new(mem: GuestMemory, file: File, read_only: bool) -> io::Result<Self> {
+    pub fn new(file: File, read_only: bool) -> io::Result<Self> {
         let sectors = file.metadata()?.len() / SECTOR_SIZE;
         Ok(Self {
-            mem,
             file,
             sectors,
             read_only,
-            queue: RequestQueue::new()?,
         })
     }
+}
 
-    fn process_queue(&mut self) {
-        let disk = Disk {
+impl RequestHandler for Block {
+    const NAME: &'static str = "block";
+    const DEVICE_ID: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+
+    fn features(&self) -> u64 {
+        let ro = if self.read_only { feature::RO } else { 0 };
+        feature::FLUSH | feature::SEG_MAX | ro
+    }
+
+    fn config(&self) -> Vec<u8> {
+        // capacity (le64), size_max (le32, unused), seg_max (le32).
+        let mut config = vec![0u8; 16];
+        config[..8].copy_from_slice(&self.sectors.to_le_bytes());
+        config[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config
+    }
+
+    fn serve(&self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> u32 {
+        Disk {
             file: &self.file,
             sectors: self.sectors,
             read_only: self.read_only,
-        };
-        let mem = &self.mem;
-        self.queue.serve(mem, |chain| disk.serve(mem, chain));
+        }
+        .serve(mem, chain)
     }
 }
 
@@ -175,53 +182,6 @@ impl<B: vm_memory::bitmap::BitmapSlice> WriteCapacity for virtio_queue::Writer<'
     }
 }
 
-impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        DEVICE_ID
-    }
-
-    fn features(&self) -> u64 {
-        let ro = if self.read_only { feature::RO } else { 0 };
-        VIRTIO_RING_F_EVENT_IDX | feature::FLUSH | feature::SEG_MAX | ro
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        self.queue.events()
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // capacity (le64), size_max (le32, unused), seg_max (le32).
-        let mut config = [0u8; 16];
-        config[..8].copy_from_slice(&self.sectors.to_le_bytes());
-        config[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
-        super::read_config_bytes(&config, offset, data);
-    }
-
-    fn activate(&mut self, queues: Vec<Queue>, irq: Arc<IrqStatus>) -> Result<(), ActivateError> {
-        self.queue.activate(queues, irq)?;
-        self.process_queue();
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.queue.reset();
-    }
-}
-
-impl MutEventSubscriber for Block {
-    fn init(&mut self, ops: &mut EventOps) {
-        self.queue.subscribe(ops, "block");
-    }
-
-    fn process(&mut self, _: Events, _: &mut EventOps) {
-        self.process_queue();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -231,6 +191,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::testing::Ring;
+    use crate::virtio::{IrqStatus, RequestDevice, VirtioDevice};
     use crate::CountingInterrupt;
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
@@ -241,7 +202,7 @@ mod tests {
     struct Driver {
         mem: GuestMemory,
         ring: Ring,
-        disk: Block,
+        disk: RequestDevice<Block>,
         path: std::path::PathBuf,
     }
 
@@ -257,7 +218,8 @@ mod tests {
                 .open(&path)
                 .unwrap();
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-            let mut disk = Block::new(mem.clone(), file, read_only).unwrap();
+            let block = Block::new(file, read_only).unwrap();
+            let mut disk = RequestDevice::new(mem.clone(), block).unwrap();
             let ring = Ring::new(0);
             let irq = Arc::new(IrqStatus::new(Arc::new(CountingInterrupt::default())));
             disk.activate(vec![ring.queue()], irq).unwrap();

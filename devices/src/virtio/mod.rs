@@ -135,27 +135,69 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..end - start].copy_from_slice(&config[start..end]);
 }
 
-/// The single request queue of a simple device (pmem, block) and its
-/// notification event.
-pub struct RequestQueue {
+/// What a device with a single request queue (pmem, block) does with each
+/// request; [`RequestDevice`] does the rest.
+pub trait RequestHandler: Send {
+    /// For log messages.
+    const NAME: &'static str;
+    const DEVICE_ID: u32;
+    /// Device-specific feature bits.
+    fn features(&self) -> u64;
+    /// The configuration space.
+    fn config(&self) -> Vec<u8>;
+    /// Serves one request chain; returns the bytes written into it.
+    fn serve(&self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> u32;
+}
+
+/// A virtio device with one request queue, served by `H`.
+pub struct RequestDevice<H> {
+    mem: GuestMemory,
+    handler: H,
     events: [EventFd; 1],
     active: Option<(Queue, Arc<IrqStatus>)>,
 }
 
-impl RequestQueue {
-    pub fn new() -> std::io::Result<Self> {
+impl<H: RequestHandler> RequestDevice<H> {
+    pub fn new(mem: GuestMemory, handler: H) -> std::io::Result<Self> {
         Ok(Self {
+            mem,
+            handler,
             events: [EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?],
             active: None,
         })
     }
 
-    pub fn events(&self) -> &[EventFd] {
+    fn process_queue(&mut self) {
+        let _ = self.events[0].read();
+        if let Some((queue, irq)) = &mut self.active {
+            let (mem, handler) = (&self.mem, &self.handler);
+            drain_queue(queue, mem, irq, |chain| handler.serve(mem, chain));
+        }
+    }
+}
+
+impl<H: RequestHandler> VirtioDevice for RequestDevice<H> {
+    fn device_type(&self) -> u32 {
+        H::DEVICE_ID
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_RING_F_EVENT_IDX | self.handler.features()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[REQUEST_QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
         &self.events
     }
 
-    /// Takes the driver's queue; the device then calls [`Self::serve`].
-    pub fn activate(
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.handler.config(), offset, data);
+    }
+
+    fn activate(
         &mut self,
         mut queues: Vec<Queue>,
         irq: Arc<IrqStatus>,
@@ -163,34 +205,30 @@ impl RequestQueue {
         match queues.pop() {
             Some(queue) if queue.ready() => {
                 self.active = Some((queue, irq));
+                self.process_queue();
                 Ok(())
             }
             _ => Err(ActivateError::BadQueue(0)),
         }
     }
 
-    pub fn reset(&mut self) {
+    fn reset(&mut self) {
         self.active = None;
     }
+}
 
-    /// Watches the notification event in the device's event loop.
-    pub fn subscribe(&self, ops: &mut event_manager::EventOps, device: &str) {
+impl<H: RequestHandler> event_manager::MutEventSubscriber for RequestDevice<H> {
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
         let events = event_manager::Events::new(&self.events[0], event_manager::EventSet::IN);
         if let Err(e) = ops.add(events) {
-            tracing::error!("{device}: watching the queue: {e}");
+            tracing::error!("{}: watching the queue: {e}", H::NAME);
         }
     }
 
-    /// Clears the notification and passes every waiting request to `serve`
-    /// (see [`drain_queue`]).
-    pub fn serve(
-        &mut self,
-        mem: &GuestMemory,
-        serve: impl FnMut(DescriptorChain<&GuestMemory>) -> u32,
-    ) {
-        let _ = self.events[0].read();
-        if let Some((queue, irq)) = &mut self.active {
-            drain_queue(queue, mem, irq, serve);
-        }
+    fn process(&mut self, _: event_manager::Events, _: &mut event_manager::EventOps) {
+        self.process_queue();
     }
 }
+
+/// The size of a request queue.
+const REQUEST_QUEUE_SIZE: u16 = 256;

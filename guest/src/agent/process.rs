@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use guest::protocol::{self, Exited, Failed, Run, Signal, Started, TtySize};
 
@@ -27,6 +28,12 @@ pub fn run(req: &Run, control: &mut File, id: u64) -> io::Result<()> {
             };
             return protocol::send(control, id, &failed);
         }
+    }
+    if req.root.is_some() {
+        // The process becomes PID 1 of a PID namespace of its own (this
+        // only applies to children started from now on).
+        // SAFETY: plain system call without pointers.
+        check(unsafe { libc::unshare(libc::CLONE_NEWPID) })?;
     }
     let spawned = match req.tty {
         Some(size) => spawn_on_tty(req, size, stdin, stdout),
@@ -178,6 +185,11 @@ fn openpty(size: TtySize) -> io::Result<(File, File)> {
     Ok((File::from(master), File::from(slave)))
 }
 
+/// After a forwarded signal the process gets this long to end before it is
+/// killed, like `docker stop`: as PID 1 of its namespace it ignores signals
+/// it has no handler for.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// Waits for the child while forwarding the host's signals and, on a tty,
 /// the terminal's bytes.
 fn supervise(
@@ -189,6 +201,7 @@ fn supervise(
     let pid = child.id() as libc::pid_t;
     let pidfd = pidfd_open(pid)?;
     let mut control_open = true;
+    let mut kill_at: Option<Instant> = None;
     loop {
         let mut fds = vec![poll_in(pidfd.as_raw_fd())];
         if control_open {
@@ -199,7 +212,10 @@ fn supervise(
             fds.extend(r.stdin.as_ref().map(|s| poll_in(s.as_raw_fd())));
         }
         // SAFETY: `fds` is a valid array of pollfd of the length passed.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let timeout = kill_at.map_or(-1, |at| {
+            at.saturating_duration_since(Instant::now()).as_millis() as libc::c_int
+        });
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -209,7 +225,17 @@ fn supervise(
         }
         let ready = |fd: RawFd| fds.iter().any(|p| p.fd == fd && p.revents != 0);
         if control_open && ready(control.as_raw_fd()) {
-            control_open = forward_signal(control, pid, tty);
+            match forward_signal(control, pid, tty) {
+                Control::Signalled => {
+                    kill_at.get_or_insert_with(|| Instant::now() + STOP_GRACE);
+                }
+                Control::Closed => control_open = false,
+                Control::Ignored => {}
+            }
+        }
+        if kill_at.is_some_and(|at| Instant::now() >= at) {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         if let Some(r) = &mut relay {
             if ready(r.master.as_raw_fd()) {
@@ -258,24 +284,33 @@ fn copy_once(from: &mut File, to: &mut File) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Handles one control message; false once the host is gone (then the
-/// process is killed: nobody is left to see its output).
-fn forward_signal(control: &mut File, pid: libc::pid_t, tty: bool) -> bool {
+/// What a control message did.
+enum Control {
+    Signalled,
+    /// The host is gone; the process was killed: nobody is left to see its
+    /// output.
+    Closed,
+    Ignored,
+}
+
+/// Handles one control message.
+fn forward_signal(control: &mut File, pid: libc::pid_t, tty: bool) -> Control {
     let frame = match protocol::receive(control) {
         Ok(Some(frame)) => frame,
         _ => {
             // SAFETY: kill has no memory effects.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            return false;
+            return Control::Closed;
         }
     };
-    if let Ok(Signal { signal }) = frame.decode::<Signal>() {
-        // On a tty the process leads its own group, as in a shell.
-        let target = if tty { -pid } else { pid };
-        // SAFETY: kill has no memory effects; a bad signal number is EINVAL.
-        unsafe { libc::kill(target, signal) };
-    }
-    true
+    let Ok(Signal { signal }) = frame.decode::<Signal>() else {
+        return Control::Ignored;
+    };
+    // On a tty the process leads its own group, as in a shell.
+    let target = if tty { -pid } else { pid };
+    // SAFETY: kill has no memory effects; a bad signal number is EINVAL.
+    unsafe { libc::kill(target, signal) };
+    Control::Signalled
 }
 
 /// Kills whatever the process left behind and reaps it, so that every

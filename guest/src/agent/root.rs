@@ -40,7 +40,7 @@ pub fn assemble(root: Root) -> io::Result<()> {
         lower.join(":")
     );
     mount_with(c"overlay", ROOT_C, c"overlay", 0, Some(&cstring(options)?))?;
-    for dir in ["proc", "dev", "tmp", "sys"] {
+    for dir in ["proc", "dev", "tmp", "sys", "run/layers"] {
         std::fs::create_dir_all(format!("{ROOT}/{dir}"))?;
     }
     Ok(())
@@ -85,8 +85,9 @@ fn wait_for(device: &str) -> io::Result<()> {
 }
 
 /// Run in the process between fork and exec: a mount, UTS and IPC namespace
-/// of its own, /proc, /dev (with the agent's /dev/pts for a `tty`) and /tmp,
-/// then the union as `/` and `cwd` as the working directory.
+/// of its own (the agent made a PID namespace for it), /proc, /dev (with the
+/// agent's /dev/pts for a `tty`), /tmp and the layers at /run/layers, then
+/// the union as `/` and `cwd` as the working directory.
 pub fn enter(tty: bool, cwd: &CStr) -> io::Result<()> {
     // SAFETY: plain system calls on constant, NUL-terminated strings.
     unsafe {
@@ -105,9 +106,21 @@ pub fn enter(tty: bool, cwd: &CStr) -> io::Result<()> {
     mount_with(c"proc", c"/rootfs/proc", c"proc", 0, None)?;
     mount_with(c"devtmpfs", c"/rootfs/dev", c"devtmpfs", 0, None)?;
     mount_with(c"tmpfs", c"/rootfs/tmp", c"tmpfs", 0, None)?;
+    // The layer mounts (read-only, DAX or not) stay visible for inspection.
+    mount_with(
+        c"/layers",
+        c"/rootfs/run/layers",
+        c"",
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )?;
     if tty {
+        // devtmpfs is one instance: the agent's /dev/pts may be there already.
         // SAFETY: a constant, NUL-terminated path.
-        check(unsafe { libc::mkdir(c"/rootfs/dev/pts".as_ptr(), 0o755) })?;
+        match check(unsafe { libc::mkdir(c"/rootfs/dev/pts".as_ptr(), 0o755) }) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
         mount_with(c"/dev/pts", c"/rootfs/dev/pts", c"", libc::MS_BIND, None)?;
     }
     // The agent's root is the initramfs, which pivot_root cannot move away
