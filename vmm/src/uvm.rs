@@ -258,7 +258,7 @@ where
         source,
     })?;
     let (entry, created) = std::thread::scope(|s| {
-        let created = s.spawn(|| create_vm(open, &mem));
+        let created = s.spawn(|| create_vm(open, &mem, &layers, config.memory_mib << 20));
         let entry = boot::load(
             &mem,
             &config.kernel,
@@ -407,8 +407,8 @@ where
     Ok(())
 }
 
-/// Maps each layer read-only into guest memory above RAM and puts a
-/// virtio-pmem device describing it on the bus.
+/// Puts a virtio-pmem device on the bus for each layer, describing where
+/// `create_vm` mapped it.
 fn attach_layers<V: Vm>(
     vm: &V,
     mem: &memory::GuestMemory,
@@ -417,28 +417,28 @@ fn attach_layers<V: Vm>(
     layers: &[Layer],
     ram_size: u64,
 ) -> Result<(), Error> {
-    let mut guest_addr = memory::device_memory_start(ram_size);
-    let first_slot = mem.num_regions() as u32;
-    for ((slot, virtio_slot), layer) in (first_slot..).zip(FIRST_LAYER_SLOT..).zip(layers) {
-        // SAFETY: layer mappings are never unmapped (see `layer::map`).
-        unsafe {
-            vm.map_memory(
-                slot,
-                guest_addr,
-                layer.host_addr(),
-                layer.mapped_len(),
-                true,
-            )?
-        };
+    let places = layer_addresses(layers, ram_size);
+    for ((start, layer), virtio_slot) in places.zip(layers).zip(FIRST_LAYER_SLOT..) {
         let range = Pmem {
-            start: guest_addr,
+            start,
             len: layer.mapped_len(),
         };
         let pmem = RequestDevice::new(mem.clone(), range).map_err(Error::Devices)?;
         attach_virtio(vm, mem, mmio, events, virtio_slot, pmem)?;
-        guest_addr += layer.mapped_len();
     }
     Ok(())
+}
+
+/// Where each layer sits in guest physical memory: one after another above
+/// RAM.
+fn layer_addresses(layers: &[Layer], ram_size: u64) -> impl Iterator<Item = u64> + '_ {
+    layers
+        .iter()
+        .scan(memory::device_memory_start(ram_size), |next, layer| {
+            let start = *next;
+            *next += layer.mapped_len();
+            Some(start)
+        })
 }
 
 /// The device event loop: queue notifications and host sockets.
@@ -480,10 +480,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Opens the hypervisor and creates a VM with `mem` as its RAM.
+/// Opens the hypervisor and creates a VM with `mem` as its RAM and the
+/// layers mapped read-only above it.
 fn create_vm<H: Hypervisor, F: FnOnce() -> hypervisor::Result<H>>(
     open: F,
     mem: &memory::GuestMemory,
+    layers: &[Layer],
+    ram_size: u64,
 ) -> hypervisor::Result<(H, H::Vm)> {
     let hv = open()?;
     let vm = hv.create_vm()?;
@@ -500,6 +503,12 @@ fn create_vm<H: Hypervisor, F: FnOnce() -> hypervisor::Result<H>>(
                 false,
             )?
         };
+    }
+    let first_layer_slot = mem.num_regions() as u32;
+    let places = layer_addresses(layers, ram_size).zip(layers);
+    for (slot, (start, layer)) in (first_layer_slot..).zip(places) {
+        // SAFETY: layer mappings are never unmapped (see `layer::map`).
+        unsafe { vm.map_memory(slot, start, layer.host_addr(), layer.mapped_len(), true)? };
     }
     Ok((hv, vm))
 }
