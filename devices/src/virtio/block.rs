@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 
-use virtio_queue::DescriptorChain;
+use virtio_queue::{DescriptorChain, Writer};
 
 use super::{GuestMemory, RequestHandler};
 
@@ -75,24 +75,6 @@ impl RequestHandler for Block {
         config
     }
 
-    fn serve(&self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> u32 {
-        Disk {
-            file: &self.file,
-            sectors: self.sectors,
-            read_only: self.read_only,
-        }
-        .serve(mem, chain)
-    }
-}
-
-/// What a request may touch.
-struct Disk<'a> {
-    file: &'a File,
-    sectors: u64,
-    read_only: bool,
-}
-
-impl Disk<'_> {
     /// Serves one request chain; returns the bytes written into it (data
     /// read plus the status byte), 0 for a chain with no room for a status.
     fn serve(&self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> u32 {
@@ -118,16 +100,18 @@ impl Disk<'_> {
             Err(_) => 0,
         }
     }
+}
 
+impl Block {
     /// Runs the request; the bytes written into the chain, or a status.
-    fn execute(&self, reader: &mut impl Read, data: &mut impl WriteCapacity) -> Result<usize, u8> {
+    fn execute(&self, reader: &mut impl Read, data: &mut Writer<'_>) -> Result<usize, u8> {
         let mut header = [0u8; 16];
         reader.read_exact(&mut header).map_err(|_| status::IOERR)?;
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
         match kind {
             request::IN => {
-                let len = data.capacity();
+                let len = data.available_bytes();
                 let offset = self.range(sector, len)?;
                 let mut buf = vec![0u8; len];
                 self.file
@@ -151,7 +135,7 @@ impl Disk<'_> {
             }
             request::FLUSH => self.file.sync_data().map(|()| 0).map_err(|_| status::IOERR),
             request::GET_ID => {
-                let id = &ID[..ID.len().min(data.capacity())];
+                let id = &ID[..ID.len().min(data.available_bytes())];
                 data.write_all(id).map_err(|_| status::IOERR)?;
                 Ok(id.len())
             }
@@ -168,17 +152,6 @@ impl Disk<'_> {
             return Err(status::IOERR);
         }
         Ok(sector * SECTOR_SIZE)
-    }
-}
-
-/// A writer that knows how much room it has (the device-writable buffers).
-trait WriteCapacity: Write {
-    fn capacity(&self) -> usize;
-}
-
-impl<B: vm_memory::bitmap::BitmapSlice> WriteCapacity for virtio_queue::Writer<'_, B> {
-    fn capacity(&self) -> usize {
-        self.available_bytes()
     }
 }
 

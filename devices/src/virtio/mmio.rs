@@ -47,7 +47,6 @@ mod reg {
     pub const QUEUE_DRIVER_HIGH: u64 = 0x94;
     pub const QUEUE_DEVICE_LOW: u64 = 0xa0;
     pub const QUEUE_DEVICE_HIGH: u64 = 0xa4;
-    pub const CONFIG_GENERATION: u64 = 0xfc;
 }
 
 /// The register file of one virtio device. Guest accesses arrive on vCPU
@@ -122,7 +121,7 @@ impl MmioTransport {
             reg::QUEUE_READY => queue.is_some_and(|q| q.ready()).into(),
             reg::INTERRUPT_STATUS => self.irq.get(),
             reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => 0,
+            // CONFIG_GENERATION: our configuration spaces never change.
             _ => 0,
         }
     }
@@ -191,11 +190,6 @@ impl MmioTransport {
 
     /// Driver status transitions (virtio 1.2, 3.1.1).
     fn set_status(&mut self, value: u32) {
-        tracing::trace!(
-            "DBG status {:#x} -> {value:#x} features {:#x}",
-            self.status,
-            self.driver_features
-        );
         if value == 0 {
             self.reset();
             return;

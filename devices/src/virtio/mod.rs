@@ -106,16 +106,19 @@ pub fn drain_queue(
 ) {
     let mut used = false;
     loop {
+        let mut progress = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = handle(chain);
             if let Err(e) = queue.add_used(mem, head, len) {
                 tracing::warn!("virtio: used ring: {e}");
             }
-            used = true;
+            (used, progress) = (true, true);
         }
-        // Ask for a kick on the next chain; take any that raced in.
-        if !queue.enable_notification(mem).unwrap_or(false) {
+        // Ask for a kick on the next chain and take any that raced in; a
+        // ring that claims chains it cannot give (a bogus available index)
+        // makes no progress and ends the loop.
+        if !progress || !queue.enable_notification(mem).unwrap_or(false) {
             break;
         }
     }

@@ -61,6 +61,14 @@ impl Ring {
             .unwrap();
     }
 
+    /// Moves the available index `count` chains ahead without offering
+    /// any, as a broken or hostile driver might.
+    pub fn claim_available(&mut self, mem: &GuestMemory, count: u16) {
+        self.avail_idx = self.avail_idx.wrapping_add(count);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
     /// Offers `descs` as one chain; returns the head index.
     pub fn add_chain(&mut self, mem: &GuestMemory, descs: &[Desc]) -> u16 {
         let head = self.next_desc;

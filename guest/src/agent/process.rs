@@ -119,6 +119,9 @@ fn spawn(req: &Run, stdin: File, stdout: File, stderr: Option<File>) -> io::Resu
 /// the host streams.
 struct Relay {
     master: File,
+    /// Every slave end is closed: stop polling the master, which would
+    /// report the hang-up at once, forever.
+    hung_up: bool,
     stdin: Option<File>,
     stdout: File,
 }
@@ -146,6 +149,7 @@ fn spawn_on_tty(
     let child = cmd.spawn()?;
     let relay = Relay {
         master,
+        hung_up: false,
         stdin: Some(stdin),
         stdout,
     };
@@ -208,7 +212,9 @@ fn supervise(
             fds.push(poll_in(control.as_raw_fd()));
         }
         if let Some(r) = &relay {
-            fds.push(poll_in(r.master.as_raw_fd()));
+            if !r.hung_up {
+                fds.push(poll_in(r.master.as_raw_fd()));
+            }
             fds.extend(r.stdin.as_ref().map(|s| poll_in(s.as_raw_fd())));
         }
         // SAFETY: `fds` is a valid array of pollfd of the length passed.
@@ -234,12 +240,13 @@ fn supervise(
             }
         }
         if kill_at.is_some_and(|at| Instant::now() >= at) {
+            kill_at = None;
             // SAFETY: kill has no memory effects.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         if let Some(r) = &mut relay {
-            if ready(r.master.as_raw_fd()) {
-                let _ = copy_once(&mut r.master, &mut r.stdout);
+            if !r.hung_up && ready(r.master.as_raw_fd()) {
+                r.hung_up = !matches!(copy_once(&mut r.master, &mut r.stdout), Ok(n) if n > 0);
             }
             let stdin_ready = r.stdin.as_ref().is_some_and(|s| ready(s.as_raw_fd()));
             if stdin_ready {

@@ -47,6 +47,8 @@ pub struct Connection {
     host_write_shut: bool,
     /// The guest reset the connection: nothing more goes to it.
     pub reset: bool,
+    /// A credit update waits in the reply backlog.
+    pub credit_update_queued: bool,
 }
 
 impl Connection {
@@ -65,6 +67,7 @@ impl Connection {
             guest_shutdown: GuestShutdown::default(),
             host_write_shut: false,
             reset: false,
+            credit_update_queued: false,
         }
     }
 
@@ -83,13 +86,14 @@ impl Connection {
     /// The `fwd_cnt` to put in a packet to the guest; remembers it was sent.
     pub fn take_fwd_cnt(&mut self) -> u32 {
         self.fwd_cnt_sent = self.fwd_cnt;
+        self.credit_update_queued = false;
         self.fwd_cnt.0
     }
 
     /// The guest may be waiting for credit: enough has drained since we last
-    /// told it.
+    /// told it, and no update is on its way yet.
     pub fn credit_update_due(&self) -> bool {
-        (self.fwd_cnt - self.fwd_cnt_sent).0 >= BUF_ALLOC / 2
+        !self.credit_update_queued && (self.fwd_cnt - self.fwd_cnt_sent).0 >= BUF_ALLOC / 2
     }
 
     /// Host data can go to the guest now (given a receive buffer).
@@ -127,6 +131,10 @@ impl Connection {
         if self.guest_shutdown.send {
             return Err(io::Error::other("data after the guest shut down sending"));
         }
+        // Checked first, so that an overrun delivers nothing at all.
+        if self.pending.len() + data.len() > BUF_ALLOC as usize {
+            return Err(io::Error::other("guest sent more than its credit"));
+        }
         let mut written = 0;
         if self.pending.is_empty() {
             written = match (&self.stream).write_volatile(data) {
@@ -141,9 +149,6 @@ impl Connection {
             self.fwd_cnt += written as u32;
         }
         let rest = data.len() - written;
-        if self.pending.len() + rest > BUF_ALLOC as usize {
-            return Err(io::Error::other("guest sent more than its credit"));
-        }
         let start = self.pending.len();
         self.pending.resize(start + rest, 0);
         data.subslice(written, rest)

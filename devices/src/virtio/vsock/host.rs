@@ -31,14 +31,16 @@ impl HostPorts {
         }
     }
 
-    /// Serves `port` inside the VMM; it takes precedence over the Unix socket.
-    pub fn serve(&mut self, port: u32, connections: Sender<UnixStream>) {
-        self.internal.insert(port, connections);
+    /// Serves `port` inside the VMM, for one connection; it takes precedence
+    /// over the Unix socket.
+    pub fn serve(&mut self, port: u32, connection: Sender<UnixStream>) {
+        self.internal.insert(port, connection);
     }
 
-    /// A host stream for a guest connection to `port`.
-    pub fn connect(&self, port: u32) -> io::Result<UnixStream> {
-        if let Some(accept) = self.internal.get(&port) {
+    /// A host stream for a guest connection to `port`. An internal port
+    /// takes one connection: a guest cannot pile up sockets for it.
+    pub fn connect(&mut self, port: u32) -> io::Result<UnixStream> {
+        if let Some(accept) = self.internal.remove(&port) {
             let (ours, theirs) = UnixStream::pair()?;
             accept
                 .send(theirs)
@@ -192,6 +194,12 @@ mod tests {
         assert_eq!(got[0], b'x');
         let refused = ports.connect(8).unwrap_err();
         assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        let second = ports.connect(7).unwrap_err();
+        assert_eq!(
+            second.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "one connection per port"
+        );
     }
 
     #[test]
@@ -200,7 +208,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let base = dir.join("v.sock");
         let listener = std::os::unix::net::UnixListener::bind(dir.join("v.sock_5000")).unwrap();
-        let ports = HostPorts::new(Some(base));
+        let mut ports = HostPorts::new(Some(base));
         ports.connect(5000).unwrap();
         listener.accept().unwrap();
         assert!(ports.connect(5001).is_err());
@@ -212,7 +220,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("uvm-full-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let _listener = std::os::unix::net::UnixListener::bind(dir.join("v.sock_7")).unwrap();
-        let ports = HostPorts::new(Some(dir.join("v.sock")));
+        let mut ports = HostPorts::new(Some(dir.join("v.sock")));
         // Nobody accepts: the backlog fills, then connecting must fail at once.
         let mut pending = Vec::new();
         let refused = loop {

@@ -104,12 +104,18 @@ impl Vsock {
         };
         let queue = &mut active.queues[RX];
         let mut used = false;
+        let mut asked_for_kick = false;
         while self.muxer.has_packet_for_guest() {
             let Some(mut chain) = queue.pop_descriptor_chain(&self.mem) else {
-                // Out of buffers: ask for a kick when the guest adds some.
-                match queue.enable_notification(&self.mem) {
-                    Ok(true) => continue,
-                    _ => break,
+                // Out of buffers: ask for a kick when the guest adds some,
+                // and look once more for any that raced in (only once: a
+                // bogus available index would claim buffers forever).
+                match !asked_for_kick && queue.enable_notification(&self.mem).unwrap_or(false) {
+                    true => {
+                        asked_for_kick = true;
+                        continue;
+                    }
+                    false => break,
                 }
             };
             let len = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, MAX_PKT_DATA) {

@@ -110,6 +110,7 @@ impl Muxer {
         let streams = self.conns.drain().map(|(_, c)| c.stream);
         let handshakes = self.handshakes.drain().map(|(_, h)| h.stream);
         self.registrations.removed.extend(streams.chain(handshakes));
+        self.registrations.added.clear();
         self.by_fd.clear();
         self.backlog.clear();
     }
@@ -260,21 +261,33 @@ impl Muxer {
             Err(e) => {
                 tracing::debug!("vsock: hybrid client: {e}");
                 let gone = self.handshakes.remove(&fd).map(|h| h.stream);
+                self.registrations.added.retain(|&added| added != fd);
                 return self.registrations.removed.extend(gone);
             }
         };
         let Some(Handshake { stream, .. }) = self.handshakes.remove(&fd) else {
             return;
         };
-        let key = Key {
-            local: self.next_host_port,
-            peer: port,
-        };
-        self.next_host_port = self.next_host_port.wrapping_add(1).max(FIRST_HOST_PORT);
+        let key = self.free_host_key(port);
         self.conns
             .insert(key, Connection::new(stream, State::HostConnecting));
         self.by_fd.insert(fd, key);
         self.reply(key, op::REQUEST, 0);
+    }
+
+    /// A key for a new host-initiated connection to guest `port`, with a
+    /// local port no connection uses (the table is bounded, so one is found).
+    fn free_host_key(&mut self, port: u32) -> Key {
+        loop {
+            let key = Key {
+                local: self.next_host_port,
+                peer: port,
+            };
+            self.next_host_port = self.next_host_port.wrapping_add(1).max(FIRST_HOST_PORT);
+            if !self.conns.contains_key(&key) {
+                return key;
+            }
+        }
     }
 
     fn accept_guest(&mut self, key: Key, pkt: &VsockPacket<'_, ()>) {
@@ -312,6 +325,9 @@ impl Muxer {
             return self.kill(key);
         }
         if conn.credit_update_due() {
+            if let Some(conn) = self.conns.get_mut(&key) {
+                conn.credit_update_queued = true;
+            }
             self.reply(key, op::CREDIT_UPDATE, 0);
         }
     }
@@ -321,7 +337,9 @@ impl Muxer {
         let Some(conn) = self.conns.remove(&key) else {
             return;
         };
-        self.by_fd.remove(&conn.stream.as_raw_fd());
+        let fd = conn.stream.as_raw_fd();
+        self.by_fd.remove(&fd);
+        self.registrations.added.retain(|&added| added != fd);
         if !conn.reset {
             self.reply(key, op::RST, 0);
         }
@@ -334,8 +352,11 @@ impl Muxer {
         }
     }
 
+    /// Queues a header-only packet. Only resets can pile up without bound
+    /// (one per stray guest packet): past the limit they are dropped. The
+    /// rest are bounded by the connection table.
     fn reply(&mut self, key: Key, op: u16, flags: u32) {
-        if self.backlog.len() < MAX_BACKLOG {
+        if op != op::RST || self.backlog.len() < MAX_BACKLOG {
             self.backlog.push_back(Reply { key, op, flags });
         }
     }

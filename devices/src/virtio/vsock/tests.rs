@@ -15,6 +15,9 @@ use crate::CountingInterrupt;
 
 const GUEST_CID: u64 = 3;
 const SERVED_PORT: u32 = 1024;
+/// Further served ports, for tests that open many connections (a served
+/// port takes one).
+const MANY_PORTS: std::ops::Range<u32> = 20_000..20_300;
 const HEADER_AREA: u64 = 0x10_0000;
 const DATA_AREA: u64 = 0x40_0000;
 const RX_AREA: u64 = 0x80_0000;
@@ -106,7 +109,9 @@ impl Guest {
         let (rx, tx, events) = (Ring::new(0), Ring::new(0x2_0000), Ring::new(0x4_0000));
         let (served_tx, served) = mpsc::channel();
         let mut ports = HostPorts::new(None);
-        ports.serve(SERVED_PORT, served_tx);
+        for port in MANY_PORTS.chain([SERVED_PORT]) {
+            ports.serve(port, served_tx.clone());
+        }
         let mut vsock = Vsock::new(mem.clone(), GUEST_CID, ports, None).unwrap();
         let irq = Arc::new(CountingInterrupt::default());
         let queues = vec![rx.queue(), tx.queue(), events.queue()];
@@ -313,8 +318,8 @@ fn connections_beyond_the_limit_are_refused() {
     let extra = 10;
     let total = (MAX_CONNECTIONS + extra) as u32;
     let mut hosts = Vec::new();
-    for port in 0..total {
-        guest.send(Hdr::guest(REQUEST, 10_000 + port, SERVED_PORT), &[]);
+    for (i, host_port) in (0..total).zip(MANY_PORTS) {
+        guest.send(Hdr::guest(REQUEST, 10_000 + i, host_port), &[]);
         hosts.extend(guest.served.try_recv());
     }
     let packets = guest.receive(total as u16);
@@ -409,4 +414,16 @@ fn data_scattered_over_descriptors_is_gathered() {
     let mut got = [0u8; 9];
     host.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"scattered");
+}
+
+// A guest that claims more available chains than the ring holds made the
+// queue loops spin forever (the queue refuses to pop, but reports work).
+#[test]
+fn a_bogus_available_index_does_not_hang_the_device() {
+    let mut guest = Guest::new();
+    guest.tx.claim_available(guest.mem, 1000);
+    guest.vsock.process_tx();
+    guest.rx.claim_available(guest.mem, 1000);
+    guest.send(Hdr::guest(REQUEST, 5000, 9999), &[]); // a RST to deliver
+    guest.vsock.process_rx();
 }
