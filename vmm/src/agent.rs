@@ -168,7 +168,7 @@ impl Session {
     }
 
     fn update(&self, f: impl FnOnce(&mut Progress)) {
-        f(&mut self.progress.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut crate::lock(&self.progress));
     }
 }
 

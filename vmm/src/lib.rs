@@ -13,3 +13,9 @@ pub mod scratch;
 pub mod signals;
 pub mod terminal;
 pub mod uvm;
+
+/// Locks `m` even if a thread panicked while holding it: the VMM's shared
+/// state stays usable, and the process must still report and exit.
+pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -23,7 +23,7 @@ use crate::hypervisor::{self, Hypervisor, IoHandler, Vcpu, VcpuExit, Vm};
 use crate::layer::{self, Layer};
 use crate::pvm::{self, HostKind};
 use crate::scratch;
-use crate::{boot, cpuid, memory, signals};
+use crate::{boot, cpuid, lock, memory, signals};
 
 /// Command line every guest gets: console on COM1, reset through the i8042
 /// (so reboot ends the VM), reboot at once on panic, no legacy UART probing,
@@ -144,13 +144,13 @@ struct Ending {
 
 impl Ending {
     fn signal(&self, exit: GuestExit) {
-        let mut slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(&self.exit);
         slot.get_or_insert(exit);
         self.cond.notify_all();
     }
 
     fn wait(&self) -> GuestExit {
-        let slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = lock(&self.exit);
         let slot = self
             .cond
             .wait_while(slot, |exit| exit.is_none())
@@ -359,10 +359,7 @@ where
     std::mem::forget(mem);
 
     let exit = ending.wait();
-    let agent_started = boot_timer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .mark(guest::boot_mark::AGENT_STARTED);
+    let agent_started = lock(&boot_timer).mark(guest::boot_mark::AGENT_STARTED);
     let progress = lock(&progress);
     let since_start = |at: Option<Instant>| at.map(|at| at.duration_since(start));
     let timings = Timings {
@@ -474,10 +471,6 @@ impl Drop for HybridSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Opens the hypervisor and creates a VM with `mem` as its RAM and the
