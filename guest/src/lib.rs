@@ -10,4 +10,20 @@ pub mod boot_mark {
     pub const PORT: u16 = 0x440;
     /// The agent (PID 1) has started.
     pub const AGENT_STARTED: u8 = 1;
+    /// The process has been started.
+    pub const PROCESS_STARTED: u8 = 2;
+    /// The process has ended (the agent reaped it).
+    pub const PROCESS_EXITED: u8 = 3;
+}
+
+/// Serial numbers (virtio-blk GET_ID) by which the agent finds its disks.
+pub mod disk_serial {
+    /// The writable layer.
+    pub const SCRATCH: &str = "uvm-scratch";
+
+    /// Read-only layer `index`, for VMMs that give layers as disks because
+    /// they have no virtio-pmem (QEMU microvm, as a benchmark peer).
+    pub fn layer(index: u32) -> String {
+        format!("uvm-layer{index}")
+    }
 }

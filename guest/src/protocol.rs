@@ -44,8 +44,13 @@ pub struct Root {
     pub layers: u32,
     /// Mount the layers with DAX (falling back to a plain mount).
     pub dax: bool,
-    /// The writable layer is the disk `/dev/vda` (ext4), not a tmpfs.
+    /// The writable layer is the disk with serial `uvm-scratch` (ext4), not
+    /// a tmpfs.
     pub scratch: bool,
+    /// The layers are read-only virtio disks with serials `uvm-layerN`
+    /// instead of pmem (no DAX).
+    #[serde(default)]
+    pub layer_disks: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +168,40 @@ pub fn receive(r: &mut impl Read) -> io::Result<Option<Frame>> {
     Ok(Some(Frame { kind, id, body }))
 }
 
+/// Kernel command-line parameter that carries a [`Run`] for a VMM without
+/// vsock (the agent then runs it on the console, with no host connection).
+pub const CMDLINE_RUN: &str = "uvm.run=";
+
+/// `uvm.run=<hex of the JSON of run>`: hex, because the kernel splits its
+/// command line on spaces and quotes.
+pub fn to_cmdline(run: &Run) -> String {
+    let json = serde_json::to_vec(run).expect("a Run always serializes");
+    let hex: String = json.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{CMDLINE_RUN}{hex}")
+}
+
+/// The [`Run`] in a kernel command line, if it carries one.
+pub fn from_cmdline(cmdline: &str) -> io::Result<Option<Run>> {
+    let Some(hex) = cmdline
+        .split_ascii_whitespace()
+        .find_map(|arg| arg.strip_prefix(CMDLINE_RUN))
+    else {
+        return Ok(None);
+    };
+    let digit = |i: usize| {
+        hex.get(i..i + 2)
+            .and_then(|d| u8::from_str_radix(d, 16).ok())
+            .ok_or_else(|| invalid(format!("{CMDLINE_RUN}: bad hex at {i}")))
+    };
+    let json = (0..hex.len())
+        .step_by(2)
+        .map(digit)
+        .collect::<io::Result<Vec<u8>>>()?;
+    serde_json::from_slice(&json)
+        .map(Some)
+        .map_err(|e| invalid(format!("{CMDLINE_RUN}: {e}")))
+}
+
 fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
@@ -185,6 +224,7 @@ mod tests {
                 layers: 2,
                 dax: true,
                 scratch: true,
+                layer_disks: false,
             }),
         };
         let mut wire = Vec::new();
@@ -207,6 +247,27 @@ mod tests {
             .unwrap();
         assert_eq!(exit.shell_status(), 137);
         assert!(receive(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_run_travels_on_the_kernel_command_line() {
+        let run = Run {
+            argv: vec!["/bin/sh".into(), "-c".into(), "echo 'a b' \"c\"".into()],
+            root: Some(Root {
+                layers: 1,
+                layer_disks: true,
+                ..Root::default()
+            }),
+            ..Run::default()
+        };
+        let arg = to_cmdline(&run);
+        assert!(!arg.contains([' ', '"', '\'']));
+        let cmdline = format!("console=ttyS0 {arg} quiet");
+        assert_eq!(from_cmdline(&cmdline).unwrap(), Some(run));
+        assert_eq!(from_cmdline("console=ttyS0 quiet").unwrap(), None);
+        assert!(from_cmdline("uvm.run=7b2").is_err());
+        assert!(from_cmdline("uvm.run=zz").is_err());
+        assert!(from_cmdline("uvm.run=7b7d").is_err()); // `{}`: no argv
     }
 
     #[test]

@@ -44,8 +44,6 @@ pub enum Outcome {
 #[derive(Debug, Default)]
 pub struct Progress {
     pub agent_connected: Option<Instant>,
-    pub process_started: Option<Instant>,
-    pub process_exited: Option<Instant>,
     pub outcome: Option<Outcome>,
     /// Where signals for the process go, once it may have started.
     control: Option<UnixStream>,
@@ -121,7 +119,7 @@ impl Session {
         let stdio = self.connect_stdio(process.tty.is_some())?;
         while let Some(frame) = protocol::receive(&mut control)? {
             if frame.decode::<Started>().is_ok() {
-                self.update(|p| p.process_started = Some(Instant::now()));
+                continue;
             } else if let Ok(exited) = frame.decode::<Exited>() {
                 self.finish(Outcome::Exited(exited), stdio);
                 return Ok(());
@@ -156,12 +154,10 @@ impl Session {
     /// Records the outcome once the process's output has all arrived (the
     /// agent closes the streams before it reports).
     fn finish(&self, outcome: Outcome, copiers: Vec<JoinHandle<()>>) {
-        let exited_at = Instant::now();
         for copier in copiers {
             let _ = copier.join();
         }
         self.update(|p| {
-            p.process_exited = Some(exited_at);
             p.outcome = Some(outcome);
             p.control = None;
         });

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod boot;
+pub mod clock;
 pub mod console;
 pub mod cpuid;
 pub mod hypervisor;

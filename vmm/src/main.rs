@@ -1,11 +1,14 @@
 //! `uvm`: the command-line edge. Parses flags, hands a config to the library,
 //! turns the outcome into an exit status.
 
+mod bench;
+
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use devices::virtio::vsock::DEFAULT_GUEST_CID;
 use guest::protocol::{Root, TtySize};
 use vmm::agent::{Outcome, ProcessSpec};
@@ -38,6 +41,9 @@ enum Command {
     /// Container image layers.
     #[command(subcommand)]
     Layer(LayerCommand),
+    /// Boot utility VMs one after another (or several at once) and report
+    /// how long each phase took, optionally side by side with QEMU microvm.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -61,6 +67,50 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
 
+    #[command(flatten)]
+    vm: VmArgs,
+
+    /// Show the guest console (kernel log and agent output) on stderr.
+    #[arg(long)]
+    console: bool,
+
+    /// Print boot timings as one JSON line on stderr when the VM ends.
+    #[arg(long)]
+    timings: bool,
+
+    /// Run COMMAND on a pseudo-terminal (the host terminal goes raw meanwhile).
+    #[arg(short = 't', long)]
+    tty: bool,
+
+    /// The guest's vsock context ID.
+    #[arg(long, value_name = "CID", default_value_t = DEFAULT_GUEST_CID,
+          value_parser = clap::value_parser!(u64).range(3..u64::from(u32::MAX)))]
+    cid: u64,
+
+    /// Hybrid vsock (Firecracker convention): host programs connect to PATH and
+    /// send `CONNECT <port>\n` to reach a guest port; guest connections to
+    /// host port P go to PATH_P.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+
+    /// The writable layer: a raw ext4 image, created sparse and formatted if
+    /// missing. Without it the writable layer is a tmpfs in the guest.
+    #[arg(long, value_name = "FILE", requires = "layers")]
+    scratch: Option<PathBuf>,
+
+    /// Size of a scratch image uvm creates (K, M, G, T suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = vmm::scratch::parse_size)]
+    scratch_size: u64,
+
+    /// The command to run in the guest, and its arguments.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// What `run` and `bench` share: the guest apart from its kernel, and how
+/// the command runs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct VmArgs {
     /// Initrd (newc cpio) whose /init is the uvm agent.
     /// [default: target/guest/initrd.img, from `cargo xtask guest`]
     #[arg(long, value_name = "PATH")]
@@ -80,14 +130,6 @@ struct RunArgs {
           value_parser = clap::value_parser!(u8).range(1..=MAX_CPUS as i64))]
     cpus: u8,
 
-    /// Show the guest console (kernel log and agent output) on stderr.
-    #[arg(long)]
-    console: bool,
-
-    /// Print boot timings as one JSON line on stderr when the VM ends.
-    #[arg(long)]
-    timings: bool,
-
     /// Kind of KVM host; detected by default. `pvm` adds the guest flags that
     /// kvm_pvm (software-virtualized /dev/kvm) needs.
     #[arg(long, value_enum, value_name = "KIND")]
@@ -101,21 +143,6 @@ struct RunArgs {
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]
     workdir: Option<String>,
 
-    /// Run COMMAND on a pseudo-terminal (the host terminal goes raw meanwhile).
-    #[arg(short = 't', long)]
-    tty: bool,
-
-    /// The guest's vsock context ID.
-    #[arg(long, value_name = "CID", default_value_t = DEFAULT_GUEST_CID,
-          value_parser = clap::value_parser!(u64).range(3..u64::from(u32::MAX)))]
-    cid: u64,
-
-    /// Hybrid vsock (Firecracker convention): host programs connect to PATH and
-    /// send `CONNECT <port>\n` to reach a guest port; guest connections to
-    /// host port P go to PATH_P.
-    #[arg(long, value_name = "PATH")]
-    vsock_uds: Option<PathBuf>,
-
     /// A read-only image layer (ext4 image, see `uvm layer create`), bottom
     /// first; repeat for each layer. COMMAND runs in their union.
     #[arg(long = "layer", value_name = "FILE")]
@@ -124,19 +151,52 @@ struct RunArgs {
     /// Mount the layers without DAX (through the page cache).
     #[arg(long)]
     no_dax: bool,
+}
 
-    /// The writable layer: a raw ext4 image, created sparse and formatted if
-    /// missing. Without it the writable layer is a tmpfs in the guest.
-    #[arg(long, value_name = "FILE", requires = "layers")]
-    scratch: Option<PathBuf>,
+impl VmArgs {
+    /// These options as `uvm run` flags.
+    fn flags(&self) -> Vec<OsString> {
+        let mut flags: Vec<OsString> = vec![
+            "--memory".into(),
+            self.memory.to_string().into(),
+            "--cpus".into(),
+            self.cpus.to_string().into(),
+        ];
+        let mut add = |flag: &str, value: OsString| flags.extend([flag.into(), value]);
+        if let Some(initrd) = &self.initrd {
+            add("--initrd", initrd.into());
+        }
+        if let Some(cmdline) = &self.cmdline {
+            add("--cmdline", cmdline.into());
+        }
+        if let Some(host) = self.host {
+            let name = host.to_possible_value().map(|v| v.get_name().to_string());
+            add("--host", name.unwrap_or_default().into());
+        }
+        if let Some(workdir) = &self.workdir {
+            add("--workdir", workdir.into());
+        }
+        for entry in &self.env {
+            add("--env", entry.into());
+        }
+        for layer in &self.layers {
+            add("--layer", layer.into());
+        }
+        if self.no_dax {
+            flags.push("--no-dax".into());
+        }
+        flags
+    }
 
-    /// Size of a scratch image uvm creates (K, M, G, T suffixes).
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = vmm::scratch::parse_size)]
-    scratch_size: u64,
-
-    /// The command to run in the guest, and its arguments.
-    #[arg(last = true, value_name = "COMMAND")]
-    command: Vec<String>,
+    /// The container root for these layers, if there are any.
+    fn root(&self, scratch: bool) -> Option<Root> {
+        (!self.layers.is_empty()).then_some(Root {
+            layers: self.layers.len() as u32,
+            dax: !self.no_dax,
+            scratch,
+            layer_disks: false,
+        })
+    }
 }
 
 fn parse_env(entry: &str) -> Result<String, String> {
@@ -148,13 +208,15 @@ fn parse_env(entry: &str) -> Result<String, String> {
 
 fn main() {
     let start = Instant::now();
+    let started_at = vmm::clock::monotonic();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("UVM_LOG"))
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
-        Command::Run(args) => run(args, start),
+        Command::Run(args) => run(args, start, started_at),
         Command::Layer(LayerCommand::Create { from, output }) => create_layer(&from, &output),
+        Command::Bench(args) => bench::run(args),
     };
     let code = match result {
         Ok(code) => code,
@@ -167,31 +229,29 @@ fn main() {
     std::process::exit(code)
 }
 
-fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
+/// `started_at`: `start` on the monotonic clock, for `--timings` readers.
+fn run(args: RunArgs, start: Instant, started_at: Duration) -> anyhow::Result<i32> {
+    let vm = args.vm;
     let process = (!args.command.is_empty()).then(|| ProcessSpec {
         argv: args.command.clone(),
-        env: args.env.clone(),
-        cwd: args.workdir.clone(),
+        env: vm.env.clone(),
+        cwd: vm.workdir.clone(),
         tty: args.tty.then(terminal_size),
-        root: (!args.layers.is_empty()).then(|| Root {
-            layers: args.layers.len() as u32,
-            dax: !args.no_dax,
-            scratch: args.scratch.is_some(),
-        }),
+        root: vm.root(args.scratch.is_some()),
     });
     let config = VmConfig {
         kernel: artifact(args.kernel, "vmlinux", "--kernel")?,
-        initrd: artifact(args.initrd, "initrd.img", "--initrd")?,
-        extra_cmdline: args.cmdline,
-        memory_mib: args.memory,
-        cpus: args.cpus,
+        initrd: artifact(vm.initrd, "initrd.img", "--initrd")?,
+        extra_cmdline: vm.cmdline,
+        memory_mib: vm.memory,
+        cpus: vm.cpus,
         console: args.console,
-        host: args.host.unwrap_or_else(pvm::detect),
+        host: vm.host.unwrap_or_else(pvm::detect),
         vsock: VsockConfig {
             guest_cid: args.cid,
             uds: args.vsock_uds,
         },
-        layers: args.layers,
+        layers: vm.layers,
         scratch: args.scratch.map(|path| (path, args.scratch_size)),
         process,
     };
@@ -203,7 +263,7 @@ fn run(args: RunArgs, start: Instant) -> anyhow::Result<i32> {
     drop(raw);
     let report = report?;
     if args.timings {
-        eprintln!("{}", timings_json(&report));
+        eprintln!("{}", timings_json(&report, started_at));
     }
     exit_code(&report, args.console)
 }
@@ -277,7 +337,7 @@ fn exit_code(report: &Report, console_shown: bool) -> anyhow::Result<i32> {
     }
 }
 
-fn timings_json(report: &Report) -> String {
+fn timings_json(report: &Report, started_at: Duration) -> String {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let t = &report.timings;
     let setup = t.first_vcpu_entry.map(ms);
@@ -293,6 +353,7 @@ fn timings_json(report: &Report) -> String {
         "process_started_ms": t.process_started.map(ms),
         "process_exited_ms": t.process_exited.map(ms),
         "total_ms": ms(t.ended),
+        "started_at_monotonic_ms": ms(started_at),
         "vmm_rss_kib": report.vmm_rss_kib,
     })
     .to_string()

@@ -24,12 +24,29 @@ pub fn outside(smaps: &str, guest: &[(u64, u64)]) -> u64 {
     total
 }
 
+/// The mappings of at least `len` bytes in `smaps`: how another VMM's guest
+/// RAM shows, whose layout we do not know.
+pub fn mappings_of_at_least(smaps: &str, len: u64) -> Vec<(u64, u64)> {
+    smaps
+        .lines()
+        .filter_map(mapping_range)
+        .filter(|&(start, end)| end - start >= len)
+        .map(|(start, end)| (start, end - start))
+        .collect()
+}
+
 /// The start address of a mapping header line (`start-end perms ...`).
 fn mapping_start(line: &str) -> Option<u64> {
+    mapping_range(line).map(|(start, _)| start)
+}
+
+/// The address range of a mapping header line.
+fn mapping_range(line: &str) -> Option<(u64, u64)> {
     let (range, _) = line.split_once(' ')?;
     let (start, end) = range.split_once('-')?;
-    u64::from_str_radix(end, 16).ok()?;
-    u64::from_str_radix(start, 16).ok()
+    let end = u64::from_str_radix(end, 16).ok()?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    (start <= end).then_some((start, end))
 }
 
 /// This process's resident KiB outside guest memory, if /proc says.
@@ -56,5 +73,8 @@ Rss:                   8 kB
 ";
         assert_eq!(outside(smaps, &[(0x7f00_0000_0000, 128 << 20)]), 12);
         assert_eq!(outside(smaps, &[]), 65548);
+        let large = mappings_of_at_least(smaps, 64 << 20);
+        assert_eq!(large, [(0x7f00_0000_0000, 128 << 20)]);
+        assert_eq!(outside(smaps, &large), 12);
     }
 }

@@ -15,6 +15,7 @@ use devices::virtio::vsock::{HostPorts, Vsock};
 use devices::virtio::{RequestDevice, VirtioDevice};
 use devices::{Bus, BusError};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use guest::boot_mark;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::agent::{Outcome, ProcessSpec, Session};
@@ -124,13 +125,15 @@ pub struct Report {
     pub process: Option<Outcome>,
 }
 
-/// Host-clock milestones, measured from VMM process start.
+/// Host-clock milestones, measured from VMM process start; the agent's and
+/// the process's are the guest's boot marks.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Timings {
     pub first_vcpu_entry: Option<Duration>,
     pub agent_started: Option<Duration>,
     pub agent_connected: Option<Duration>,
     pub process_started: Option<Duration>,
+    /// The process ended, its leftovers were killed and the disks synced.
     pub process_exited: Option<Duration>,
     pub ended: Duration,
 }
@@ -184,29 +187,38 @@ impl IoHandler for Buses {
     }
 }
 
-/// The full guest command line for `config`.
+/// The full guest command line for `config`: uvm's flags, the virtio
+/// devices, then the user's additions (which may end in init arguments).
 pub fn cmdline(config: &VmConfig) -> String {
-    let quiet = (!config.console).then_some("quiet");
     let disks = config.layers.len() + usize::from(config.scratch.is_some());
-    let virtio: Vec<String> = std::iter::once(VSOCK_SLOT)
+    let virtio = std::iter::once(VSOCK_SLOT)
         .chain((FIRST_LAYER_SLOT..).take(disks))
         .map(|slot| {
             let (base, gsi) = virtio_slot(slot);
             MmioTransport::cmdline_entry(base, gsi)
-        })
-        .collect();
-    let virtio = virtio.join(" ");
-    [
-        Some(BASE_CMDLINE),
-        quiet,
-        Some(virtio.as_str()),
-        pvm::guest_flags(config.host),
-        config.extra_cmdline.as_deref(),
-    ]
-    .into_iter()
-    .flatten()
-    .collect::<Vec<_>>()
-    .join(" ")
+        });
+    let flags = uvm_flags(config).into_iter().map(str::to_string);
+    flags
+        .chain(virtio)
+        .chain(config.extra_cmdline.clone())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The command line without device entries: what another VMM passes to
+/// boot the same guest the same way (`uvm bench --against`).
+pub fn guest_flags(config: &VmConfig) -> String {
+    let mut flags = uvm_flags(config);
+    flags.extend(config.extra_cmdline.as_deref());
+    flags.join(" ")
+}
+
+fn uvm_flags(config: &VmConfig) -> Vec<&str> {
+    let quiet = (!config.console).then_some("quiet");
+    [Some(BASE_CMDLINE), quiet, pvm::guest_flags(config.host)]
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// The MMIO window and GSI of virtio device `slot`.
@@ -296,7 +308,7 @@ where
         config.memory_mib << 20,
     )?;
     if let Some(file) = scratch {
-        let block = Block::new(file, false).map_err(Error::Devices)?;
+        let block = Block::new(file, false, guest::disk_serial::SCRATCH).map_err(Error::Devices)?;
         let disk = RequestDevice::new(mem.clone(), block).map_err(Error::Devices)?;
         let slot = FIRST_LAYER_SLOT + layers.len() as u32;
         attach_virtio(&vm, &mem, &mut mmio, &mut events, slot, disk)?;
@@ -359,15 +371,15 @@ where
     std::mem::forget(mem);
 
     let exit = ending.wait();
-    let agent_started = lock(&boot_timer).mark(guest::boot_mark::AGENT_STARTED);
+    let mark = |mark| lock(&boot_timer).mark(mark);
     let progress = lock(&progress);
     let since_start = |at: Option<Instant>| at.map(|at| at.duration_since(start));
     let timings = Timings {
         first_vcpu_entry: since_start(entered.get().copied()),
-        agent_started,
+        agent_started: mark(boot_mark::AGENT_STARTED),
         agent_connected: since_start(progress.agent_connected),
-        process_started: since_start(progress.process_started),
-        process_exited: since_start(progress.process_exited),
+        process_started: mark(boot_mark::PROCESS_STARTED),
+        process_exited: mark(boot_mark::PROCESS_EXITED),
         ended: start.elapsed(),
     };
     Ok(Report {
@@ -527,7 +539,7 @@ fn pio_bus<V: Vm>(
         i8042::PORT_BASE,
         i8042::PORT_LEN,
     )?;
-    bus.insert(boot_timer.clone(), guest::boot_mark::PORT.into(), 1)?;
+    bus.insert(boot_timer.clone(), boot_mark::PORT.into(), 1)?;
     Ok(bus)
 }
 
@@ -587,9 +599,9 @@ mod tests {
         let virtio = "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
                       virtio_mmio.device=4K@0xd0002000:7";
         assert_eq!(hw, format!("{BASE_CMDLINE} quiet {virtio} foo=bar"));
-        let pvm = cmdline(&config(true, HostKind::Pvm));
+        let pvm = guest_flags(&config(true, HostKind::Pvm));
         assert!(pvm.starts_with(BASE_CMDLINE) && pvm.ends_with("pvm_host foo=bar"));
-        assert!(!pvm.contains("quiet"));
+        assert!(!pvm.contains("quiet") && !pvm.contains("virtio"));
     }
 
     #[test]

@@ -18,7 +18,10 @@ commands:
   demo-layers  busybox base, app and test layers -> target/guest/layers/*.img
   guest    kernel + initrd + demo layers
   demo     build what is missing, then run a container from the demo layers
-  test     guest, then fmt, clippy and the whole test suite (what CI runs)";
+  test     guest, then fmt, clippy and the whole test suite (what CI runs)
+  bench    the standard comparison: `true`, 30 runs, uvm against QEMU microvm
+           -> target/bench/{bench.json,bench.svg,table.txt}; extra arguments
+           go to `uvm bench` (e.g. `cargo xtask bench --runs 5`)";
 
 fn main() -> Result<()> {
     let cmd = std::env::args().nth(1).unwrap_or_default();
@@ -29,6 +32,7 @@ fn main() -> Result<()> {
         "guest" => guest(),
         "demo" => demo(),
         "test" => test(),
+        "bench" => bench(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
             eprintln!("{USAGE}");
             bail!("unknown command {cmd:?}")
@@ -233,6 +237,8 @@ fn demo() -> Result<()> {
 fn test() -> Result<()> {
     check_kvm()?;
     guest()?;
+    // The bench tests boot QEMU microvm next to uvm.
+    apt_install(&["qemu-system-x86"])?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -243,6 +249,34 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["test", "--workspace"]))
+}
+
+/// The standard comparison, stored in target/bench/ for people and CI.
+fn bench(extra: &[String]) -> Result<()> {
+    check_kvm()?;
+    guest()?;
+    apt_install(&["qemu-system-x86"])?;
+    run(cargo().args(["build", "--release", "-p", "vmm"]))?;
+    let out = root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let table = Command::new(root().join("target/release/uvm"))
+        .args(["bench", "--runs", "30", "--warmup", "1", "--against", "qemu"])
+        .arg("--json")
+        .arg(out.join("bench.json"))
+        .arg("--plot")
+        .arg(out.join("bench.svg"))
+        .args(extra)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running uvm bench")?;
+    let text = String::from_utf8_lossy(&table.stdout);
+    print!("{text}");
+    std::fs::write(out.join("table.txt"), text.as_bytes())?;
+    if !table.status.success() {
+        bail!("uvm bench failed ({})", table.status);
+    }
+    eprintln!("xtask: results in {}", out.display());
+    Ok(())
 }
 
 /// Under CI a missing /dev/kvm fails the run instead of skipping boot tests.

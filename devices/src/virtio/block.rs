@@ -16,8 +16,8 @@ pub const SECTOR_SIZE: u64 = 512;
 const MAX_REQUEST: usize = 4 << 20;
 /// The driver may use this many data segments per request.
 const SEG_MAX: u32 = 254;
-/// The serial number GET_ID returns (at most 20 bytes).
-const ID: &[u8] = b"uvm-scratch";
+/// GET_ID answers with at most this many bytes of the serial number.
+const ID_LEN: usize = 20;
 
 mod feature {
     pub const SEG_MAX: u64 = 1 << 2;
@@ -44,16 +44,21 @@ pub struct Block {
     /// Capacity in sectors: the image size, rounded down.
     sectors: u64,
     read_only: bool,
+    /// The serial number the guest finds the disk by.
+    serial: Vec<u8>,
 }
 
 impl Block {
-    /// A disk backed by `file`, `read_only` or writable.
-    pub fn new(file: File, read_only: bool) -> io::Result<Self> {
+    /// A disk backed by `file`, `read_only` or writable, with `serial`
+    /// (cut to 20 bytes).
+    pub fn new(file: File, read_only: bool, serial: &str) -> io::Result<Self> {
         let sectors = file.metadata()?.len() / SECTOR_SIZE;
+        let serial = serial.as_bytes();
         Ok(Self {
             file,
             sectors,
             read_only,
+            serial: serial[..serial.len().min(ID_LEN)].to_vec(),
         })
     }
 }
@@ -135,7 +140,7 @@ impl Block {
             }
             request::FLUSH => self.file.sync_data().map(|()| 0).map_err(|_| status::IOERR),
             request::GET_ID => {
-                let id = &ID[..ID.len().min(data.available_bytes())];
+                let id = &self.serial[..self.serial.len().min(data.available_bytes())];
                 data.write_all(id).map_err(|_| status::IOERR)?;
                 Ok(id.len())
             }
@@ -191,7 +196,7 @@ mod tests {
                 .open(&path)
                 .unwrap();
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-            let block = Block::new(file, read_only).unwrap();
+            let block = Block::new(file, read_only, "uvm-scratch-serial-is-long").unwrap();
             let mut disk = RequestDevice::new(mem.clone(), block).unwrap();
             let ring = Ring::new(0);
             let irq = Arc::new(IrqStatus::new(Arc::new(CountingInterrupt::default())));
@@ -289,11 +294,11 @@ mod tests {
         let mut d = Driver::new("id", false);
         assert_eq!(
             d.request(request::GET_ID, 0, &[(DATA, 20, W)]),
-            (status::OK, 12)
+            (status::OK, 21)
         );
-        let mut id = [0u8; 11];
+        let mut id = [0u8; 20];
         d.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
-        assert_eq!(&id, ID);
+        assert_eq!(&id, b"uvm-scratch-serial-i", "cut to 20 bytes");
         assert_eq!(d.request(99, 0, &[]).0, status::UNSUPP);
         let mut capacity = [0u8; 8];
         d.disk.read_config(0, &mut capacity);

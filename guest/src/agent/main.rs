@@ -24,6 +24,10 @@ fn start() -> io::Result<()> {
     mount(c"devtmpfs", c"/dev", c"devtmpfs")?;
     write_boot_mark(boot_mark::AGENT_STARTED)?;
     writeln!(io::stdout(), "uvm-agent: ready")?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline")?;
+    if let Some(run) = protocol::from_cmdline(&cmdline)? {
+        return process::run_standalone(&run);
+    }
     let mut control = vsock::connect(CONTROL_PORT)?;
     // The host closes the control stream when it has nothing to run.
     let Some(frame) = protocol::receive(&mut control)? else {
@@ -62,7 +66,7 @@ pub(crate) fn mount_with(
 }
 
 /// Tells the VMM's boot timer that we reached `mark`.
-fn write_boot_mark(mark: u8) -> io::Result<()> {
+pub(crate) fn write_boot_mark(mark: u8) -> io::Result<()> {
     // SAFETY: ioperm only changes this process's I/O permission bitmap.
     check(unsafe { libc::ioperm(boot_mark::PORT.into(), 1, 1) })?;
     // SAFETY: ioperm above granted access to exactly this port, which the VMM

@@ -7,11 +7,12 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use guest::boot_mark;
 use guest::protocol::{self, Exited, Failed, Run, Signal, Started, TtySize};
 
 use guest::vsock;
 
-use crate::{check, root};
+use crate::{check, root, write_boot_mark};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -20,20 +21,8 @@ pub fn run(req: &Run, control: &mut File, id: u64) -> io::Result<()> {
     let stdin = vsock::connect(req.stdin_port)?;
     let stdout = vsock::connect(req.stdout_port)?;
     let stderr = req.stderr_port.map(vsock::connect).transpose()?;
-    if let Some(root) = req.root {
-        if let Err(e) = root::assemble(root) {
-            let failed = Failed {
-                message: format!("assembling the container root: {e}"),
-                exit_code: 125,
-            };
-            return protocol::send(control, id, &failed);
-        }
-    }
-    if req.root.is_some() {
-        // The process becomes PID 1 of a PID namespace of its own (this
-        // only applies to children started from now on).
-        // SAFETY: plain system call without pointers.
-        check(unsafe { libc::unshare(libc::CLONE_NEWPID) })?;
+    if let Err(failed) = prepare(req) {
+        return protocol::send(control, id, &failed);
     }
     let spawned = match req.tty {
         Some(size) => spawn_on_tty(req, size, stdin, stdout),
@@ -43,6 +32,7 @@ pub fn run(req: &Run, control: &mut File, id: u64) -> io::Result<()> {
         Ok(spawned) => spawned,
         Err(e) => return protocol::send(control, id, &failure(req, &e)),
     };
+    write_boot_mark(boot_mark::PROCESS_STARTED)?;
     protocol::send(
         control,
         id,
@@ -51,15 +41,56 @@ pub fn run(req: &Run, control: &mut File, id: u64) -> io::Result<()> {
         },
     )?;
     let status = supervise(child, control, relay, req.tty.is_some())?;
+    protocol::send(control, id, &ended(status)?)
+}
+
+/// Runs `req` with no host connection (a VMM without vsock, such as QEMU
+/// as a benchmark peer): the process's stdio is the console, and how it
+/// ended goes to the console and the boot timer.
+pub fn run_standalone(req: &Run) -> io::Result<()> {
+    let mut console = io::stdout();
+    if let Err(failed) = prepare(req) {
+        return writeln!(console, "uvm-agent: {}", failed.message);
+    }
+    let mut child = match command(req).and_then(|mut cmd| cmd.spawn()) {
+        Ok(child) => child,
+        Err(e) => return writeln!(console, "uvm-agent: {}", failure(req, &e).message),
+    };
+    write_boot_mark(boot_mark::PROCESS_STARTED)?;
+    let status = child.wait()?;
+    let exited = ended(status)?;
+    writeln!(console, "uvm-agent: exit status {}", exited.shell_status())
+}
+
+/// Assembles the container root, if the request has one, and makes the
+/// process PID 1 of a PID namespace of its own (this only applies to
+/// children started from now on).
+fn prepare(req: &Run) -> Result<(), Failed> {
+    let Some(root) = req.root else {
+        return Ok(());
+    };
+    let failed = |what: &str, e: io::Error| Failed {
+        message: format!("{what}: {e}"),
+        exit_code: 125,
+    };
+    root::assemble(root).map_err(|e| failed("assembling the container root", e))?;
+    // SAFETY: plain system call without pointers.
+    check(unsafe { libc::unshare(libc::CLONE_NEWPID) })
+        .map_err(|e| failed("creating a PID namespace", e))
+}
+
+/// After the process ended: ends what it left behind, writes the file
+/// systems out, marks the moment and says how it ended.
+fn ended(status: ExitStatus) -> io::Result<Exited> {
     end_all_processes();
     // SAFETY: sync has no arguments.
     unsafe { libc::sync() };
-    let exited = match (status.code(), status.signal()) {
+    write_boot_mark(boot_mark::PROCESS_EXITED)?;
+    Ok(match (status.code(), status.signal()) {
         (Some(code), _) => Exited::Code(code),
         (None, Some(signal)) => Exited::Signal(signal),
         (None, None) => Exited::Code(255),
-    };
-    protocol::send(control, id, &exited)
+    })
 }
 
 /// The command line, environment and working directory of `req`.

@@ -1,10 +1,13 @@
-//! The container's root file system: the read-only pmem layers stacked
+//! The container's root file system: the read-only layers (pmem) stacked
 //! under a writable layer with overlayfs, entered by the process in a mount
 //! namespace of its own, the way a container runtime does.
 
 use std::ffi::{CStr, CString};
 use std::io::{self, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
+use guest::disk_serial;
 use guest::protocol::Root;
 
 use crate::{check, mount_with};
@@ -21,14 +24,14 @@ pub fn assemble(root: Root) -> io::Result<()> {
     for index in 0..root.layers {
         let target = format!("/layers/{index}");
         std::fs::create_dir_all(&target)?;
-        mount_layer(index, &target, root.dax)?;
+        mount_layer(index, &target, root)?;
         lower.push(target);
     }
     lower.reverse(); // overlayfs lists the top layer first
     std::fs::create_dir_all("/scratch")?;
     if root.scratch {
-        wait_for("/dev/vda")?;
-        mount_with(c"/dev/vda", SCRATCH, c"ext4", 0, None)?;
+        let disk = cstring(disk(disk_serial::SCRATCH)?)?;
+        mount_with(&disk, SCRATCH, c"ext4", 0, None)?;
     } else {
         mount_with(c"tmpfs", SCRATCH, c"tmpfs", 0, None)?;
     }
@@ -46,16 +49,23 @@ pub fn assemble(root: Root) -> io::Result<()> {
     Ok(())
 }
 
-/// Mounts `/dev/pmem{index}` read-only at `target`: with DAX if asked, and
-/// without it (saying so) if the DAX mount fails.
-fn mount_layer(index: u32, target: &str, dax: bool) -> io::Result<()> {
-    let device = format!("/dev/pmem{index}");
-    wait_for(&device)?;
+/// Mounts layer `index` read-only at `target`: `/dev/pmem{index}`, with DAX
+/// if asked and without it (saying so) if the DAX mount fails, or the disk
+/// with the layer's serial.
+fn mount_layer(index: u32, target: &str, root: Root) -> io::Result<()> {
+    let device = match root.layer_disks {
+        true => disk(&disk_serial::layer(index))?,
+        false => {
+            let pmem = format!("/dev/pmem{index}");
+            wait_until(&pmem, || Path::new(&pmem).exists().then_some(()))?;
+            pmem
+        }
+    };
     let source = cstring(device)?;
     let target = cstring(target.to_string())?;
     let mount =
         |options: &CStr| mount_with(&source, &target, c"ext4", libc::MS_RDONLY, Some(options));
-    if dax {
+    if root.dax && !root.layer_disks {
         match mount(c"noload,dax=always") {
             Ok(()) => return Ok(()),
             Err(e) => {
@@ -69,19 +79,35 @@ fn mount_layer(index: u32, target: &str, dax: bool) -> io::Result<()> {
     mount(c"noload")
 }
 
-/// Waits for a device node: pmem regions are probed asynchronously and may
+/// The node of the virtio disk whose serial is `serial`, once it is there.
+fn disk(serial: &str) -> io::Result<String> {
+    wait_until(&format!("the disk with serial {serial}"), || {
+        let disks = std::fs::read_dir("/sys/block").ok()?;
+        disks.flatten().find_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let found = std::fs::read_to_string(entry.path().join("serial")).ok()?;
+            let node = format!("/dev/{name}");
+            (found.trim_end_matches(['\0', '\n']) == serial && Path::new(&node).exists())
+                .then_some(node)
+        })
+    })
+}
+
+/// Polls `found` until it yields: devices are probed asynchronously and may
 /// appear after the agent starts.
-fn wait_for(device: &str) -> io::Result<()> {
-    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
-    let start = std::time::Instant::now();
-    while !std::path::Path::new(device).exists() {
+fn wait_until<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> io::Result<T> {
+    const PATIENCE: Duration = Duration::from_secs(30);
+    let start = Instant::now();
+    loop {
+        if let Some(t) = found() {
+            return Ok(t);
+        }
         if start.elapsed() > PATIENCE {
-            let e = format!("{device} did not appear within {PATIENCE:?}");
+            let e = format!("{what} did not appear within {PATIENCE:?}");
             return Err(io::Error::new(io::ErrorKind::NotFound, e));
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(())
 }
 
 /// Run in the process between fork and exec: a mount, UTS and IPC namespace
