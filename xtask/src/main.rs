@@ -260,7 +260,15 @@ fn bench(extra: &[String]) -> Result<()> {
     let out = root().join("target/bench");
     std::fs::create_dir_all(&out)?;
     let table = Command::new(root().join("target/release/uvm"))
-        .args(["bench", "--runs", "30", "--warmup", "1", "--against", "qemu"])
+        .args([
+            "bench",
+            "--runs",
+            "30",
+            "--warmup",
+            "1",
+            "--against",
+            "qemu",
+        ])
         .arg("--json")
         .arg(out.join("bench.json"))
         .arg("--plot")
