@@ -294,14 +294,17 @@ fn artifact(given: Option<PathBuf>, name: &str, flag: &str) -> anyhow::Result<Pa
     Ok(path)
 }
 
-/// `target/guest`, next to `target/<profile>/uvm`.
+/// `target/guest`, next to `target/<profile>/uvm` or
+/// `target/<triple>/<profile>/uvm`.
 fn default_guest_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the uvm binary")?;
-    let target = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("uvm binary has no target dir")?;
-    Ok(target.join("guest"))
+    let profile = exe.parent().context("uvm binary has no directory")?;
+    let mut targets = profile.ancestors().skip(1).take(2);
+    let first = targets.next().context("uvm binary has no target dir")?;
+    let found = std::iter::once(first)
+        .chain(targets)
+        .find(|dir| dir.join("guest").is_dir());
+    Ok(found.unwrap_or(first).join("guest"))
 }
 
 /// uvm's exit status: the process's, like a shell's, or 0 for a boot check.

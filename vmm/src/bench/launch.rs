@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -273,6 +273,7 @@ impl Launcher {
     fn run_arg(&self) -> String {
         let root = self.vm.root(false).map(|root| Root {
             layer_disks: true,
+            dax: false,
             ..root
         });
         protocol::to_cmdline(&Run {
@@ -329,6 +330,16 @@ struct RunningVm {
 impl RunningVm {
     fn spawn(vmm: Vmm, mut cmd: Command, marks: Option<MarksSocket>) -> anyhow::Result<Self> {
         cmd.stderr(Stdio::piped());
+        // SAFETY: prctl between fork and exec, on the child alone: a VM
+        // does not outlive an interrupted bench.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
         let (spawned, spawned_at) = (Instant::now(), vmm::clock::monotonic());
         let mut child = cmd
             .spawn()
