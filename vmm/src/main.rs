@@ -303,7 +303,7 @@ fn default_guest_dir() -> anyhow::Result<PathBuf> {
     let first = targets.next().context("uvm binary has no target dir")?;
     let found = std::iter::once(first)
         .chain(targets)
-        .find(|dir| dir.join("guest").is_dir());
+        .find(|dir| dir.join("guest/initrd.img").is_file());
     Ok(found.unwrap_or(first).join("guest"))
 }
 
