@@ -59,7 +59,8 @@ const PER_VM: [&str; 7] = [
 
 // Why boot: the numbers only exist when real VMs boot under both VMMs, and
 // only a real QEMU shows that its guest reaches the same marks. Three runs
-// each, as few as still give a min, median, p90 and max.
+// each, as few as still give a min, median, p90 and max. The command reads
+// its stdin: it must see the end of it under both VMMs.
 #[test]
 fn against_qemu_reports_every_phase_plots_and_gates() {
     if !kvm_available("against_qemu_reports_every_phase_plots_and_gates") {
@@ -78,10 +79,13 @@ fn against_qemu_reports_every_phase_plots_and_gates() {
         path_arg(&results),
         "--plot",
         path_arg(&plot),
+        "--",
+        "/bin/cat",
     ]);
     let table = stdout(&out);
     assert!(out.status.success(), "{table}\n{}", stderr(&out));
     for expected in [
+        "`/bin/cat`",
         "uvm vmlinux",
         "qemu vmlinux",
         "uvm/qemu vmlinux",
@@ -209,6 +213,10 @@ fn bad_input_fails_before_any_vm_boots() {
     assert_fails_naming(&bad_percent, "expected a percentage");
     let not_results = bench(&["--results", "/etc/hostname"]);
     assert_fails_naming(&not_results, "not uvm bench JSON");
-    let missing_baseline = bench(&["--results", "/nonexistent.json"]);
-    assert_fails_naming(&missing_baseline, "/nonexistent.json");
+    let missing_results = bench(&["--results", "/nonexistent.json"]);
+    assert_fails_naming(&missing_results, "/nonexistent.json");
+    let missing_baseline = bench(&["--baseline", "/nonexistent-baseline.json"]);
+    assert_fails_naming(&missing_baseline, "/nonexistent-baseline.json");
+    let endless = bench(&["--warmup", "4294967295"]);
+    assert_fails_naming(&endless, "--warmup");
 }

@@ -12,7 +12,8 @@ pub mod boot_mark {
     pub const AGENT_STARTED: u8 = 1;
     /// The process has been started.
     pub const PROCESS_STARTED: u8 = 2;
-    /// The process has ended (the agent reaped it).
+    /// The process has ended, the agent killed what it left behind and
+    /// synced the file systems.
     pub const PROCESS_EXITED: u8 = 3;
 }
 

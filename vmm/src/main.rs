@@ -26,7 +26,9 @@ const MAX_CPUS: u8 = 64;
 #[command(
     name = "uvm",
     version,
-    about = "Run Linux containers in tiny utility VMs"
+    about = "Run Linux containers in tiny utility VMs",
+    // A later flag wins (`cargo xtask bench --runs 5` overrides its default).
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -301,10 +303,14 @@ fn default_guest_dir() -> anyhow::Result<PathBuf> {
     let profile = exe.parent().context("uvm binary has no directory")?;
     let mut targets = profile.ancestors().skip(1).take(2);
     let first = targets.next().context("uvm binary has no target dir")?;
-    let found = std::iter::once(first)
-        .chain(targets)
+    let candidates: Vec<&Path> = std::iter::once(first).chain(targets).collect();
+    let built = candidates
+        .iter()
         .find(|dir| dir.join("guest/initrd.img").is_file());
-    Ok(found.unwrap_or(first).join("guest"))
+    let named_target = candidates
+        .iter()
+        .find(|dir| dir.file_name().is_some_and(|n| n == "target"));
+    Ok(built.or(named_target).unwrap_or(&first).join("guest"))
 }
 
 /// uvm's exit status: the process's, like a shell's, or 0 for a boot check.

@@ -32,7 +32,7 @@ pub fn run(req: &Run, control: &mut File, id: u64) -> io::Result<()> {
         Ok(spawned) => spawned,
         Err(e) => return protocol::send(control, id, &failure(req, &e)),
     };
-    write_boot_mark(boot_mark::PROCESS_STARTED)?;
+    write_boot_mark(boot_mark::PROCESS_STARTED);
     protocol::send(
         control,
         id,
@@ -41,7 +41,7 @@ pub fn run(req: &Run, control: &mut File, id: u64) -> io::Result<()> {
         },
     )?;
     let status = supervise(child, control, relay, req.tty.is_some())?;
-    protocol::send(control, id, &ended(status)?)
+    protocol::send(control, id, &ended(status))
 }
 
 /// Runs `req` with no host connection (a VMM without vsock, such as QEMU
@@ -49,17 +49,23 @@ pub fn run(req: &Run, control: &mut File, id: u64) -> io::Result<()> {
 /// ended goes to the console and the boot timer.
 pub fn run_standalone(req: &Run) -> io::Result<()> {
     let mut console = io::stdout();
-    if let Err(failed) = prepare(req) {
-        return writeln!(console, "uvm-agent: {}", failed.message);
-    }
-    let mut child = match command(req).and_then(|mut cmd| cmd.spawn()) {
-        Ok(child) => child,
-        Err(e) => return writeln!(console, "uvm-agent: {}", failure(req, &e).message),
+    // Nothing types on the console: the process reads an empty stdin.
+    let spawned = prepare(req).and_then(|()| {
+        command(req)
+            .and_then(|mut cmd| cmd.stdin(Stdio::null()).spawn())
+            .map_err(|e| failure(req, &e))
+    });
+    let status = match spawned {
+        Ok(mut child) => {
+            write_boot_mark(boot_mark::PROCESS_STARTED);
+            ended(child.wait()?).shell_status()
+        }
+        Err(failed) => {
+            writeln!(console, "uvm-agent: {}", failed.message)?;
+            failed.exit_code
+        }
     };
-    write_boot_mark(boot_mark::PROCESS_STARTED)?;
-    let status = child.wait()?;
-    let exited = ended(status)?;
-    writeln!(console, "uvm-agent: exit status {}", exited.shell_status())
+    writeln!(console, "uvm-agent: exit status {status}")
 }
 
 /// Assembles the container root, if the request has one, and makes the
@@ -81,16 +87,16 @@ fn prepare(req: &Run) -> Result<(), Failed> {
 
 /// After the process ended: ends what it left behind, writes the file
 /// systems out, marks the moment and says how it ended.
-fn ended(status: ExitStatus) -> io::Result<Exited> {
+fn ended(status: ExitStatus) -> Exited {
     end_all_processes();
     // SAFETY: sync has no arguments.
     unsafe { libc::sync() };
-    write_boot_mark(boot_mark::PROCESS_EXITED)?;
-    Ok(match (status.code(), status.signal()) {
+    write_boot_mark(boot_mark::PROCESS_EXITED);
+    match (status.code(), status.signal()) {
         (Some(code), _) => Exited::Code(code),
         (None, Some(signal)) => Exited::Signal(signal),
         (None, None) => Exited::Code(255),
-    })
+    }
 }
 
 /// The command line, environment and working directory of `req`.

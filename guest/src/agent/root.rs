@@ -80,15 +80,23 @@ fn mount_layer(index: u32, target: &str, root: Root) -> io::Result<()> {
 }
 
 /// The node of the virtio disk whose serial is `serial`, once it is there.
+/// Each disk's serial is read once: every read is a request to the device.
 fn disk(serial: &str) -> io::Result<String> {
+    let mut others = Vec::new();
     wait_until(&format!("the disk with serial {serial}"), || {
         let disks = std::fs::read_dir("/sys/block").ok()?;
         disks.flatten().find_map(|entry| {
             let name = entry.file_name().into_string().ok()?;
+            if others.contains(&name) {
+                return None;
+            }
             let found = std::fs::read_to_string(entry.path().join("serial")).ok()?;
+            if found.trim_end_matches(['\0', '\n']) != serial {
+                others.push(name);
+                return None;
+            }
             let node = format!("/dev/{name}");
-            (found.trim_end_matches(['\0', '\n']) == serial && Path::new(&node).exists())
-                .then_some(node)
+            Path::new(&node).exists().then_some(node)
         })
     })
 }

@@ -79,7 +79,8 @@ pub struct Batch {
 
 pub struct Launcher {
     uvm: PathBuf,
-    qemu: PathBuf,
+    /// The peer's binary, with `--against qemu`.
+    qemu: Option<PathBuf>,
     vm: VmArgs,
     command: Vec<String>,
     host: HostKind,
@@ -88,15 +89,22 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    pub fn new(vm: VmArgs, command: Vec<String>, qemu: &Path) -> anyhow::Result<Self> {
-        Ok(Self {
+    /// Checks what can be checked before anything boots: QEMU runs, and
+    /// the request fits on its guest's command line.
+    pub fn new(vm: VmArgs, command: Vec<String>, qemu: Option<&Path>) -> anyhow::Result<Self> {
+        let launcher = Self {
             uvm: std::env::current_exe().context("locating the uvm binary")?,
-            qemu: qemu.to_path_buf(),
+            qemu: qemu.map(Path::to_path_buf),
             host: vm.host.unwrap_or_else(pvm::detect),
             vm,
             command,
             next_socket: AtomicU64::new(0),
-        })
+        };
+        if let Some(qemu) = &launcher.qemu {
+            check_qemu(qemu)?;
+            launcher.qemu_cmdline()?;
+        }
+        Ok(launcher)
     }
 
     pub fn vm(&self) -> &VmArgs {
@@ -113,18 +121,6 @@ impl Launcher {
             .to_possible_value()
             .map(|v| v.get_name().to_string());
         name.unwrap_or_default()
-    }
-
-    /// Fails early, naming the package, when QEMU is not installed.
-    pub fn check_qemu(&self) -> anyhow::Result<()> {
-        let probe = Command::new(&self.qemu).arg("--version").output();
-        match probe {
-            Ok(out) if out.status.success() => Ok(()),
-            _ => bail!(
-                "{} does not run: install Debian's qemu-system-x86 (`cargo xtask bench` does) or pass --qemu",
-                self.qemu.display()
-            ),
-        }
     }
 
     /// Starts `parallel` VMs at once and measures each to its end.
@@ -168,18 +164,21 @@ impl Launcher {
     }
 
     fn start_qemu(&self, kernel: &Path) -> anyhow::Result<RunningVm> {
+        let qemu = self
+            .qemu
+            .as_ref()
+            .context("no QEMU binary (--against qemu)")?;
         let n = self.next_socket.fetch_add(1, Ordering::Relaxed);
         let socket =
             std::env::temp_dir().join(format!("uvm-bench-{}-{n}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&socket);
-        let listener = UnixListener::bind(&socket)
-            .with_context(|| format!("marks socket {}", socket.display()))?;
-        let mut cmd = Command::new(&self.qemu);
+        let mut cmd = Command::new(qemu);
         cmd.args(self.qemu_args(kernel, &socket)?)
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
+        let _ = std::fs::remove_file(&socket);
         let marks = MarksSocket {
-            listener,
+            listener: UnixListener::bind(&socket)
+                .with_context(|| format!("marks socket {}", socket.display()))?,
             path: socket,
             guest_ram: self.vm.memory << 20,
         };
@@ -193,14 +192,7 @@ impl Launcher {
     /// line and its stdio is the console; marks go to an isa-debugcon at
     /// the boot-timer port.
     fn qemu_args(&self, kernel: &Path, socket: &Path) -> anyhow::Result<Vec<OsString>> {
-        let cmdline = format!(
-            "{} {}",
-            uvm::guest_flags(&self.config(kernel)),
-            self.run_arg()
-        );
-        if cmdline.len() > MAX_QEMU_CMDLINE {
-            bail!("the command is too long for the QEMU guest's kernel command line");
-        }
+        let cmdline = self.qemu_cmdline()?;
         let cpu = match self.host {
             // PVM cannot virtualize the ARCH_CAPABILITIES MSR QEMU sets.
             HostKind::Pvm => "host,-arch-capabilities",
@@ -249,10 +241,23 @@ impl Launcher {
         Ok(args)
     }
 
-    /// The guest uvm would boot, for its command-line flags.
-    fn config(&self, kernel: &Path) -> VmConfig {
+    /// uvm's guest flags and the run request.
+    fn qemu_cmdline(&self) -> anyhow::Result<String> {
+        let cmdline = format!("{} {}", uvm::guest_flags(&self.config()), self.run_arg());
+        if cmdline.len() > MAX_QEMU_CMDLINE {
+            bail!(
+                "the command and flags need {} bytes of the QEMU guest's kernel command line; at most {MAX_QEMU_CMDLINE} fit",
+                cmdline.len()
+            );
+        }
+        Ok(cmdline)
+    }
+
+    /// The guest uvm would boot, for its command-line flags (the kernel
+    /// plays no part in them).
+    fn config(&self) -> VmConfig {
         VmConfig {
-            kernel: kernel.to_path_buf(),
+            kernel: PathBuf::new(),
             initrd: self.vm.initrd.clone().unwrap_or_default(),
             extra_cmdline: self.vm.cmdline.clone(),
             memory_mib: self.vm.memory,
@@ -286,18 +291,35 @@ impl Launcher {
     }
 }
 
+/// Fails early, naming the package, when QEMU is not installed.
+fn check_qemu(qemu: &Path) -> anyhow::Result<()> {
+    match Command::new(qemu).arg("--version").output() {
+        Ok(out) if out.status.success() => Ok(()),
+        _ => bail!(
+            "{} does not run: install Debian's qemu-system-x86 (`cargo xtask bench` does) or pass --qemu",
+            qemu.display()
+        ),
+    }
+}
+
 /// `prefix` and `path` as one QEMU option value (commas in it doubled).
 fn qemu_path_option(prefix: &str, path: &Path) -> OsString {
     let path = path.to_string_lossy().replace(',', ",,");
     format!("{prefix}{path}").into()
 }
 
-/// Where QEMU's debugcon connects.
+/// Where QEMU's debugcon connects; the socket file goes with it.
 struct MarksSocket {
     listener: UnixListener,
     path: PathBuf,
     /// The size of QEMU's guest RAM mapping, to leave it out of its memory.
     guest_ram: u64,
+}
+
+impl Drop for MarksSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Guest marks as they arrive from QEMU's debugcon, and QEMU's memory.
@@ -386,12 +408,10 @@ impl RunningVm {
             );
         }
         let mut sample = match marks {
+            Some(_) if !status.success() => bail!("qemu exited with {status}{tail}"),
             Some(marks) => qemu_sample(&marks, self.spawned, console.as_deref(), &tail)?,
             None => uvm_sample(&stderr, status, self.spawned_at, &tail)?,
         };
-        if !status.success() && self.vmm == Vmm::Qemu {
-            bail!("qemu exited with {status}{tail}");
-        }
         sample.total_ms = ms(total);
         sample.vmm_cpu_ms = ms(cpu);
         Ok(sample)
@@ -410,10 +430,11 @@ fn uvm_sample(
     if !status.success() {
         bail!("uvm run exited with {status}{tail}");
     }
+    // The timings come last, as one flat JSON object, possibly right after
+    // COMMAND's own stderr if that did not end in a newline.
     let json = stderr
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
+        .rfind('{')
+        .map(|at| stderr[at..].trim_end())
         .with_context(|| format!("uvm run printed no timings{tail}"))?;
     let t: serde_json::Value = serde_json::from_str(json).context("uvm run's timings")?;
     let get = |key: &str| t.get(key).and_then(serde_json::Value::as_f64);
@@ -444,6 +465,7 @@ fn qemu_sample(
     let status = console
         .unwrap_or_default()
         .lines()
+        .rev()
         .find_map(|l| l.trim_end().strip_prefix(EXIT_STATUS_LINE))
         .with_context(|| format!("the QEMU guest reported no exit status{tail}"))?;
     if status != "0" {
@@ -492,20 +514,19 @@ fn read_all(stream: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
     })
 }
 
-/// Stamps each mark byte QEMU's debugcon sends as it arrives; when the
-/// process has exited, takes QEMU's memory without the guest RAM.
+/// Stamps each mark byte QEMU's debugcon sends as it arrives; once the
+/// process runs, takes QEMU's memory without the guest RAM (not later: QEMU
+/// would pay for the read in its teardown).
 fn read_marks(socket: MarksSocket, pid: u32, stop: Arc<AtomicBool>) -> JoinHandle<Marks> {
     std::thread::spawn(move || {
         let mut marks = Marks::default();
-        let stream = accept_until(&socket.listener, &stop);
-        let _ = std::fs::remove_file(&socket.path);
-        let Some(mut stream) = stream else {
+        let Some(mut stream) = accept_until(&socket.listener, &stop) else {
             return marks;
         };
         let mut byte = [0u8; 1];
         while matches!(stream.read(&mut byte), Ok(1)) {
             marks.at.push((byte[0], Instant::now()));
-            if byte[0] == boot_mark::PROCESS_EXITED {
+            if byte[0] == boot_mark::PROCESS_STARTED {
                 let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"));
                 marks.rss_kib = smaps.ok().map(|s| {
                     let guest = vmm::rss::mappings_of_at_least(&s, socket.guest_ram);
@@ -652,6 +673,8 @@ mod tests {
         let failed = ExitStatus::from_raw(1 << 8);
         let err = uvm_sample(stderr, failed, Duration::ZERO, "\nstderr: boom").unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");
+        let glued = format!("no newline{}", stderr.lines().last().unwrap());
+        assert!(uvm_sample(&glued, ok, Duration::from_secs(5), "").is_ok());
         let no_process = "{\"agent_started_ms\":1.0,\"started_at_monotonic_ms\":2.0}";
         let err = uvm_sample(no_process, ok, Duration::ZERO, "").unwrap_err();
         assert!(err.to_string().contains("process_started_ms"), "{err}");
@@ -670,8 +693,11 @@ mod tests {
         let s = qemu_sample(&marks, t0, Some(console), "").unwrap();
         assert_eq!((s.ready_ms, s.process_started_ms), (10.0, 20.0));
         assert_eq!(s.vmm_setup_ms, None);
-        let failed = "uvm-agent: exit status 127\n";
-        assert!(qemu_sample(&marks, t0, Some(failed), "").is_err());
+        let failed = "uvm-agent: exit status 0\nuvm-agent: exit status 127\n";
+        assert!(
+            qemu_sample(&marks, t0, Some(failed), "").is_err(),
+            "the last one counts"
+        );
         assert!(qemu_sample(&Marks::default(), t0, Some(console), "").is_err());
     }
 

@@ -31,11 +31,12 @@ pub struct BenchArgs {
 
     /// Measured runs of each series.
     #[arg(long, value_name = "N", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
     runs: u32,
 
     /// Runs before the measured ones, not counted (they warm the page cache).
-    #[arg(long, value_name = "K", default_value_t = 1)]
+    #[arg(long, value_name = "K", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
     warmup: u32,
 
     /// Boot the same kernel, initrd and layers under this VMM too, run by
@@ -70,7 +71,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PERCENT", default_value = "10%", value_parser = parse_percent)]
     max_regression: f64,
 
-    /// Report the results in FILE (an earlier `--json`) instead of booting.
+    /// Report the results in FILE (an earlier `--json`) instead of booting;
+    /// the run and VM flags are then ignored.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernels", "against", "command"])]
     results: Option<PathBuf>,
 
@@ -94,6 +96,8 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    // Read before anything boots (and before --json may overwrite it).
+    let baseline = args.baseline.as_deref().map(Results::load).transpose()?;
     let results = match &args.results {
         Some(path) => Results::load(path)?,
         None => measure(&args)?,
@@ -105,8 +109,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
     if let Some(path) = &args.plot {
         plot::draw(&results, path).with_context(|| format!("drawing {}", path.display()))?;
     }
-    if let Some(path) = &args.baseline {
-        let verdict = results.compare(&Results::load(path)?, args.max_regression)?;
+    if let (Some(path), Some(baseline)) = (&args.baseline, baseline) {
+        let verdict = results.compare(&baseline, args.max_regression)?;
         println!("{verdict}");
         if verdict.regressed() {
             bail!("slower than the baseline {}", path.display());
@@ -117,7 +121,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
 
 /// Boots every series `warmup + runs` times, in turn.
 fn measure(args: &BenchArgs) -> anyhow::Result<Results> {
-    let launcher = Launcher::new(vm_with_defaults(&args.vm)?, command(args), &args.qemu)?;
+    let peer_qemu = args.against.map(|Peer::Qemu| args.qemu.as_path());
+    let launcher = Launcher::new(vm_with_defaults(&args.vm)?, command(args), peer_qemu)?;
     let kernels = match args.kernels.is_empty() {
         true => vec![artifact(None, "vmlinux", "--kernel")?],
         false => args.kernels.clone(),
@@ -131,9 +136,6 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Results> {
         .iter()
         .flat_map(|kernel| peers.iter().map(|&vmm| Series::new(vmm, kernel)));
     let mut series = Results::labelled(series.collect());
-    if let Some(Peer::Qemu) = args.against {
-        launcher.check_qemu()?;
-    }
     let rounds = args.warmup + args.runs;
     let progress = progress_bar(u64::from(rounds) * series.len() as u64);
     for round in 0..rounds {
@@ -188,11 +190,16 @@ fn vm_with_defaults(vm: &VmArgs) -> anyhow::Result<VmArgs> {
     vm.initrd = Some(artifact(vm.initrd, "initrd.img", "--initrd")?);
     check_file(vm.initrd.as_deref().unwrap_or(Path::new("")), "initrd")?;
     if vm.layers.is_empty() {
-        // `/bin/true` and friends live in the demo base layer.
+        // `/bin/true` and friends live in the demo base layer; the initrd
+        // holds the agent alone.
         let base = default_guest_dir()?.join("layers/base.img");
-        if base.exists() {
-            vm.layers.push(base);
+        if !base.exists() {
+            bail!(
+                "no --layer given and the default {} does not exist: run `cargo xtask demo-layers` or pass --layer",
+                base.display()
+            );
         }
+        vm.layers.push(base);
     }
     for layer in &vm.layers {
         check_file(layer, "layer")?;
@@ -219,6 +226,16 @@ fn check_file(path: &Path, what: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_later_flag_wins() {
+        use clap::Parser;
+        let cli = crate::Cli::try_parse_from(["uvm", "bench", "--runs", "30", "--runs", "5"]);
+        match cli.map(|c| c.command) {
+            Ok(crate::Command::Bench(args)) => assert_eq!(args.runs, 5),
+            _ => panic!("`cargo xtask bench --runs 5` must override its default"),
+        }
+    }
 
     #[test]
     fn percentages() {

@@ -6,7 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use super::launch::Sample;
-use super::report::Results;
+use super::report::{Results, Stats};
 
 const WIDTH: u32 = 960;
 const ROW_HEIGHT: u32 = 40;
@@ -27,6 +27,9 @@ const PANELS: [Panel; 2] = [
 ];
 
 pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
     let rows = results.series.len().max(1) as u32;
     let height = 2 * (rows * ROW_HEIGHT + 90);
     let root = SVGBackend::new(path, (WIDTH, height)).into_drawing_area();
@@ -69,15 +72,14 @@ fn panel(
         .draw()?;
     for (row, series) in results.series.iter().enumerate() {
         let color = COLORS[row % COLORS.len()];
-        let mut values: Vec<f64> = series.samples().map(value).collect();
+        let values: Vec<f64> = series.samples().map(value).collect();
         // Spread the dots over the row so that equal times stay visible.
         let dots = values.iter().enumerate().map(|(i, &x)| {
             let y = row as f64 + ((i % 7) as f64 - 3.0) * 0.05;
             Circle::new((x, y), 3, color.mix(0.7).filled())
         });
         chart.draw_series(dots)?;
-        values.sort_by(f64::total_cmp);
-        if let Some(&median) = values.get(values.len() / 2) {
+        if let Some(median) = Stats::of(values).map(|s| s.median) {
             let y = row as f64;
             let bar = [(median, y - 0.35), (median, y + 0.35)];
             chart.draw_series(LineSeries::new(bar, color.stroke_width(3)))?;

@@ -36,7 +36,7 @@ pub struct Series {
 
 /// A phase's distribution over the runs.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Stats {
+pub(super) struct Stats {
     pub min: f64,
     pub median: f64,
     pub p90: f64,
@@ -44,7 +44,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn of(mut values: Vec<f64>) -> Option<Self> {
+    pub(super) fn of(mut values: Vec<f64>) -> Option<Self> {
         values.sort_by(f64::total_cmp);
         let at = |q: f64| values[((q * values.len() as f64).ceil() as usize).max(1) - 1];
         let (&min, &max) = (values.first()?, values.last()?);
@@ -253,6 +253,22 @@ impl Results {
 
     /// Each series' median total against the same series in `baseline`.
     pub fn compare(&self, baseline: &Results, max_regression: f64) -> anyhow::Result<Verdict> {
+        let setup = |r: &Results| {
+            (
+                r.command.clone(),
+                r.parallel,
+                r.memory_mib,
+                r.layers,
+                r.host.clone(),
+            )
+        };
+        if setup(self) != setup(baseline) {
+            bail!(
+                "the baseline measured something else: command, VMs at once, MiB, layers, host {:?} here, {:?} there",
+                setup(self),
+                setup(baseline)
+            );
+        }
         let mut changes = Vec::new();
         for s in &self.series {
             let Some(old) = baseline.series.iter().find(|b| b.name == s.name) else {
@@ -407,6 +423,12 @@ mod tests {
         let mut other = results(&[1.0]);
         other.series[0].name = "qemu vmlinux".into();
         assert!(now.compare(&other, 0.1).is_err());
+        let mut parallel = results(&[200.0, 210.0, 220.0]);
+        parallel.parallel = 4;
+        let Err(err) = now.compare(&parallel, 0.1) else {
+            panic!("a baseline of 4 VMs at once compared with 1");
+        };
+        assert!(err.to_string().contains("something else"), "{err}");
     }
 
     #[test]
