@@ -1,6 +1,8 @@
 //! What the uvm host and the guest agent share.
 
 pub mod protocol;
+// The guest side: the agent and its test peer run in Linux guests.
+#[cfg(target_os = "linux")]
 pub mod vsock;
 
 /// Boot marks: the agent writes a mark byte to the VMM's boot-timer port at

@@ -1,10 +1,9 @@
 //! virtio-blk (virtio 1.2, 5.2) over a raw image file: the container's
-//! writable scratch layer. Requests are served synchronously on the event
-//! thread with positional reads and writes; a flush is an fdatasync.
+//! writable scratch layer. Requests are served synchronously, one at a time;
+//! a flush is an fdatasync.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use virtio_queue::{DescriptorChain, Writer};
 
@@ -119,8 +118,8 @@ impl Block {
                 let len = data.available_bytes();
                 let offset = self.range(sector, len)?;
                 let mut buf = vec![0u8; len];
-                self.file
-                    .read_exact_at(&mut buf, offset)
+                self.at(offset)
+                    .and_then(|mut file| file.read_exact(&mut buf))
                     .map_err(|_| status::IOERR)?;
                 data.write_all(&buf).map_err(|_| status::IOERR)?;
                 Ok(len)
@@ -133,8 +132,8 @@ impl Block {
                     .read_to_end(&mut buf)
                     .map_err(|_| status::IOERR)?;
                 let offset = self.range(sector, buf.len())?;
-                self.file
-                    .write_all_at(&buf, offset)
+                self.at(offset)
+                    .and_then(|mut file| file.write_all(&buf))
                     .map_err(|_| status::IOERR)?;
                 Ok(0)
             }
@@ -146,6 +145,15 @@ impl Block {
             }
             _ => Err(status::UNSUPP),
         }
+    }
+
+    /// The image positioned at `offset`. Seek-then-transfer instead of
+    /// positional I/O works on every host OS; requests are served one at a
+    /// time, so nothing moves the position in between.
+    fn at(&self, offset: u64) -> io::Result<&File> {
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(offset))?;
+        Ok(file)
     }
 
     /// The byte offset of `len` bytes at `sector`, if all of them are on

@@ -1,13 +1,20 @@
 //! Virtio devices and their transport. A device ([`VirtioDevice`]) knows its
 //! queues and configuration space; the transport ([`mmio::MmioTransport`])
 //! turns guest register accesses into calls on it and activates it once the
-//! driver is ready. Queue processing runs on the VMM's event thread.
+//! driver is ready.
+//!
+//! Queue notifications are the seam between devices and hosts: on Linux each
+//! queue has an eventfd that KVM signals without an exit (ioeventfd) and the
+//! VMM's event thread watches; on hosts without eventfds the transport hands
+//! the notification to the device itself ([`VirtioDevice::queue_notified`]).
 
 pub mod block;
 pub mod mmio;
 pub mod pmem;
 #[cfg(test)]
 mod testing;
+// Its host side is Unix streams and epoll.
+#[cfg(target_os = "linux")]
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,6 +22,7 @@ use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+#[cfg(target_os = "linux")]
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::Interrupt;
@@ -42,9 +50,13 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Maximum size of each queue; the number of queues is its length.
     fn queue_max_sizes(&self) -> &[u16];
-    /// One event per queue, signalled when the driver notifies that queue:
-    /// by the hypervisor directly (ioeventfd) or by the transport.
+    /// One eventfd per queue, which the hypervisor signals when the driver
+    /// notifies that queue (ioeventfd) and the event thread watches.
+    #[cfg(target_os = "linux")]
     fn queue_events(&self) -> &[EventFd];
+    /// The driver notified `queue` and the hypervisor did not deliver it
+    /// itself: serve it, or pass it on to where the device serves it.
+    fn queue_notified(&mut self, queue: usize);
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The driver is ready: from now on the device owns `queues`.
     fn activate(&mut self, queues: Vec<Queue>, irq: Arc<IrqStatus>) -> Result<(), ActivateError>;
@@ -156,6 +168,7 @@ pub trait RequestHandler: Send {
 pub struct RequestDevice<H> {
     mem: GuestMemory,
     handler: H,
+    #[cfg(target_os = "linux")]
     events: [EventFd; 1],
     active: Option<(Queue, Arc<IrqStatus>)>,
 }
@@ -165,13 +178,13 @@ impl<H: RequestHandler> RequestDevice<H> {
         Ok(Self {
             mem,
             handler,
+            #[cfg(target_os = "linux")]
             events: [EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?],
             active: None,
         })
     }
 
     fn process_queue(&mut self) {
-        let _ = self.events[0].read();
         if let Some((queue, irq)) = &mut self.active {
             let (mem, handler) = (&self.mem, &self.handler);
             drain_queue(queue, mem, irq, |chain| handler.serve(mem, chain));
@@ -192,8 +205,13 @@ impl<H: RequestHandler> VirtioDevice for RequestDevice<H> {
         &[REQUEST_QUEUE_SIZE]
     }
 
+    #[cfg(target_os = "linux")]
     fn queue_events(&self) -> &[EventFd] {
         &self.events
+    }
+
+    fn queue_notified(&mut self, _queue: usize) {
+        self.process_queue();
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -220,6 +238,7 @@ impl<H: RequestHandler> VirtioDevice for RequestDevice<H> {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl<H: RequestHandler> event_manager::MutEventSubscriber for RequestDevice<H> {
     fn init(&mut self, ops: &mut event_manager::EventOps) {
         let events = event_manager::Events::new(&self.events[0], event_manager::EventSet::IN);
@@ -229,6 +248,7 @@ impl<H: RequestHandler> event_manager::MutEventSubscriber for RequestDevice<H> {
     }
 
     fn process(&mut self, _: event_manager::Events, _: &mut event_manager::EventOps) {
+        let _ = self.events[0].read();
         self.process_queue();
     }
 }

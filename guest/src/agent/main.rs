@@ -1,16 +1,30 @@
 //! uvm-agent: PID 1 of the utility VM. Kept lean on purpose: on PVM hosts each
 //! guest system call costs about half a millisecond.
 
+#[cfg(target_os = "linux")]
 mod process;
+#[cfg(target_os = "linux")]
 mod root;
 
+#[cfg(target_os = "linux")]
 use std::ffi::CStr;
+#[cfg(target_os = "linux")]
 use std::io::{self, Write};
 
+#[cfg(target_os = "linux")]
 use guest::boot_mark;
+#[cfg(target_os = "linux")]
 use guest::protocol::{self, Run, CONTROL_PORT};
+#[cfg(target_os = "linux")]
 use guest::vsock;
 
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!("uvm-agent runs in a Linux guest only");
+    std::process::exit(1);
+}
+
+#[cfg(target_os = "linux")]
 fn main() {
     if let Err(e) = start() {
         let _ = writeln!(io::stderr(), "uvm-agent: error: {e}");
@@ -18,6 +32,7 @@ fn main() {
     power_off();
 }
 
+#[cfg(target_os = "linux")]
 fn start() -> io::Result<()> {
     mount(c"proc", c"/proc", c"proc")?;
     mount(c"sysfs", c"/sys", c"sysfs")?;
@@ -40,10 +55,12 @@ fn start() -> io::Result<()> {
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
 pub(crate) fn mount(source: &CStr, target: &CStr, fstype: &CStr) -> io::Result<()> {
     mount_with(source, target, fstype, 0, None)
 }
 
+#[cfg(target_os = "linux")]
 pub(crate) fn mount_with(
     source: &CStr,
     target: &CStr,
@@ -67,6 +84,7 @@ pub(crate) fn mount_with(
 
 /// Tells the VMM's boot timer that we reached `mark`. Marks only measure:
 /// without access to the port (not expected) there are none.
+#[cfg(target_os = "linux")]
 pub(crate) fn write_boot_mark(mark: u8) {
     // SAFETY: ioperm only changes this process's I/O permission bitmap.
     if unsafe { libc::ioperm(boot_mark::PORT.into(), 1, 1) } < 0 {
@@ -82,6 +100,7 @@ pub(crate) fn write_boot_mark(mark: u8) {
 
 /// Ends the VM. The guest has no ACPI, so a power-off would only halt: the
 /// VMM ends the VM on the keyboard-controller reset that `reboot=k` issues.
+#[cfg(target_os = "linux")]
 fn power_off() -> ! {
     // SAFETY: plain system calls without pointers. The console is drained
     // first: its last line may be all the host gets (an exit status).
@@ -97,6 +116,7 @@ fn power_off() -> ! {
     }
 }
 
+#[cfg(target_os = "linux")]
 pub(crate) fn check(rc: libc::c_int) -> io::Result<()> {
     if rc < 0 {
         return Err(io::Error::last_os_error());

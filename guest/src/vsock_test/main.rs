@@ -6,10 +6,19 @@
 //! - `flood PORT N`: open N connections to host PORT and hold them all;
 //!   print how many the host accepted and refused.
 
+#[cfg(target_os = "linux")]
 use std::io::{self, Read, Write};
 
+#[cfg(target_os = "linux")]
 use guest::vsock;
 
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!("uvm-vsock-test runs in a Linux guest only");
+    std::process::exit(1);
+}
+
+#[cfg(target_os = "linux")]
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
@@ -25,6 +34,7 @@ fn main() {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn parse(arg: &str) -> u32 {
     arg.parse().unwrap_or_else(|_| {
         eprintln!("uvm-vsock-test: not a number: {arg}");
@@ -32,6 +42,7 @@ fn parse(arg: &str) -> u32 {
     })
 }
 
+#[cfg(target_os = "linux")]
 fn echo(port: u32) -> io::Result<()> {
     let listener = vsock::listen(port)?;
     println!("listening");
@@ -46,6 +57,7 @@ fn echo(port: u32) -> io::Result<()> {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn flood(port: u32, count: u32) -> io::Result<()> {
     let mut open = Vec::new();
     let mut refused = 0;

@@ -235,6 +235,13 @@ impl VirtioDevice for Vsock {
         &self.queue_events
     }
 
+    /// Served on the event thread, which owns the host sockets' registrations.
+    fn queue_notified(&mut self, queue: usize) {
+        if let Err(e) = self.queue_events[queue].write(1) {
+            tracing::warn!("vsock: queue {queue} notify: {e}");
+        }
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // The configuration space is the 64-bit guest CID.
         super::read_config_bytes(&self.guest_cid().to_le_bytes(), offset, data);
