@@ -10,7 +10,9 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use devices::virtio::vsock::HostPorts;
-use guest::protocol::{self, Exited, Failed, Root, Run, Signal, Started, TtySize, CONTROL_PORT};
+use guest::protocol::{self, Exited, Failed, Run, Signal, Started, CONTROL_PORT};
+
+pub use crate::process::{Outcome, ProcessSpec};
 
 /// Host ports of the process's stdio, served inside uvm.
 const STDIN_PORT: u32 = CONTROL_PORT + 1;
@@ -18,27 +20,6 @@ const STDOUT_PORT: u32 = CONTROL_PORT + 2;
 const STDERR_PORT: u32 = CONTROL_PORT + 3;
 /// Message id of the one run request.
 const RUN_ID: u64 = 1;
-
-/// The process to run in the guest.
-#[derive(Clone, Debug, Default)]
-pub struct ProcessSpec {
-    pub argv: Vec<String>,
-    /// `KEY=VALUE` entries.
-    pub env: Vec<String>,
-    pub cwd: Option<String>,
-    /// Run on a guest pseudo-terminal of this size.
-    pub tty: Option<TtySize>,
-    /// The container root, if the process runs in one.
-    pub root: Option<Root>,
-}
-
-/// How the process ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Exited(Exited),
-    /// It never started (missing command, bad working directory).
-    Failed(Failed),
-}
 
 /// What the session saw, and when.
 #[derive(Debug, Default)]

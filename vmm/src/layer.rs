@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Read;
+#[cfg(unix)]
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -68,6 +69,7 @@ impl Layer {
 /// Maps `file_len` bytes of `file` read-only and shared, followed by
 /// read-only zero pages up to `len`. Never unmapped: the guest may use it
 /// until the process exits.
+#[cfg(unix)]
 fn map(file: &File, file_len: u64, len: u64) -> std::io::Result<*mut u8> {
     let prot = libc::PROT_READ;
     let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
@@ -87,6 +89,22 @@ fn map(file: &File, file_len: u64, len: u64) -> std::io::Result<*mut u8> {
         return Err(e);
     }
     Ok(base.cast())
+}
+
+/// Without a read-only file mapping (the `windows` features uvm builds with
+/// have none) the layer is copied into memory of its own: the same guest
+/// view, but not shared between VMs. Never freed, like the Unix mapping.
+#[cfg(not(unix))]
+fn map(mut file: &File, file_len: u64, len: u64) -> std::io::Result<*mut u8> {
+    use std::io::{Seek, SeekFrom};
+    let region = vm_memory::MmapRegion::<()>::new(len as usize).map_err(std::io::Error::other)?;
+    // SAFETY: the region is `len` bytes, freshly allocated and ours alone.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), len as usize) };
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut bytes[..file_len as usize])?;
+    let ptr = region.as_ptr();
+    std::mem::forget(region);
+    Ok(ptr)
 }
 
 /// Makes an ext4 layer image at `out` from `from`: a directory, or a (possibly
@@ -152,6 +170,7 @@ fn convert_whiteouts(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+#[cfg(unix)]
 fn make_whiteout(path: &Path) -> std::io::Result<()> {
     let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: a valid NUL-terminated path; device 0:0 is overlayfs's whiteout.
@@ -162,6 +181,27 @@ fn make_whiteout(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whiteouts are overlayfs's, which only Linux hosts can make.
+#[cfg(not(unix))]
+fn make_whiteout(path: &Path) -> std::io::Result<()> {
+    Err(whiteouts_unsupported(path))
+}
+
+#[cfg(not(unix))]
+fn set_xattr(path: &Path, _: &std::ffi::CStr, _: &[u8]) -> std::io::Result<()> {
+    Err(whiteouts_unsupported(path))
+}
+
+#[cfg(not(unix))]
+fn whiteouts_unsupported(path: &Path) -> std::io::Error {
+    let e = format!(
+        "{}: overlayfs whiteouts are made on Linux hosts",
+        path.display()
+    );
+    std::io::Error::new(std::io::ErrorKind::Unsupported, e)
+}
+
+#[cfg(unix)]
 fn set_xattr(path: &Path, name: &std::ffi::CStr, value: &[u8]) -> std::io::Result<()> {
     let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: valid NUL-terminated strings and a value buffer of the length passed.

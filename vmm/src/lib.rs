@@ -1,17 +1,23 @@
 //! uvm: a minimal virtual machine monitor for utility VMs.
 
+// The host side of the agent's vsock link, and what only Unix hosts have.
+#[cfg(target_os = "linux")]
 pub mod agent;
 pub mod boot;
+#[cfg(unix)]
 pub mod clock;
 pub mod console;
 pub mod cpuid;
 pub mod hypervisor;
 pub mod layer;
 pub mod memory;
+pub mod process;
 pub mod pvm;
 pub mod rss;
 pub mod scratch;
+#[cfg(target_os = "linux")]
 pub mod signals;
+#[cfg(unix)]
 pub mod terminal;
 pub mod uvm;
 

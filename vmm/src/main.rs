@@ -1,21 +1,33 @@
 //! `uvm`: the command-line edge. Parses flags, hands a config to the library,
 //! turns the outcome into an exit status.
 
+// Spawns and reaps VMs with Linux process APIs (pidfd, wait4, PDEATHSIG).
+#[cfg(target_os = "linux")]
 mod bench;
 
+#[cfg(target_os = "linux")]
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
+#[cfg(target_os = "linux")]
+use clap::ValueEnum;
+use clap::{Parser, Subcommand};
+#[cfg(target_os = "linux")]
 use devices::virtio::vsock::DEFAULT_GUEST_CID;
 use guest::protocol::{Root, TtySize};
-use vmm::agent::{Outcome, ProcessSpec};
+#[cfg(target_os = "linux")]
 use vmm::hypervisor::kvm::KvmHypervisor;
+#[cfg(windows)]
+use vmm::hypervisor::whp::WhpHypervisor;
+use vmm::process::{Outcome, ProcessSpec};
 use vmm::pvm::{self, HostKind};
+#[cfg(unix)]
 use vmm::terminal::RawMode;
-use vmm::uvm::{self, GuestExit, Report, VmConfig, VsockConfig};
+#[cfg(target_os = "linux")]
+use vmm::uvm::VsockConfig;
+use vmm::uvm::{self, GuestExit, Report, VmConfig};
 
 const DEFAULT_MEMORY_MIB: u64 = 128;
 const MIN_MEMORY_MIB: u64 = 64;
@@ -45,6 +57,7 @@ enum Command {
     Layer(LayerCommand),
     /// Boot utility VMs one after another (or several at once) and report
     /// how long each phase took, optionally side by side with QEMU microvm.
+    #[cfg(target_os = "linux")]
     Bench(bench::BenchArgs),
 }
 
@@ -85,6 +98,7 @@ struct RunArgs {
     tty: bool,
 
     /// The guest's vsock context ID.
+    #[cfg(target_os = "linux")]
     #[arg(long, value_name = "CID", default_value_t = DEFAULT_GUEST_CID,
           value_parser = clap::value_parser!(u64).range(3..u64::from(u32::MAX)))]
     cid: u64,
@@ -92,6 +106,7 @@ struct RunArgs {
     /// Hybrid vsock (Firecracker convention): host programs connect to PATH and
     /// send `CONNECT <port>\n` to reach a guest port; guest connections to
     /// host port P go to PATH_P.
+    #[cfg(target_os = "linux")]
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
 
@@ -156,7 +171,8 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
-    /// These options as `uvm run` flags.
+    /// These options as `uvm run` flags (for the VMs `uvm bench` starts).
+    #[cfg(target_os = "linux")]
     fn flags(&self) -> Vec<OsString> {
         let mut flags: Vec<OsString> = vec![
             "--memory".into(),
@@ -210,7 +226,10 @@ fn parse_env(entry: &str) -> Result<String, String> {
 
 fn main() {
     let start = Instant::now();
-    let started_at = vmm::clock::monotonic();
+    #[cfg(unix)]
+    let started_at = Some(vmm::clock::monotonic());
+    #[cfg(not(unix))]
+    let started_at = None;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("UVM_LOG"))
         .with_writer(std::io::stderr)
@@ -218,6 +237,7 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Run(args) => run(args, start, started_at),
         Command::Layer(LayerCommand::Create { from, output }) => create_layer(&from, &output),
+        #[cfg(target_os = "linux")]
         Command::Bench(args) => bench::run(args),
     };
     let code = match result {
@@ -232,7 +252,13 @@ fn main() {
 }
 
 /// `started_at`: `start` on the monotonic clock, for `--timings` readers.
-fn run(args: RunArgs, start: Instant, started_at: Duration) -> anyhow::Result<i32> {
+fn run(args: RunArgs, start: Instant, started_at: Option<Duration>) -> anyhow::Result<i32> {
+    if args.command.is_empty() && cfg!(not(target_os = "linux")) {
+        bail!("a boot check (no COMMAND) needs the vsock link, which this host does not have yet");
+    }
+    if args.tty && cfg!(not(unix)) {
+        bail!("-t needs a Unix host (a pseudo-terminal and a raw host terminal)");
+    }
     let vm = args.vm;
     let process = (!args.command.is_empty()).then(|| ProcessSpec {
         argv: args.command.clone(),
@@ -249,6 +275,7 @@ fn run(args: RunArgs, start: Instant, started_at: Duration) -> anyhow::Result<i3
         cpus: vm.cpus,
         console: args.console,
         host: vm.host.unwrap_or_else(pvm::detect),
+        #[cfg(target_os = "linux")]
         vsock: VsockConfig {
             guest_cid: args.cid,
             uds: args.vsock_uds,
@@ -257,11 +284,16 @@ fn run(args: RunArgs, start: Instant, started_at: Duration) -> anyhow::Result<i3
         scratch: args.scratch.map(|path| (path, args.scratch_size)),
         process,
     };
+    #[cfg(unix)]
     let raw = match args.tty && !args.command.is_empty() {
         true => RawMode::enter_if_terminal(),
         false => None,
     };
+    #[cfg(target_os = "linux")]
     let report = uvm::run(KvmHypervisor::new, &config, start);
+    #[cfg(windows)]
+    let report = uvm::run(|| WhpHypervisor::new(config.cpus.into()), &config, start);
+    #[cfg(unix)]
     drop(raw);
     let report = report?;
     if args.timings {
@@ -277,9 +309,18 @@ fn create_layer(from: &Path, output: &Path) -> anyhow::Result<i32> {
 }
 
 /// The host terminal's size, for a guest pseudo-terminal.
+#[cfg(unix)]
 fn terminal_size() -> TtySize {
-    vmm::terminal::size().unwrap_or(TtySize { rows: 24, cols: 80 })
+    vmm::terminal::size().unwrap_or(DEFAULT_TTY)
 }
+
+/// `-t` needs a Unix host (`run` says so before this is used).
+#[cfg(not(unix))]
+fn terminal_size() -> TtySize {
+    DEFAULT_TTY
+}
+
+const DEFAULT_TTY: TtySize = TtySize { rows: 24, cols: 80 };
 
 /// A path given on the command line, or the `cargo xtask guest` artifact.
 fn artifact(given: Option<PathBuf>, name: &str, flag: &str) -> anyhow::Result<PathBuf> {
@@ -346,7 +387,7 @@ fn exit_code(report: &Report, console_shown: bool) -> anyhow::Result<i32> {
     }
 }
 
-fn timings_json(report: &Report, started_at: Duration) -> String {
+fn timings_json(report: &Report, started_at: Option<Duration>) -> String {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let t = &report.timings;
     let setup = t.first_vcpu_entry.map(ms);
@@ -362,7 +403,7 @@ fn timings_json(report: &Report, started_at: Duration) -> String {
         "process_started_ms": t.process_started.map(ms),
         "process_exited_ms": t.process_exited.map(ms),
         "total_ms": ms(t.ended),
-        "started_at_monotonic_ms": ms(started_at),
+        "started_at_monotonic_ms": started_at.map(ms),
         "vmm_rss_kib": report.vmm_rss_kib,
     })
     .to_string()

@@ -1,7 +1,10 @@
 //! A utility VM: built from a [`VmConfig`], run until the guest ends it.
 
+#[cfg(target_os = "linux")]
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+#[cfg(target_os = "linux")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -11,20 +14,26 @@ use devices::serial::{self, Serial};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{self, MmioTransport};
 use devices::virtio::pmem::Pmem;
+#[cfg(target_os = "linux")]
 use devices::virtio::vsock::{HostPorts, Vsock};
 use devices::virtio::{RequestDevice, VirtioDevice};
 use devices::{Bus, BusError};
+#[cfg(target_os = "linux")]
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use guest::boot_mark;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::agent::{Outcome, ProcessSpec, Session};
+#[cfg(target_os = "linux")]
+use crate::agent::Session;
 use crate::console::Console;
 use crate::hypervisor::{self, Hypervisor, IoHandler, Vcpu, VcpuExit, Vm};
 use crate::layer::{self, Layer};
+use crate::process::{Outcome, ProcessSpec};
 use crate::pvm::{self, HostKind};
 use crate::scratch;
-use crate::{boot, cpuid, lock, memory, signals};
+#[cfg(target_os = "linux")]
+use crate::signals;
+use crate::{boot, cpuid, lock, memory};
 
 /// Command line every guest gets: console on COM1, reset through the i8042
 /// (so reboot ends the VM), reboot at once on panic, no legacy UART probing,
@@ -44,6 +53,7 @@ pub struct VmConfig {
     /// Show the guest console (kernel log included) on stderr.
     pub console: bool,
     pub host: HostKind,
+    #[cfg(target_os = "linux")]
     pub vsock: VsockConfig,
     /// Read-only image layers, bottom first: one virtio-pmem device each.
     pub layers: Vec<PathBuf>,
@@ -53,6 +63,7 @@ pub struct VmConfig {
     pub process: Option<ProcessSpec>,
 }
 
+#[cfg(target_os = "linux")]
 #[derive(Clone, Debug)]
 pub struct VsockConfig {
     pub guest_cid: u64,
@@ -70,7 +81,28 @@ const VIRTIO_FIRST_GSI: u32 = 5;
 const VSOCK_SLOT: u32 = 0;
 const FIRST_LAYER_SLOT: u32 = 1;
 
+/// Where virtio devices are served. On Linux: the event thread, woken by
+/// the queues' eventfds (which KVM signals itself) and by host sockets.
+/// Elsewhere the MMIO bus hands each queue notification to its device on
+/// the vCPU thread, and there is no loop.
+#[cfg(target_os = "linux")]
+type DeviceLoop = EventManager<Subscriber>;
+#[cfg(not(target_os = "linux"))]
+struct DeviceLoop;
+
+#[cfg(target_os = "linux")]
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A virtio device the [`DeviceLoop`] can serve.
+#[cfg(target_os = "linux")]
+pub trait Served: VirtioDevice + MutEventSubscriber + 'static {}
+#[cfg(target_os = "linux")]
+impl<T: VirtioDevice + MutEventSubscriber + 'static> Served for T {}
+/// A virtio device the [`DeviceLoop`] can serve.
+#[cfg(not(target_os = "linux"))]
+pub trait Served: VirtioDevice + 'static {}
+#[cfg(not(target_os = "linux"))]
+impl<T: VirtioDevice + 'static> Served for T {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -191,7 +223,9 @@ impl IoHandler for Buses {
 /// devices, then the user's additions (which may end in init arguments).
 pub fn cmdline(config: &VmConfig) -> String {
     let disks = config.layers.len() + usize::from(config.scratch.is_some());
-    let virtio = std::iter::once(VSOCK_SLOT)
+    let vsock = cfg!(target_os = "linux").then_some(VSOCK_SLOT);
+    let virtio = vsock
+        .into_iter()
         .chain((FIRST_LAYER_SLOT..).take(disks))
         .map(|slot| {
             let (base, gsi) = virtio_slot(slot);
@@ -200,9 +234,27 @@ pub fn cmdline(config: &VmConfig) -> String {
     let flags = uvm_flags(config).into_iter().map(str::to_string);
     flags
         .chain(virtio)
+        .chain(console_request(config))
         .chain(config.extra_cmdline.clone())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Without the vsock link (its host side needs Unix streams and epoll), the
+/// run request goes on the kernel command line and the process's output
+/// and exit status come back on the console (guest/PROTOCOL.md).
+fn console_request(config: &VmConfig) -> Option<String> {
+    if cfg!(target_os = "linux") {
+        return None;
+    }
+    let process = config.process.as_ref()?;
+    Some(guest::protocol::to_cmdline(&guest::protocol::Run {
+        argv: process.argv.clone(),
+        env: process.env.clone(),
+        cwd: process.cwd.clone(),
+        root: process.root,
+        ..Default::default()
+    }))
 }
 
 /// The command line without device entries: what another VMM passes to
@@ -241,6 +293,7 @@ where
     F: FnOnce() -> hypervisor::Result<H> + Send,
 {
     // Before any thread starts, so that all of them inherit the mask.
+    #[cfg(target_os = "linux")]
     let signals = match config.process {
         Some(_) => Some(signals::block().map_err(Error::Devices)?),
         None => None,
@@ -255,14 +308,18 @@ where
         .as_ref()
         .map(|(path, size)| scratch::open_or_create(path, *size))
         .transpose()?;
+    #[cfg(target_os = "linux")]
     let hybrid = config
         .vsock
         .uds
         .as_deref()
         .map(HybridSocket::bind)
         .transpose()?;
+    #[cfg(target_os = "linux")]
     let mut ports = HostPorts::new(config.vsock.uds.clone());
+    #[cfg(target_os = "linux")]
     let session = Session::new(config.process.clone(), &mut ports);
+    #[cfg(target_os = "linux")]
     let progress = session.progress();
 
     let mem = memory::create(config.memory_mib << 20).map_err(|source| Error::Memory {
@@ -288,17 +345,19 @@ where
     let console = Console::new(config.console);
     let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
     let mut mmio = Bus::new();
-    let mut events = EventManager::<Subscriber>::new()
-        .map_err(|e| Error::Devices(std::io::Error::other(format!("event loop: {e:?}"))))?;
-    let listener = hybrid.as_ref().map(|h| h.listener.try_clone()).transpose();
-    let vsock = Vsock::new(
-        mem.clone(),
-        config.vsock.guest_cid,
-        ports,
-        listener.map_err(Error::Devices)?,
-    )
-    .map_err(Error::Devices)?;
-    attach_virtio(&vm, &mem, &mut mmio, &mut events, VSOCK_SLOT, vsock)?;
+    let mut events = device_loop()?;
+    #[cfg(target_os = "linux")]
+    {
+        let listener = hybrid.as_ref().map(|h| h.listener.try_clone()).transpose();
+        let vsock = Vsock::new(
+            mem.clone(),
+            config.vsock.guest_cid,
+            ports,
+            listener.map_err(Error::Devices)?,
+        )
+        .map_err(Error::Devices)?;
+        attach_virtio(&vm, &mem, &mut mmio, &mut events, VSOCK_SLOT, vsock)?;
+    }
     attach_layers(
         &vm,
         &mem,
@@ -317,22 +376,25 @@ where
         pio: pio_bus(&vm, &ending, &console, &boot_timer)?,
         mmio,
     });
-    std::thread::Builder::new()
-        .name("events".into())
-        .spawn(move || run_events(events))
-        .map_err(Error::Thread)?;
-    let finished = ending.clone();
-    session
-        .start(move || finished.signal(GuestExit::Finished))
-        .map_err(Error::Thread)?;
-    if let Some(signals) = signals {
-        let (ending, progress) = (ending.clone(), progress.clone());
-        let forward = move |signal| {
-            if !lock(&progress).forward_signal(signal) {
-                ending.signal(GuestExit::Interrupted { signal });
-            }
-        };
-        signals.forward(forward).map_err(Error::Thread)?;
+    #[cfg(target_os = "linux")]
+    {
+        std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || run_events(events))
+            .map_err(Error::Thread)?;
+        let finished = ending.clone();
+        session
+            .start(move || finished.signal(GuestExit::Finished))
+            .map_err(Error::Thread)?;
+        if let Some(signals) = signals {
+            let (ending, progress) = (ending.clone(), progress.clone());
+            let forward = move |signal| {
+                if !lock(&progress).forward_signal(signal) {
+                    ending.signal(GuestExit::Interrupted { signal });
+                }
+            };
+            signals.forward(forward).map_err(Error::Thread)?;
+        }
     }
 
     tracing::debug!(at = ?start.elapsed(), "devices ready");
@@ -372,12 +434,18 @@ where
 
     let exit = ending.wait();
     let mark = |mark| lock(&boot_timer).mark(mark);
-    let progress = lock(&progress);
     let since_start = |at: Option<Instant>| at.map(|at| at.duration_since(start));
+    #[cfg(target_os = "linux")]
+    let (agent_connected, process) = {
+        let progress = lock(&progress);
+        (progress.agent_connected, progress.outcome.clone())
+    };
+    #[cfg(not(target_os = "linux"))]
+    let (agent_connected, process) = (None, console_outcome(&console));
     let timings = Timings {
         first_vcpu_entry: since_start(entered.get().copied()),
         agent_started: mark(boot_mark::AGENT_STARTED),
-        agent_connected: since_start(progress.agent_connected),
+        agent_connected: since_start(agent_connected),
         process_started: mark(boot_mark::PROCESS_STARTED),
         process_exited: mark(boot_mark::PROCESS_EXITED),
         ended: start.elapsed(),
@@ -387,32 +455,59 @@ where
         timings,
         console,
         vmm_rss_kib: crate::rss::vmm_rss_kib(&guest_memory),
-        process: progress.outcome.clone(),
+        process,
     })
 }
+
+/// How the process ended, from the agent's exit-status line (see
+/// [`console_request`]).
+#[cfg(not(target_os = "linux"))]
+fn console_outcome(console: &Console) -> Option<Outcome> {
+    let status = crate::process::exit_status_on_console(&console.tail())?;
+    Some(Outcome::Exited(guest::protocol::Exited::Code(status)))
+}
+
+#[cfg(target_os = "linux")]
+fn device_loop() -> Result<DeviceLoop, Error> {
+    EventManager::<Subscriber>::new()
+        .map_err(|e| Error::Devices(std::io::Error::other(format!("event loop: {e:?}"))))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn device_loop() -> Result<DeviceLoop, Error> {
+    Ok(DeviceLoop)
+}
+
+/// Adds `device` to the loop that serves its queues and host sockets.
+#[cfg(target_os = "linux")]
+fn serve<D: Served>(events: &mut DeviceLoop, device: Arc<Mutex<D>>) {
+    events.add_subscriber(device);
+}
+
+/// Nothing to add: the MMIO bus hands queue notifications to the device.
+#[cfg(not(target_os = "linux"))]
+fn serve<D: Served>(_: &mut DeviceLoop, _: Arc<Mutex<D>>) {}
 
 /// Puts a virtio device on the MMIO bus at `slot`: its register window, its
 /// interrupt, its queue notifications (straight to the device's events when
 /// the hypervisor can) and its place in the event loop.
-fn attach_virtio<V: Vm, D>(
+fn attach_virtio<V: Vm, D: Served>(
     vm: &V,
     mem: &memory::GuestMemory,
     mmio: &mut Bus,
-    events: &mut EventManager<Subscriber>,
+    events: &mut DeviceLoop,
     slot: u32,
     device: D,
-) -> Result<(), Error>
-where
-    D: VirtioDevice + MutEventSubscriber + 'static,
-{
+) -> Result<(), Error> {
     let (base, gsi) = virtio_slot(slot);
+    #[cfg(target_os = "linux")]
     for (queue, event) in (0u32..).zip(device.queue_events()) {
         vm.register_notifier(event, base + mmio::NOTIFY_OFFSET, queue)?;
     }
     let device = Arc::new(Mutex::new(device));
     let transport = MmioTransport::new(device.clone(), mem.clone(), vm.interrupt(gsi)?);
     mmio.insert(Arc::new(Mutex::new(transport)), base, mmio::WINDOW_LEN)?;
-    events.add_subscriber(device);
+    serve(events, device);
     Ok(())
 }
 
@@ -422,7 +517,7 @@ fn attach_layers<V: Vm>(
     vm: &V,
     mem: &memory::GuestMemory,
     mmio: &mut Bus,
-    events: &mut EventManager<Subscriber>,
+    events: &mut DeviceLoop,
     layers: &[Layer],
     ram_size: u64,
 ) -> Result<(), Error> {
@@ -451,6 +546,7 @@ fn layer_addresses(layers: &[Layer], ram_size: u64) -> impl Iterator<Item = u64>
 }
 
 /// The device event loop: queue notifications and host sockets.
+#[cfg(target_os = "linux")]
 fn run_events(mut events: EventManager<Subscriber>) {
     loop {
         if let Err(e) = events.run() {
@@ -461,11 +557,13 @@ fn run_events(mut events: EventManager<Subscriber>) {
 }
 
 /// The hybrid vsock socket, removed when the VM ends.
+#[cfg(target_os = "linux")]
 struct HybridSocket {
     path: PathBuf,
     listener: UnixListener,
 }
 
+#[cfg(target_os = "linux")]
 impl HybridSocket {
     fn bind(path: &Path) -> Result<Self, Error> {
         let listener = UnixListener::bind(path).map_err(|source| Error::VsockSocket {
@@ -479,6 +577,7 @@ impl HybridSocket {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl Drop for HybridSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);

@@ -18,7 +18,8 @@ commands:
   demo-layers  busybox base, app and test layers -> target/guest/layers/*.img
   guest    kernel + initrd + demo layers
   demo     build what is missing, then run a container from the demo layers
-  test     guest, then fmt, clippy and the whole test suite (what CI runs)
+  test     guest, then fmt, clippy, the Windows (WHP) type-check and the whole
+           test suite (what CI runs)
   bench    the standard comparison: `true`, 30 runs, uvm against QEMU microvm
            -> target/bench/{bench.json,bench.svg,table.txt}; extra arguments
            go to `uvm bench` (e.g. `cargo xtask bench --runs 5`)";
@@ -279,7 +280,25 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    windows_check()?;
     run(cargo().args(["test", "--workspace"]))
+}
+
+/// The WHP backend and everything `uvm` needs on Windows are type-checked
+/// and linted for Windows: they cannot run on a Linux host.
+fn windows_check() -> Result<()> {
+    const WINDOWS: &str = "x86_64-pc-windows-msvc";
+    run(Command::new("rustup").args(["target", "add", WINDOWS]))?;
+    run(cargo().args(["check", "--workspace", "--target", WINDOWS]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--target",
+        WINDOWS,
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }
 
 /// The standard comparison, stored in target/bench/ for people and CI.

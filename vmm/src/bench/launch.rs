@@ -29,10 +29,6 @@ use crate::VmArgs;
 const HANG_TIMEOUT: Duration = Duration::from_secs(600);
 /// x86 Linux's COMMAND_LINE_SIZE, less room for QEMU's device entries.
 const MAX_QEMU_CMDLINE: usize = 2048 - 512;
-/// What the agent prints on the console after a run without a host
-/// connection (see `run_standalone` in the agent).
-const EXIT_STATUS_LINE: &str = "uvm-agent: exit status ";
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Vmm {
@@ -462,13 +458,9 @@ fn qemu_sample(
     console: Option<&str>,
     tail: &str,
 ) -> anyhow::Result<Sample> {
-    let status = console
-        .unwrap_or_default()
-        .lines()
-        .rev()
-        .find_map(|l| l.trim_end().strip_prefix(EXIT_STATUS_LINE))
+    let status = vmm::process::exit_status_on_console(console.unwrap_or_default())
         .with_context(|| format!("the QEMU guest reported no exit status{tail}"))?;
-    if status != "0" {
+    if status != 0 {
         bail!("the command exited with {status} in the QEMU guest{tail}");
     }
     let mark = |mark: u8, name: &str| {

@@ -147,7 +147,9 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<Loaded> {
         path: path.to_owned(),
         reason,
     };
-    let mut file = File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut file = File::open(path)
+        .and_then(image)
+        .map_err(|e| fail(e.to_string()))?;
     let mut head = Vec::with_capacity(0x210);
     (&mut file)
         .take(0x210)
@@ -201,14 +203,35 @@ fn loader_reason(e: loader::Error) -> String {
     }
 }
 
+/// A kernel or initrd to copy into guest memory: on Unix the file itself,
+/// which vm-memory reads straight into guest memory; elsewhere its bytes,
+/// read first, because vm-memory reads only from Unix files.
+#[cfg(unix)]
+type Image = File;
+#[cfg(not(unix))]
+type Image = std::io::Cursor<Vec<u8>>;
+
+#[cfg(unix)]
+fn image(file: File) -> std::io::Result<Image> {
+    Ok(file)
+}
+
+#[cfg(not(unix))]
+fn image(mut file: File) -> std::io::Result<Image> {
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(std::io::Cursor::new(bytes))
+}
+
 /// Places the initrd at the top of low RAM, page aligned, above the kernel.
 fn load_initrd(mem: &GuestMemory, path: &Path, kernel: &Loaded) -> Result<(u64, u64)> {
     let fail = |reason: String| Error::Initrd {
         path: path.to_owned(),
         reason,
     };
-    let mut file = File::open(path).map_err(|e| fail(e.to_string()))?;
+    let file = File::open(path).map_err(|e| fail(e.to_string()))?;
     let size = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+    let mut file = image(file).map_err(|e| fail(e.to_string()))?;
     if size == 0 {
         return Err(fail("empty file".into()));
     }

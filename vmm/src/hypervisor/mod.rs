@@ -7,9 +7,15 @@
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod regs;
+#[cfg(windows)]
+pub mod whp;
+// Backend-neutral parts of the WHP backend, unit-tested on every host.
+#[cfg(any(windows, test))]
+mod whp_regs;
 
 use std::sync::Arc;
 
+#[cfg(target_os = "linux")]
 use vmm_sys_util::eventfd::EventFd;
 
 pub use regs::{EntryState, Segment};
@@ -81,7 +87,9 @@ pub trait Vm: Send + Sync {
 
     /// Signals `event` on a 32-bit guest write of `value` to MMIO `addr`
     /// without an exit to the VMM (a virtio queue notification). Writes the
-    /// hypervisor does not take this way reach the MMIO bus as usual.
+    /// hypervisor does not take this way reach the MMIO bus as usual; a
+    /// backend without eventfds leaves them all to the bus.
+    #[cfg(target_os = "linux")]
     fn register_notifier(&self, event: &EventFd, addr: u64, value: u32) -> Result<()>;
 }
 

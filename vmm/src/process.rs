@@ -1,0 +1,53 @@
+//! The one process a utility VM runs: what the host asks for and how it
+//! ended, whichever way the request reaches the agent.
+
+use guest::protocol::{Exited, Failed, Root, TtySize};
+
+/// The process to run in the guest.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessSpec {
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` entries.
+    pub env: Vec<String>,
+    pub cwd: Option<String>,
+    /// Run on a guest pseudo-terminal of this size.
+    pub tty: Option<TtySize>,
+    /// The container root, if the process runs in one.
+    pub root: Option<Root>,
+}
+
+/// How the process ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Exited(Exited),
+    /// It never started (missing command, bad working directory).
+    Failed(Failed),
+}
+
+/// What the agent prints on the console after running a request from the
+/// kernel command line (no vsock), before the VM ends.
+pub const EXIT_STATUS_LINE: &str = "uvm-agent: exit status ";
+
+/// The exit status, as a shell reports it, in the agent's last exit-status
+/// line on `console`.
+pub fn exit_status_on_console(console: &str) -> Option<i32> {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.trim_end().strip_prefix(EXIT_STATUS_LINE))
+        .and_then(|status| status.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_exit_status_line_counts() {
+        let console =
+            "uvm-agent: ready\r\nuvm-agent: exit status 0\r\nuvm-agent: exit status 127\r\n";
+        assert_eq!(exit_status_on_console(console), Some(127));
+        assert_eq!(exit_status_on_console("uvm-agent: ready\n"), None);
+        assert_eq!(exit_status_on_console("uvm-agent: exit status x\n"), None);
+    }
+}
