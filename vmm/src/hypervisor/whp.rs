@@ -37,6 +37,7 @@ use devices::Interrupt;
 
 use super::whp_regs::{self, ExitAction, ExitKind, PortAccess, Reg, Region, Value};
 use super::{CpuidEntry, EntryState, Error, Hypervisor, IoHandler, Result, Vcpu, VcpuExit, Vm};
+use crate::lock;
 
 /// How long a halted vCPU sleeps before re-entering when nothing we know
 /// of has happened: the LAPIC timer is emulated by the hypervisor and
@@ -202,26 +203,17 @@ struct Wakeup {
 
 impl Wakeup {
     fn generation(&self) -> u64 {
-        *self
-            .generation
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        *lock(&self.generation)
     }
 
     fn notify(&self) {
-        *self
-            .generation
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) += 1;
+        *lock(&self.generation) += 1;
         self.cond.notify_all();
     }
 
     /// Waits until the generation moves past `seen` or `timeout` passes.
     fn wait(&self, seen: u64, timeout: Duration) {
-        let guard = self
-            .generation
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let guard = lock(&self.generation);
         let _ = self
             .cond
             .wait_timeout_while(guard, timeout, |generation| *generation == seen)
