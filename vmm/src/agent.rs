@@ -12,7 +12,7 @@ use std::time::Instant;
 use devices::virtio::vsock::HostPorts;
 use guest::protocol::{self, Exited, Failed, Run, Signal, Started, CONTROL_PORT};
 
-pub use crate::process::{Outcome, ProcessSpec};
+use crate::process::{Outcome, ProcessSpec};
 
 /// Host ports of the process's stdio, served inside uvm.
 const STDIN_PORT: u32 = CONTROL_PORT + 1;

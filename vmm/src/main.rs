@@ -303,6 +303,9 @@ fn run(args: RunArgs, start: Instant, started_at: Option<Duration>) -> anyhow::R
 }
 
 fn create_layer(from: &Path, output: &Path) -> anyhow::Result<i32> {
+    if cfg!(not(target_os = "linux")) {
+        bail!("uvm layer create needs a Linux host (mkfs.ext4, overlayfs whiteouts)");
+    }
     let size = vmm::layer::create(from, output)?;
     eprintln!("uvm: {} ({} MiB)", output.display(), size >> 20);
     Ok(0)
@@ -373,7 +376,11 @@ fn exit_code(report: &Report, console_shown: bool) -> anyhow::Result<i32> {
             tail()
         ),
         (None, GuestExit::Reset) if report.timings.agent_started.is_some() => bail!(
-            "the guest reset before the agent connected over vsock{}",
+            "the guest reset before {}{}",
+            match cfg!(target_os = "linux") {
+                true => "the agent connected over vsock",
+                false => "the agent reported an exit status on the console",
+            },
             tail()
         ),
         (None, GuestExit::Reset) => bail!(

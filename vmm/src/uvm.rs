@@ -95,12 +95,12 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A virtio device the [`DeviceLoop`] can serve.
 #[cfg(target_os = "linux")]
-pub trait Served: VirtioDevice + MutEventSubscriber + 'static {}
+trait Served: VirtioDevice + MutEventSubscriber + 'static {}
 #[cfg(target_os = "linux")]
 impl<T: VirtioDevice + MutEventSubscriber + 'static> Served for T {}
 /// A virtio device the [`DeviceLoop`] can serve.
 #[cfg(not(target_os = "linux"))]
-pub trait Served: VirtioDevice + 'static {}
+trait Served: VirtioDevice + 'static {}
 #[cfg(not(target_os = "linux"))]
 impl<T: VirtioDevice + 'static> Served for T {}
 
@@ -342,7 +342,8 @@ where
     tracing::debug!(at = ?start.elapsed(), "guest loaded, VM created");
 
     let ending = Arc::new(Ending::default());
-    let console = Console::new(config.console);
+    // Without the vsock link the process's output arrives on the console.
+    let console = Console::new(config.console || cfg!(not(target_os = "linux")));
     let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
     let mut mmio = Bus::new();
     let mut events = device_loop()?;

@@ -1,20 +1,19 @@
-//! Windows Hypervisor Platform backend.
+//! Windows Hypervisor Platform backend. Never run on a Windows host yet:
+//! CI type-checks and lints it; `whp_regs` holds its backend-neutral half,
+//! unit-tested everywhere.
 //!
 //! Interrupt model (the main difference from the KVM backend): WHP has no
 //! in-kernel PIC or IOAPIC, only a per-vCPU local APIC that the hypervisor
 //! emulates once the partition's LocalApicEmulationMode is XApic. A device
-//! interrupt is therefore sent straight to a LAPIC with WHvRequestInterrupt
-//! as a fixed, edge-triggered interrupt to APIC ID 0 (physical mode) on
-//! vector `whp_regs::gsi_vector(gsi)` = 0x30 + gsi, Linux's ISA_IRQ_VECTOR
-//! layout. Limitations that follow:
-//! - the guest's IOAPIC redirection entries (vector, destination, mask,
-//!   trigger mode) are not seen: nothing emulates the IOAPIC MMIO page, so
-//!   a guest that programs other vectors does not get its interrupts where
-//!   it expects them;
-//! - a fixed interrupt sets the LAPIC's ISR bit, so the guest must EOI the
-//!   LAPIC for these vectors (a guest driving an 8259 that acks only the PIC
-//!   blocks vectors 0x30..=0x3f after the first interrupt);
-//! - level-triggered lines are delivered as edges, and only vCPU 0 gets them.
+//! interrupt is sent straight to a LAPIC with WHvRequestInterrupt as a
+//! fixed, edge-triggered interrupt to APIC ID 0 (physical mode) on vector
+//! `whp_regs::gsi_vector(gsi)` = 0x30 + gsi. This is known not to be enough
+//! for a Linux guest: nothing emulates the IOAPIC the MP table announces
+//! (its registers read as all ones) or an 8259, so Linux sets up no
+//! handlers for these lines, and it picks its own vectors anyway. The fix
+//! is a backend-neutral IOAPIC on the MMIO bus whose redirection entries
+//! give WHvRequestInterrupt the guest's vector, destination and trigger
+//! mode.
 //!
 //! CPUID is answered from the table given to `Vcpu::init` through CPUID
 //! exits (WHP's CPUID result list can only be set before WHvSetupPartition,
