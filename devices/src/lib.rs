@@ -5,6 +5,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
+pub mod ioapic;
 pub mod serial;
 pub mod virtio;
 

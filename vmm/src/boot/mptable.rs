@@ -7,9 +7,10 @@ use crate::memory::GuestMemory;
 
 /// Where the table goes: the start of the EBDA, a place Linux scans.
 pub const MPTABLE_START: u64 = 0x9fc00;
-pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// The IOAPIC: KVM's in-kernel one, or `devices::ioapic` (WHP).
+const IOAPIC_ADDR: u32 = devices::ioapic::BASE as u32;
 const LAPIC_ADDR: u32 = 0xfee0_0000;
-const IOAPIC_PINS: u8 = 24;
+const IOAPIC_PINS: u8 = devices::ioapic::PINS as u8;
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 

@@ -4,16 +4,12 @@
 //!
 //! Interrupt model (the main difference from the KVM backend): WHP has no
 //! in-kernel PIC or IOAPIC, only a per-vCPU local APIC that the hypervisor
-//! emulates once the partition's LocalApicEmulationMode is XApic. A device
-//! interrupt is sent straight to a LAPIC with WHvRequestInterrupt as a
-//! fixed, edge-triggered interrupt to APIC ID 0 (physical mode) on vector
-//! `whp_regs::gsi_vector(gsi)` = 0x30 + gsi. This is known not to be enough
-//! for a Linux guest: nothing emulates the IOAPIC the MP table announces
-//! (its registers read as all ones) or an 8259, so Linux sets up no
-//! handlers for these lines, and it picks its own vectors anyway. The fix
-//! is a backend-neutral IOAPIC on the MMIO bus whose redirection entries
-//! give WHvRequestInterrupt the guest's vector, destination and trigger
-//! mode.
+//! emulates once the partition's LocalApicEmulationMode is XApic. The
+//! backend keeps the IOAPIC the MP table announces (`devices::ioapic`),
+//! served from the instruction emulator's MMIO callback as KVM serves its
+//! own in the kernel; a device raising line N makes one WHvRequestInterrupt
+//! with the vector, destination and mode the guest put in entry N, always
+//! as an edge (what KVM's irqfd does too). No 8259: Linux runs without it.
 //!
 //! CPUID is answered from the table given to `Vcpu::init` through CPUID
 //! exits (WHP's CPUID result list can only be set before WHvSetupPartition,
@@ -32,7 +28,8 @@ use windows::core::HRESULT;
 use windows::Win32::Foundation::{E_INVALIDARG, S_OK};
 use windows::Win32::System::Hypervisor::*;
 
-use devices::Interrupt;
+use devices::ioapic::{self, IoApic};
+use devices::{BusDevice, Interrupt};
 
 use super::whp_regs::{self, ExitAction, ExitKind, PortAccess, Reg, Region, Value};
 use super::{CpuidEntry, EntryState, Error, Hypervisor, IoHandler, Result, Vcpu, VcpuExit, Vm};
@@ -170,6 +167,7 @@ impl Hypervisor for WhpHypervisor {
             partition: Arc::new(Partition::new(self.vcpus)?),
             regions: Arc::new(RwLock::new(Vec::new())),
             wakeup: Arc::new(Wakeup::default()),
+            ioapic: Arc::default(),
         })
     }
 
@@ -226,6 +224,8 @@ pub struct WhpVm {
     /// instruction emulator needs it to reach guest RAM.
     regions: Arc<RwLock<Vec<Region>>>,
     wakeup: Arc<Wakeup>,
+    /// The interrupt controller KVM has in the kernel: WHP has none.
+    ioapic: Arc<Mutex<IoApic>>,
 }
 
 impl Vm for WhpVm {
@@ -291,34 +291,24 @@ impl Vm for WhpVm {
             emulator,
             regions: self.regions.clone(),
             wakeup: self.wakeup.clone(),
+            ioapic: self.ioapic.clone(),
             cancel: Arc::new(AtomicBool::new(false)),
             cpuid: Vec::new(),
         })
     }
 
-    /// See the module documentation for the vector mapping and its limits.
+    /// Raises IOAPIC line `gsi`, which the guest routes (see the module
+    /// documentation).
     fn interrupt(&self, gsi: u32) -> Result<Arc<dyn Interrupt>> {
-        let vector = whp_regs::gsi_vector(gsi).ok_or_else(|| {
-            Error::backend(
-                "WHvRequestInterrupt",
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("GSI {gsi} has no vector"),
-                ),
-            )
-        })?;
+        if gsi >= ioapic::PINS {
+            let e = io::Error::new(io::ErrorKind::InvalidInput, format!("no IOAPIC line {gsi}"));
+            return Err(Error::backend("WHvRequestInterrupt", e));
+        }
         Ok(Arc::new(WhpInterrupt {
             partition: self.partition.clone(),
             wakeup: self.wakeup.clone(),
-            control: WHV_INTERRUPT_CONTROL {
-                _bitfield: whp_regs::interrupt_control(
-                    WHvX64InterruptTypeFixed.0 as u8,
-                    WHvX64InterruptDestinationModePhysical.0 as u8,
-                    WHvX64InterruptTriggerModeEdge.0 as u8,
-                ),
-                Destination: 0,
-                Vector: vector,
-            },
+            ioapic: self.ioapic.clone(),
+            pin: gsi,
         }))
     }
 }
@@ -326,16 +316,35 @@ impl Vm for WhpVm {
 struct WhpInterrupt {
     partition: Arc<Partition>,
     wakeup: Arc<Wakeup>,
-    control: WHV_INTERRUPT_CONTROL,
+    ioapic: Arc<Mutex<IoApic>>,
+    pin: u32,
 }
 
 impl Interrupt for WhpInterrupt {
+    /// Delivers the line where the guest's IOAPIC entry sends it, as one
+    /// edge (like an irqfd); a masked line, or a delivery mode WHP cannot
+    /// request (SMI, ExtINT), is dropped.
     fn trigger(&self) -> io::Result<()> {
+        let Some(route) = lock(&self.ioapic).route(self.pin) else {
+            return Ok(());
+        };
+        let Some(kind) = whp_regs::interrupt_type(route.delivery_mode) else {
+            return Ok(());
+        };
+        let control = WHV_INTERRUPT_CONTROL {
+            _bitfield: whp_regs::interrupt_control(
+                kind,
+                u8::from(route.logical),
+                WHvX64InterruptTriggerModeEdge.0 as u8,
+            ),
+            Destination: u32::from(route.destination),
+            Vector: u32::from(route.vector),
+        };
         // SAFETY: `control` is a valid WHV_INTERRUPT_CONTROL of the size given.
         unsafe {
             WHvRequestInterrupt(
                 self.partition.0,
-                &self.control,
+                &control,
                 size_of::<WHV_INTERRUPT_CONTROL>() as u32,
             )
         }?;
@@ -466,6 +475,7 @@ struct EmulationContext<'a> {
     index: u32,
     io: &'a dyn IoHandler,
     regions: &'a [Region],
+    ioapic: &'a Mutex<IoApic>,
 }
 
 fn hresult(r: windows::core::Result<()>) -> HRESULT {
@@ -529,6 +539,13 @@ unsafe extern "system" fn emulator_memory(
             // region that map_memory's caller keeps mapped.
             unsafe { ptr::copy_nonoverlapping(host as *const u8, data.as_mut_ptr(), size) }
         }
+        None if (ioapic::BASE..ioapic::BASE + ioapic::WINDOW_LEN).contains(&gpa) => {
+            let mut ioapic = lock(ctx.ioapic);
+            match write {
+                true => ioapic.write(gpa - ioapic::BASE, data),
+                false => ioapic.read(gpa - ioapic::BASE, data),
+            }
+        }
         None if write => ctx.io.mmio_write(gpa, data),
         None => ctx.io.mmio_read(gpa, data),
     }
@@ -587,6 +604,7 @@ pub struct WhpVcpu {
     emulator: Emulator,
     regions: Arc<RwLock<Vec<Region>>>,
     wakeup: Arc<Wakeup>,
+    ioapic: Arc<Mutex<IoApic>>,
     cancel: Arc<AtomicBool>,
     cpuid: Vec<CpuidEntry>,
 }
@@ -736,6 +754,7 @@ impl WhpVcpu {
             index: self.index,
             io,
             regions: &regions,
+            ioapic: &self.ioapic,
         };
         let context = (&ctx as *const EmulationContext).cast::<c_void>();
         let status = if exit.ExitReason == WHvRunVpExitReasonX64IoPortAccess {

@@ -340,14 +340,16 @@ pub fn emulator_failure(bits: u32) -> Option<String> {
     ))
 }
 
-/// First vector used for GSIs: GSI n is delivered as vector 0x30 + n, the
-/// vector Linux assigns ISA IRQ n (ISA_IRQ_VECTOR) and programs into the
-/// 8259 in PIC mode. See `whp::WhpVm::interrupt` for the limitations.
-pub const GSI_VECTOR_BASE: u32 = 0x30;
-
-/// The LAPIC vector GSI `gsi` is delivered on, None past vector 0xff.
-pub fn gsi_vector(gsi: u32) -> Option<u32> {
-    GSI_VECTOR_BASE.checked_add(gsi).filter(|v| *v <= 0xff)
+/// The WHV_INTERRUPT_TYPE for an IOAPIC delivery mode; None for those WHP
+/// cannot request (SMI, ExtINT, reserved).
+pub fn interrupt_type(delivery_mode: u8) -> Option<u8> {
+    match delivery_mode {
+        0 => Some(0), // fixed
+        1 => Some(1), // lowest priority
+        4 => Some(4), // NMI
+        5 => Some(5), // INIT
+        _ => None,
+    }
 }
 
 /// `WHV_INTERRUPT_CONTROL`'s first word: Type 7:0, DestinationMode 11:8,
@@ -809,12 +811,13 @@ mod tests {
     }
 
     #[test]
-    fn gsi_vectors() {
-        assert_eq!(gsi_vector(0), Some(0x30));
-        assert_eq!(gsi_vector(4), Some(0x34));
-        assert_eq!(gsi_vector(0xcf), Some(0xff));
-        assert_eq!(gsi_vector(0xd0), None);
-        assert_eq!(gsi_vector(u32::MAX), None);
+    fn ioapic_delivery_modes_map_to_whp_types() {
+        assert_eq!(interrupt_type(0), Some(0));
+        assert_eq!(interrupt_type(1), Some(1));
+        assert_eq!(interrupt_type(4), Some(4));
+        assert_eq!(interrupt_type(5), Some(5));
+        assert_eq!(interrupt_type(2), None, "SMI");
+        assert_eq!(interrupt_type(7), None, "ExtINT");
     }
 
     #[test]
