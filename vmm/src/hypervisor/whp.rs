@@ -789,7 +789,6 @@ impl WhpVcpu {
 // The windows crate keeps the C names of the exit-reason constants.
 #[allow(non_upper_case_globals)]
 fn exit_kind(exit: &WHV_RUN_VP_EXIT_CONTEXT) -> ExitKind {
-    const IF: u64 = 1 << 9;
     match exit.ExitReason {
         WHvRunVpExitReasonX64IoPortAccess => {
             // SAFETY: IoPortAccess is the member filled for this reason.
@@ -797,9 +796,7 @@ fn exit_kind(exit: &WHV_RUN_VP_EXIT_CONTEXT) -> ExitKind {
             ExitKind::IoPortAccess(PortAccess::from_bits(bits))
         }
         WHvRunVpExitReasonMemoryAccess => ExitKind::MemoryAccess,
-        WHvRunVpExitReasonX64Halt => ExitKind::Halt {
-            interrupts_enabled: exit.VpContext.Rflags & IF != 0,
-        },
+        WHvRunVpExitReasonX64Halt => ExitKind::Halt,
         WHvRunVpExitReasonUnrecoverableException => ExitKind::UnrecoverableException,
         WHvRunVpExitReasonCanceled => ExitKind::Canceled,
         WHvRunVpExitReasonInvalidVpRegisterValue => ExitKind::InvalidVpRegisterValue,

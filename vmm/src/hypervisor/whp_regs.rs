@@ -386,7 +386,7 @@ pub fn ram_address(regions: &[Region], gpa: u64, len: u64, write: bool) -> Optio
 pub enum ExitKind {
     IoPortAccess(PortAccess),
     MemoryAccess,
-    Halt { interrupts_enabled: bool },
+    Halt,
     UnrecoverableException,
     Canceled,
     InvalidVpRegisterValue,
@@ -429,14 +429,10 @@ pub fn exit_action(kind: ExitKind) -> ExitAction {
             ExitAction::InternalError(format!("port access of {} bytes", access.size))
         }
         ExitKind::MemoryAccess => ExitAction::EmulateMmio,
-        ExitKind::Halt {
-            interrupts_enabled: true,
-        } => ExitAction::WaitForInterrupt,
-        // Only an NMI could wake it and this backend never sends one: this
-        // is how guests power off when they have nothing better (cli; hlt).
-        ExitKind::Halt {
-            interrupts_enabled: false,
-        } => ExitAction::Shutdown,
+        // With interrupts off too (`cli; hlt`: Linux parks the other CPUs
+        // so on a reboot while the boot CPU resets through the i8042): the
+        // vCPU waits, as a halted CPU would, instead of ending the VM.
+        ExitKind::Halt => ExitAction::WaitForInterrupt,
         // Triple fault.
         ExitKind::UnrecoverableException => ExitAction::Shutdown,
         ExitKind::Canceled => ExitAction::Interrupted,
@@ -871,18 +867,7 @@ mod tests {
             (io(0b1_0011), ExitAction::EmulateIo),
             (io(0b11_0101), ExitAction::EmulateIo),
             (ExitKind::MemoryAccess, ExitAction::EmulateMmio),
-            (
-                ExitKind::Halt {
-                    interrupts_enabled: true,
-                },
-                ExitAction::WaitForInterrupt,
-            ),
-            (
-                ExitKind::Halt {
-                    interrupts_enabled: false,
-                },
-                ExitAction::Shutdown,
-            ),
+            (ExitKind::Halt, ExitAction::WaitForInterrupt),
             (ExitKind::UnrecoverableException, ExitAction::Shutdown),
             (ExitKind::Canceled, ExitAction::Interrupted),
             (ExitKind::InterruptWindow, ExitAction::Resume),
