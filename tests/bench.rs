@@ -2,14 +2,12 @@
 //! Two tests boot (each says why); the rest check bad input and stored
 //! results, which need no VM.
 
-#[allow(dead_code)] // this binary uses a part of the shared helpers
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use support::{assert_fails_naming, kvm_available, stderr, uvm, Watchdog};
+use support::{assert_fails_naming, kvm_available, stderr, stdout, tempdir, uvm, Watchdog};
 
 /// A bench boots several VMs one after another.
 const BENCH_TIMEOUT: Duration = Duration::from_secs(1200);
@@ -27,16 +25,6 @@ fn bench(args: &[&str]) -> Output {
     let out = child.wait_with_output().expect("collect uvm bench output");
     assert!(!watchdog.fired(), "uvm bench hung:\n{}", stderr(&out));
     out
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("uvm-bench-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn path_arg(path: &std::path::Path) -> &str {

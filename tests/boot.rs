@@ -5,7 +5,7 @@ mod support;
 
 use std::fs;
 
-use support::{assert_fails_naming, guest_dir, kvm_available, run, stderr, uvm};
+use support::{assert_fails_naming, guest_dir, kvm_available, run, stderr, tempdir, uvm};
 
 /// Boots `kernel` with `cpus` vCPUs and the console shown; checks that the
 /// agent came up and the VM ended with status 0.
@@ -152,10 +152,4 @@ fn too_little_memory_is_refused() {
 fn zero_cpus_is_refused() {
     let out = run(uvm().args(["run", "--cpus", "0"]));
     assert_fails_naming(&out, "--cpus");
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("uvm-test-{name}-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    dir
 }

@@ -8,7 +8,9 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use support::{assert_fails_naming, kvm_available, layer, run, stderr, uvm, Watchdog};
+use support::{
+    assert_fails_naming, kvm_available, layer, run, stderr, stdout, tempdir, uvm, Watchdog,
+};
 
 fn uvm_run(layers: &[PathBuf], args: &[&str], script: &str) -> Command {
     let mut cmd = uvm();
@@ -20,18 +22,8 @@ fn uvm_run(layers: &[PathBuf], args: &[&str], script: &str) -> Command {
     cmd
 }
 
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn checksum(path: &Path) -> Vec<u8> {
     std::fs::read(path).expect("read layer")
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("uvm-layers-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 // Why boot: only the guest kernel and the agent can show the union: the app

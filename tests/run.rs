@@ -10,7 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{kvm_available, layer, run, stderr, uvm, Watchdog};
+use support::{kvm_available, layer, run, stderr, stdout, uvm, Watchdog};
 
 /// `uvm run` of `command` in a container on the demo base layer (busybox).
 fn uvm_run(args: &[&str], command: &[&str]) -> Command {
@@ -36,10 +36,6 @@ fn read_stderr(child: &mut Child) -> String {
         stderr.read_to_string(&mut err).expect("read uvm stderr");
     }
     err
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 // Why boot: stdout and stderr are separate vsock streams; only a real guest

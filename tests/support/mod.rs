@@ -1,4 +1,6 @@
 //! Helpers for tests that boot real guests with the `uvm` binary.
+// Each test binary uses its own part of them.
+#![allow(dead_code)]
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -69,8 +71,19 @@ pub fn wait_or_kill(child: &mut Child) -> ExitStatus {
     status
 }
 
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A fresh directory for one test's files.
+pub fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("uvm-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// Asserts a failed run with exactly one error line naming `what`.
