@@ -151,14 +151,10 @@ impl Session {
 
 fn run_request(process: &ProcessSpec) -> Run {
     Run {
-        argv: process.argv.clone(),
-        env: process.env.clone(),
-        cwd: process.cwd.clone(),
-        tty: process.tty,
         stdin_port: STDIN_PORT,
         stdout_port: STDOUT_PORT,
         stderr_port: process.tty.is_none().then_some(STDERR_PORT),
-        root: process.root,
+        ..process.request()
     }
 }
 

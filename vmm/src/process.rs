@@ -1,7 +1,7 @@
 //! The one process a utility VM runs: what the host asks for and how it
 //! ended, whichever way the request reaches the agent.
 
-use guest::protocol::{Exited, Failed, Root, TtySize};
+use guest::protocol::{Exited, Failed, Root, Run, TtySize};
 
 /// The process to run in the guest.
 #[derive(Clone, Debug, Default)]
@@ -14,6 +14,22 @@ pub struct ProcessSpec {
     pub tty: Option<TtySize>,
     /// The container root, if the process runs in one.
     pub root: Option<Root>,
+}
+
+impl ProcessSpec {
+    /// The agent's run request for this process, without stdio ports (a
+    /// request on the kernel command line has none; the vsock link adds
+    /// its own).
+    pub fn request(&self) -> Run {
+        Run {
+            argv: self.argv.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            tty: self.tty,
+            root: self.root,
+            ..Run::default()
+        }
+    }
 }
 
 /// How the process ended.
@@ -41,6 +57,27 @@ pub fn exit_status_on_console(console: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_carries_the_process_and_no_ports() {
+        let spec = ProcessSpec {
+            argv: vec!["/bin/sh".into()],
+            env: vec!["A=1".into()],
+            cwd: Some("/tmp".into()),
+            tty: Some(TtySize { rows: 5, cols: 9 }),
+            root: Some(Root::default()),
+        };
+        let run = spec.request();
+        assert_eq!(
+            (run.argv, run.env, run.cwd),
+            (spec.argv, spec.env, spec.cwd)
+        );
+        assert_eq!((run.tty, run.root), (spec.tty, spec.root));
+        assert_eq!(
+            (run.stdin_port, run.stdout_port, run.stderr_port),
+            (0, 0, None)
+        );
+    }
 
     #[test]
     fn the_last_exit_status_line_counts() {

@@ -248,13 +248,7 @@ fn console_request(config: &VmConfig) -> Option<String> {
         return None;
     }
     let process = config.process.as_ref()?;
-    Some(guest::protocol::to_cmdline(&guest::protocol::Run {
-        argv: process.argv.clone(),
-        env: process.env.clone(),
-        cwd: process.cwd.clone(),
-        root: process.root,
-        ..Default::default()
-    }))
+    Some(guest::protocol::to_cmdline(&process.request()))
 }
 
 /// The command line without device entries: what another VMM passes to

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use guest::boot_mark;
-use guest::protocol::{self, Root, Run};
+use guest::protocol::{self, Root};
 use serde::{Deserialize, Serialize};
+use vmm::process::ProcessSpec;
 use vmm::pvm::{self, HostKind};
 use vmm::uvm::{self, VmConfig, VsockConfig};
 
@@ -277,13 +278,14 @@ impl Launcher {
             dax: false,
             ..root
         });
-        protocol::to_cmdline(&Run {
+        let process = ProcessSpec {
             argv: self.command.clone(),
             env: self.vm.env.clone(),
             cwd: self.vm.workdir.clone(),
+            tty: None,
             root,
-            ..Run::default()
-        })
+        };
+        protocol::to_cmdline(&process.request())
     }
 }
 
