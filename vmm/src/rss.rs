@@ -10,18 +10,18 @@ pub fn outside(smaps: &str, guest: &[(u64, u64)]) -> u64 {
             in_guest = guest
                 .iter()
                 .any(|&(base, len)| (base..base + len).contains(&start));
-        } else if let Some(kib) = line.strip_prefix("Rss:") {
+        } else if let Some(value) = line.strip_prefix("Rss:") {
             if !in_guest {
-                total += kib
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0);
+                total += kib(value).unwrap_or(0);
             }
         }
     }
     total
+}
+
+/// A /proc size value (`   1234 kB`) in KiB.
+pub fn kib(value: &str) -> Option<u64> {
+    value.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 /// The mappings of at least `len` bytes in `smaps`: how another VMM's guest

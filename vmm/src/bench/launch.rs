@@ -641,7 +641,7 @@ fn private_kib(pid: u32) -> Option<u64> {
         status
             .lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(vmm::rss::kib)
     };
     Some(field("RssAnon:")? + field("RssShmem:")?)
 }
