@@ -86,7 +86,22 @@ pub enum Exited {
     Signal(i32),
 }
 
+/// The highest signal number on Linux (SIGRTMAX).
+pub const MAX_SIGNAL: i32 = 64;
+
 impl Exited {
+    /// This status if a Linux process can end with it: a code of 0-255 or a
+    /// signal of 1-64. A host checks what an agent reports before it turns
+    /// it into a number of its own.
+    pub fn checked(self) -> Result<Self, String> {
+        match self {
+            Exited::Code(0..=255) => Ok(self),
+            Exited::Signal(1..=MAX_SIGNAL) => Ok(self),
+            Exited::Code(code) => Err(format!("exit code {code} is not 0-255")),
+            Exited::Signal(signal) => Err(format!("signal {signal} is not 1-{MAX_SIGNAL}")),
+        }
+    }
+
     /// The status a shell would report: the code, or 128 + the signal.
     pub fn shell_status(self) -> i32 {
         match self {
@@ -247,6 +262,22 @@ mod tests {
             .unwrap();
         assert_eq!(exit.shell_status(), 137);
         assert!(receive(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn only_statuses_a_process_can_end_with_pass_the_check() {
+        for ok in [Exited::Code(0), Exited::Code(255), Exited::Signal(1), Exited::Signal(64)] {
+            assert_eq!(ok.checked(), Ok(ok));
+        }
+        for bad in [
+            Exited::Code(-1),
+            Exited::Code(256),
+            Exited::Signal(0),
+            Exited::Signal(65),
+            Exited::Signal(i32::MAX),
+        ] {
+            assert!(bad.checked().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

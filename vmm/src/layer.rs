@@ -28,8 +28,8 @@ pub struct Layer {
     len: u64,
 }
 
-// SAFETY: the mapping is read-only and lives as long as the process (see
-// `map`); sharing its address between threads is harmless.
+// SAFETY: the mapping is read-only and lives as long as the `Layer`;
+// sharing its address between threads is harmless.
 unsafe impl Send for Layer {}
 unsafe impl Sync for Layer {}
 
@@ -66,9 +66,16 @@ impl Layer {
     }
 }
 
+impl Drop for Layer {
+    fn drop(&mut self) {
+        // SAFETY: `map` made this mapping of `len` bytes; the VM that used
+        // it is gone (it is dropped before its layers).
+        unsafe { unmap(self.ptr, self.len) };
+    }
+}
+
 /// Maps `file_len` bytes of `file` read-only and shared, followed by
-/// read-only zero pages up to `len`. Never unmapped: the guest may use it
-/// until the process exits.
+/// read-only zero pages up to `len`; [`unmap`] undoes it.
 #[cfg(unix)]
 fn map(file: &File, file_len: u64, len: u64) -> std::io::Result<*mut u8> {
     let prot = libc::PROT_READ;
@@ -91,20 +98,53 @@ fn map(file: &File, file_len: u64, len: u64) -> std::io::Result<*mut u8> {
     Ok(base.cast())
 }
 
+/// # Safety
+/// `ptr` and `len` are a mapping `map` returned, which nothing uses any more.
+#[cfg(unix)]
+unsafe fn unmap(ptr: *mut u8, len: u64) {
+    // SAFETY: as the caller promises.
+    unsafe { libc::munmap(ptr.cast(), len as usize) };
+}
+
+/// Page-aligned memory for a layer copy (`len` is a multiple of the pmem
+/// alignment, so never zero).
+#[cfg(not(unix))]
+fn copy_layout(len: u64) -> std::io::Result<std::alloc::Layout> {
+    std::alloc::Layout::from_size_align(len as usize, 4096).map_err(std::io::Error::other)
+}
+
 /// Without a read-only file mapping (the `windows` features uvm builds with
 /// have none) the layer is copied into memory of its own: the same guest
-/// view, but not shared between VMs. Never freed, like the Unix mapping.
+/// view, but not shared between VMs.
 #[cfg(not(unix))]
 fn map(mut file: &File, file_len: u64, len: u64) -> std::io::Result<*mut u8> {
     use std::io::{Seek, SeekFrom};
-    let region = vm_memory::MmapRegion::<()>::new(len as usize).map_err(std::io::Error::other)?;
-    // SAFETY: the region is `len` bytes, freshly allocated and ours alone.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), len as usize) };
-    file.seek(SeekFrom::Start(0))?;
-    file.read_exact(&mut bytes[..file_len as usize])?;
-    let ptr = region.as_ptr();
-    std::mem::forget(region);
+    let layout = copy_layout(len)?;
+    // SAFETY: `layout` has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return Err(std::io::ErrorKind::OutOfMemory.into());
+    }
+    // SAFETY: the allocation is `len` bytes, fresh and ours alone.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len as usize) };
+    let read = file
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_exact(&mut bytes[..file_len as usize]));
+    if let Err(e) = read {
+        // SAFETY: allocated above with this layout, not handed out.
+        unsafe { std::alloc::dealloc(ptr, layout) };
+        return Err(e);
+    }
     Ok(ptr)
+}
+
+/// # Safety
+/// `ptr` and `len` are a copy `map` returned, which nothing uses any more.
+#[cfg(not(unix))]
+unsafe fn unmap(ptr: *mut u8, len: u64) {
+    let layout = copy_layout(len).expect("the layout `map` allocated with");
+    // SAFETY: as the caller promises; same layout as the allocation.
+    unsafe { std::alloc::dealloc(ptr, layout) };
 }
 
 /// Makes an ext4 layer image at `out` from `from`: a directory, or a (possibly

@@ -17,9 +17,10 @@ pub mod rss;
 pub mod scratch;
 #[cfg(target_os = "linux")]
 pub mod signals;
+pub mod sys;
 #[cfg(unix)]
 pub mod terminal;
-pub mod uvm;
+pub mod vm;
 
 /// Locks `m` even if a thread panicked while holding it: the VMM's shared
 /// state stays usable, and the process must still report and exit.

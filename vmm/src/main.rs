@@ -5,29 +5,16 @@
 #[cfg(target_os = "linux")]
 mod bench;
 
-#[cfg(target_os = "linux")]
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-#[cfg(target_os = "linux")]
-use clap::ValueEnum;
 use clap::{Parser, Subcommand};
-#[cfg(target_os = "linux")]
-use devices::virtio::vsock::DEFAULT_GUEST_CID;
 use guest::protocol::{Root, TtySize};
-#[cfg(target_os = "linux")]
-use vmm::hypervisor::kvm::KvmHypervisor;
-#[cfg(windows)]
-use vmm::hypervisor::whp::WhpHypervisor;
 use vmm::process::{Outcome, ProcessSpec};
 use vmm::pvm::{self, HostKind};
-#[cfg(unix)]
-use vmm::terminal::RawMode;
-#[cfg(target_os = "linux")]
-use vmm::uvm::VsockConfig;
-use vmm::uvm::{self, GuestExit, Report, VmConfig};
+use vmm::sys::{self, Stdio};
+use vmm::vm::{self, Exit, Report, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
 
 const DEFAULT_MEMORY_MIB: u64 = 128;
 const MIN_MEMORY_MIB: u64 = 64;
@@ -98,7 +85,6 @@ struct RunArgs {
     tty: bool,
 
     /// The guest's vsock context ID.
-    #[cfg(target_os = "linux")]
     #[arg(long, value_name = "CID", default_value_t = DEFAULT_GUEST_CID,
           value_parser = clap::value_parser!(u64).range(3..u64::from(u32::MAX)))]
     cid: u64,
@@ -106,7 +92,6 @@ struct RunArgs {
     /// Hybrid vsock (Firecracker convention): host programs connect to PATH and
     /// send `CONNECT <port>\n` to reach a guest port; guest connections to
     /// host port P go to PATH_P.
-    #[cfg(target_os = "linux")]
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
 
@@ -171,41 +156,6 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
-    /// These options as `uvm run` flags (for the VMs `uvm bench` starts).
-    #[cfg(target_os = "linux")]
-    fn flags(&self) -> Vec<OsString> {
-        let mut flags: Vec<OsString> = vec![
-            "--memory".into(),
-            self.memory.to_string().into(),
-            "--cpus".into(),
-            self.cpus.to_string().into(),
-        ];
-        let mut add = |flag: &str, value: OsString| flags.extend([flag.into(), value]);
-        if let Some(initrd) = &self.initrd {
-            add("--initrd", initrd.into());
-        }
-        if let Some(cmdline) = &self.cmdline {
-            add("--cmdline", cmdline.into());
-        }
-        if let Some(host) = self.host {
-            let name = host.to_possible_value().map(|v| v.get_name().to_string());
-            add("--host", name.unwrap_or_default().into());
-        }
-        if let Some(workdir) = &self.workdir {
-            add("--workdir", workdir.into());
-        }
-        for entry in &self.env {
-            add("--env", entry.into());
-        }
-        for layer in &self.layers {
-            add("--layer", layer.into());
-        }
-        if self.no_dax {
-            flags.push("--no-dax".into());
-        }
-        flags
-    }
-
     /// The container root for these layers, if there are any.
     fn root(&self, scratch: bool) -> Option<Root> {
         (!self.layers.is_empty()).then_some(Root {
@@ -226,10 +176,7 @@ fn parse_env(entry: &str) -> Result<String, String> {
 
 fn main() {
     let start = Instant::now();
-    #[cfg(unix)]
-    let started_at = Some(vmm::clock::monotonic());
-    #[cfg(not(unix))]
-    let started_at = None;
+    let started_at = sys::monotonic();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("UVM_LOG"))
         .with_writer(std::io::stderr)
@@ -247,18 +194,11 @@ fn main() {
             1
         }
     };
-    // vCPU threads are still inside the guest: leave without unwinding them.
     std::process::exit(code)
 }
 
 /// `started_at`: `start` on the monotonic clock, for `--timings` readers.
 fn run(args: RunArgs, start: Instant, started_at: Option<Duration>) -> anyhow::Result<i32> {
-    if args.command.is_empty() && cfg!(not(target_os = "linux")) {
-        bail!("a boot check (no COMMAND) needs the vsock link, which this host does not have yet");
-    }
-    if args.tty && cfg!(not(unix)) {
-        bail!("-t needs a Unix host (a pseudo-terminal and a raw host terminal)");
-    }
     let vm = args.vm;
     let process = (!args.command.is_empty()).then(|| ProcessSpec {
         argv: args.command.clone(),
@@ -275,7 +215,6 @@ fn run(args: RunArgs, start: Instant, started_at: Option<Duration>) -> anyhow::R
         cpus: vm.cpus,
         console: args.console,
         host: vm.host.unwrap_or_else(pvm::detect),
-        #[cfg(target_os = "linux")]
         vsock: VsockConfig {
             guest_cid: args.cid,
             uds: args.vsock_uds,
@@ -284,16 +223,17 @@ fn run(args: RunArgs, start: Instant, started_at: Option<Duration>) -> anyhow::R
         scratch: args.scratch.map(|path| (path, args.scratch_size)),
         process,
     };
-    #[cfg(unix)]
+    let stdio = Stdio::inherit().context("the process's stdio")?;
     let raw = match args.tty && !args.command.is_empty() {
-        true => RawMode::enter_if_terminal(),
+        true => sys::raw_terminal(),
         false => None,
     };
-    #[cfg(target_os = "linux")]
-    let report = uvm::run(KvmHypervisor::new, &config, start);
-    #[cfg(windows)]
-    let report = uvm::run(|| WhpHypervisor::new(config.cpus.into()), &config, start);
-    #[cfg(unix)]
+    let report = vm::run(
+        || sys::open_hypervisor(config.cpus),
+        &config,
+        start,
+        stdio,
+    );
     drop(raw);
     let report = report?;
     if args.timings {
@@ -312,15 +252,8 @@ fn create_layer(from: &Path, output: &Path) -> anyhow::Result<i32> {
 }
 
 /// The host terminal's size, for a guest pseudo-terminal.
-#[cfg(unix)]
 fn terminal_size() -> TtySize {
-    vmm::terminal::size().unwrap_or(DEFAULT_TTY)
-}
-
-/// `-t` needs a Unix host (`run` says so before this is used).
-#[cfg(not(unix))]
-fn terminal_size() -> TtySize {
-    DEFAULT_TTY
+    sys::terminal_size().unwrap_or(DEFAULT_TTY)
 }
 
 const DEFAULT_TTY: TtySize = TtySize { rows: 24, cols: 80 };
@@ -363,34 +296,38 @@ fn exit_code(report: &Report, console_shown: bool) -> anyhow::Result<i32> {
         true => String::new(),
         false => format!("\nlast console output:\n{}", report.console.tail()),
     };
-    match (&report.process, &report.exit) {
-        (Some(Outcome::Exited(exited)), _) => Ok(exited.shell_status()),
-        (Some(Outcome::Failed(failed)), _) => {
+    let timings = &report.timings;
+    match &report.exit {
+        Exit::Process(Outcome::Exited(exited)) => Ok(exited.shell_status()),
+        Exit::Process(Outcome::Failed(failed)) => {
             eprintln!("uvm: error: cannot run the command: {}", failed.message);
             Ok(failed.exit_code)
         }
-        (None, GuestExit::Finished) => Ok(0),
-        (None, GuestExit::Interrupted { signal }) => Ok(128 + signal),
-        (None, GuestExit::Reset) if report.timings.agent_connected.is_some() => bail!(
+        Exit::Booted => Ok(0),
+        Exit::Interrupted { signal } => Ok(128 + signal),
+        Exit::Reset if timings.agent_connected.is_some() => bail!(
             "the guest reset while the process ran (did the agent crash?){}",
             tail()
         ),
-        (None, GuestExit::Reset) if report.timings.agent_started.is_some() => bail!(
+        Exit::Reset if timings.agent_started.is_some() => bail!(
             "the guest reset before {}{}",
-            match cfg!(target_os = "linux") {
+            match sys::HAS_VSOCK {
                 true => "the agent connected over vsock",
                 false => "the agent reported an exit status on the console",
             },
             tail()
         ),
-        (None, GuestExit::Reset) => bail!(
+        Exit::Reset => bail!(
             "the guest reset before the agent started (kernel panic or missing /init?){}",
             tail()
         ),
-        (None, GuestExit::Fault { cpu, reason, rip }) => {
+        Exit::Fault { cpu, reason, rip } => {
             let rip = rip.map_or("unknown".into(), |r| format!("{r:#x}"));
             bail!("vCPU {cpu} stopped: {reason} at guest RIP {rip}{}", tail())
         }
+        Exit::Session(why) => bail!("{why}{}", tail()),
+        Exit::Vmm(why) => bail!("{why}"),
+        Exit::Stopped => bail!("the VM was shut down before the guest ended"),
     }
 }
 

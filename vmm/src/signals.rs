@@ -2,12 +2,21 @@
 //! that process instead, like `docker run` does.
 
 use std::io;
+use std::sync::Arc;
+
+use crate::vm::threads::{Ending, Worker};
+use crate::vm::Error;
 
 /// Ctrl-C, termination, hang-up and Ctrl-\.
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
-/// The forwarded signals, blocked in the calling thread and every thread it
-/// starts afterwards: call it before starting any.
+/// The signal that stops the forwarding thread (the vCPU kick is SIGRTMIN).
+fn stop_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+/// The forwarded signals (and the stop signal), blocked in the calling
+/// thread and every thread it starts afterwards: call it before starting any.
 pub struct Blocked(libc::sigset_t);
 
 pub fn block() -> io::Result<Blocked> {
@@ -16,7 +25,7 @@ pub fn block() -> io::Result<Blocked> {
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for signal in FORWARDED {
+        for signal in FORWARDED.into_iter().chain([stop_signal()]) {
             libc::sigaddset(&mut set, signal);
         }
         set
@@ -30,17 +39,43 @@ pub fn block() -> io::Result<Blocked> {
 }
 
 impl Blocked {
-    /// Hands each arriving signal to `handle` on a thread of its own.
-    pub fn forward(self, mut handle: impl FnMut(i32) + Send + 'static) -> io::Result<()> {
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || loop {
-                let mut signal = 0;
-                // SAFETY: the set is initialised and `signal` is valid storage.
-                if unsafe { libc::sigwait(&self.0, &mut signal) } == 0 {
-                    handle(signal);
-                }
-            })?;
-        Ok(())
+    /// Hands each arriving signal to `handle` on a thread of its own, until
+    /// [`Forwarder::stop`].
+    pub fn forward(
+        self,
+        mut handle: impl FnMut(i32) + Send + 'static,
+        ending: &Arc<Ending>,
+    ) -> Result<Forwarder, Error> {
+        let worker = Worker::spawn("signals", ending, move || loop {
+            let mut signal = 0;
+            // SAFETY: the set is initialised and `signal` is valid storage.
+            if unsafe { libc::sigwait(&self.0, &mut signal) } != 0 {
+                continue;
+            }
+            if signal == stop_signal() {
+                return None;
+            }
+            handle(signal);
+        })?;
+        Ok(Forwarder(worker))
+    }
+}
+
+/// The signal-forwarding thread.
+pub struct Forwarder(Worker);
+
+impl Forwarder {
+    pub fn stop(self) {
+        // SAFETY: the thread is not joined yet, so its handle is valid; the
+        // signal is blocked there and taken by its sigwait.
+        let rc = unsafe { libc::pthread_kill(self.0.pthread(), stop_signal()) };
+        if rc != 0 {
+            tracing::error!(
+                "stopping the signal thread: {}",
+                io::Error::from_raw_os_error(rc)
+            );
+            return; // joining would hang: leave it to the process's exit
+        }
+        self.0.join();
     }
 }

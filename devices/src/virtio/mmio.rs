@@ -50,9 +50,15 @@ mod reg {
 }
 
 /// The register file of one virtio device. Guest accesses arrive on vCPU
-/// threads; after activation the device processes its queues elsewhere.
+/// threads; after activation the device processes its queues elsewhere,
+/// holding its lock while it does host I/O. So the registers a vCPU reads
+/// while it handles an interrupt (and every identification register) are
+/// answered from here without that lock.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
+    /// The device's type and offered features, which never change.
+    device_type: u32,
+    device_features: u64,
     mem: GuestMemory,
     irq: Arc<IrqStatus>,
     device_features_sel: u32,
@@ -72,9 +78,15 @@ impl MmioTransport {
         mem: GuestMemory,
         line: Arc<dyn Interrupt>,
     ) -> Self {
-        let queues = fresh_queues(&*lock(&device));
+        let (queues, device_type, device_features) = {
+            let device = lock(&device);
+            let features = device.features() | VIRTIO_F_VERSION_1;
+            (fresh_queues(&*device), device.device_type(), features)
+        };
         Self {
             device,
+            device_type,
+            device_features,
             mem,
             irq: Arc::new(IrqStatus::new(line)),
             device_features_sel: 0,
@@ -101,22 +113,19 @@ impl MmioTransport {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
+    /// Takes no device lock (see [`MmioTransport`]).
     fn read_register(&self, offset: u64) -> u32 {
-        let device = lock(&self.device);
         let queue = self.queues.get(self.queue_sel as usize);
         match offset {
             reg::MAGIC => MAGIC,
             reg::VERSION => VERSION,
-            reg::DEVICE_ID => device.device_type(),
+            reg::DEVICE_ID => self.device_type,
             reg::VENDOR_ID => VENDOR_ID,
-            reg::DEVICE_FEATURES => {
-                let features = device.features() | VIRTIO_F_VERSION_1;
-                match self.device_features_sel {
-                    0 => features as u32,
-                    1 => (features >> 32) as u32,
-                    _ => 0,
-                }
-            }
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device_features as u32,
+                1 => (self.device_features >> 32) as u32,
+                _ => 0,
+            },
             reg::QUEUE_NUM_MAX => queue.map_or(0, |q| q.max_size().into()),
             reg::QUEUE_READY => queue.is_some_and(|q| q.ready()).into(),
             reg::INTERRUPT_STATUS => self.irq.get(),
@@ -207,9 +216,8 @@ impl MmioTransport {
     }
 
     fn features_acceptable(&self) -> bool {
-        let offered = lock(&self.device).features() | VIRTIO_F_VERSION_1;
         let wanted = self.driver_features;
-        wanted & !offered == 0 && wanted & VIRTIO_F_VERSION_1 != 0
+        wanted & !self.device_features == 0 && wanted & VIRTIO_F_VERSION_1 != 0
     }
 
     fn activate(&mut self) {
@@ -473,6 +481,32 @@ mod tests {
         assert_eq!(byte, [0]);
         t.write(reg::STATUS, &[1]);
         assert_eq!(read(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn registers_read_while_the_device_is_busy_take_no_device_lock() {
+        let (t, device) = transport();
+        t.irq.signal_used_queue();
+        let t = Mutex::new(t);
+        // The event thread holds the device during host I/O (a flush, a
+        // socket write); a vCPU handling the interrupt must not wait.
+        let busy = device.lock().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut t = t.lock().unwrap();
+                let regs = [reg::MAGIC, reg::VERSION, reg::DEVICE_ID, reg::DEVICE_FEATURES];
+                let values = regs.map(|r| read(&mut t, r));
+                let status = read(&mut t, reg::INTERRUPT_STATUS);
+                write(&mut t, reg::INTERRUPT_ACK, status);
+                done.send((values, status)).unwrap();
+            });
+            let got = finished.recv_timeout(std::time::Duration::from_secs(10));
+            drop(busy);
+            let (values, status) = got.expect("a register read waited for the device lock");
+            assert_eq!(values, [MAGIC, VERSION, 42, 1 << 3]);
+            assert_eq!(status, INT_VRING);
+        });
     }
 
     #[test]

@@ -22,7 +22,7 @@ use guest::protocol::{self, Root};
 use serde::{Deserialize, Serialize};
 use vmm::process::ProcessSpec;
 use vmm::pvm::{self, HostKind};
-use vmm::uvm::{self, VmConfig, VsockConfig};
+use vmm::vm::{self, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
 
 use crate::VmArgs;
 
@@ -152,7 +152,7 @@ impl Launcher {
     fn start_uvm(&self, kernel: &Path) -> anyhow::Result<RunningVm> {
         let mut args: Vec<OsString> = vec!["run".into(), "--timings".into(), "--kernel".into()];
         args.push(kernel.into());
-        args.extend(self.vm.flags());
+        args.extend(super::vm_flags(&self.vm));
         args.push("--".into());
         args.extend(self.command.iter().map(OsString::from));
         let mut cmd = Command::new(&self.uvm);
@@ -240,7 +240,7 @@ impl Launcher {
 
     /// uvm's guest flags and the run request.
     fn qemu_cmdline(&self) -> anyhow::Result<String> {
-        let cmdline = format!("{} {}", uvm::guest_flags(&self.config()), self.run_arg());
+        let cmdline = format!("{} {}", vm::guest_flags(&self.config()), self.run_arg());
         if cmdline.len() > MAX_QEMU_CMDLINE {
             bail!(
                 "the command and flags need {} bytes of the QEMU guest's kernel command line; at most {MAX_QEMU_CMDLINE} fit",
@@ -262,7 +262,7 @@ impl Launcher {
             console: false,
             host: self.host,
             vsock: VsockConfig {
-                guest_cid: devices::virtio::vsock::DEFAULT_GUEST_CID,
+                guest_cid: DEFAULT_GUEST_CID,
                 uds: None,
             },
             layers: self.vm.layers.clone(),

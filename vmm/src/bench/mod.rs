@@ -7,9 +7,11 @@ mod launch;
 mod plot;
 mod report;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use self::launch::{Launcher, Vmm};
@@ -93,6 +95,40 @@ fn parse_percent(s: &str) -> Result<f64, String> {
         Ok(p) if p >= 0.0 && p.is_finite() => Ok(p / 100.0),
         _ => Err(format!("expected a percentage such as 10%, got `{s}`")),
     }
+}
+
+/// `vm` as `uvm run` flags (for the VMs `uvm bench` starts).
+fn vm_flags(vm: &VmArgs) -> Vec<OsString> {
+    let mut flags: Vec<OsString> = vec![
+        "--memory".into(),
+        vm.memory.to_string().into(),
+        "--cpus".into(),
+        vm.cpus.to_string().into(),
+    ];
+    let mut add = |flag: &str, value: OsString| flags.extend([flag.into(), value]);
+    if let Some(initrd) = &vm.initrd {
+        add("--initrd", initrd.into());
+    }
+    if let Some(cmdline) = &vm.cmdline {
+        add("--cmdline", cmdline.into());
+    }
+    if let Some(host) = vm.host {
+        let name = host.to_possible_value().map(|v| v.get_name().to_string());
+        add("--host", name.unwrap_or_default().into());
+    }
+    if let Some(workdir) = &vm.workdir {
+        add("--workdir", workdir.into());
+    }
+    for entry in &vm.env {
+        add("--env", entry.into());
+    }
+    for layer in &vm.layers {
+        add("--layer", layer.into());
+    }
+    if vm.no_dax {
+        flags.push("--no-dax".into());
+    }
+    flags
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<i32> {

@@ -1,16 +1,17 @@
 //! KVM backend (kvm-ioctls). Works unchanged on hardware KVM and on kvm_pvm.
 
-use std::sync::Arc;
+use std::cell::Cell;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_segment,
+    kvm_cpuid_entry2, kvm_run, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_segment,
     kvm_userspace_memory_region, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{CpuidEntry, EntryState, Error, IoHandler, Result, Segment, VcpuExit};
+use super::{CpuidEntry, EntryState, Error, IoHandler, Kick, Result, Segment, VcpuExit};
 
 /// Where KVM keeps the real-mode TSS it needs on Intel: three pages just below
 /// the 4 GiB BIOS area, outside guest RAM and the MMIO holes we use.
@@ -95,11 +96,15 @@ impl super::Vm for KvmVm {
     }
 
     fn create_vcpu(&self, id: u8) -> Result<KvmVcpu> {
+        install_kick_handler()?;
         let fd = self
             .fd
             .create_vcpu(id.into())
             .map_err(|e| Error::backend("KVM_CREATE_VCPU", e))?;
-        Ok(KvmVcpu { fd })
+        Ok(KvmVcpu {
+            fd,
+            kick: Arc::default(),
+        })
     }
 
     fn interrupt(&self, gsi: u32) -> Result<Arc<dyn devices::Interrupt>> {
@@ -128,9 +133,109 @@ impl devices::Interrupt for IrqFd {
 
 pub struct KvmVcpu {
     fd: VcpuFd,
+    kick: Arc<KickState>,
+}
+
+/// How a vCPU is kicked out of KVM_RUN, the way Firecracker and
+/// vmm-reference do it: a real-time signal to its thread, whose handler sets
+/// `immediate_exit` so that a KVM_RUN the signal just missed returns at once.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+thread_local! {
+    /// The `kvm_run` of the vCPU this thread runs, for the kick handler.
+    static RUNNING: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = RUNNING.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: RUNNING is set by `KvmVcpu::run` and cleared by its drop,
+        // both on this thread, so it points at a live kvm_run mapping; the
+        // handler runs on this thread too. A volatile store: KVM reads it.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() -> Result<()> {
+    static INSTALLED: OnceLock<std::result::Result<(), i32>> = OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
+    });
+    installed.map_err(|errno| {
+        Error::backend(
+            "installing the vCPU kick signal handler",
+            std::io::Error::from_raw_os_error(errno),
+        )
+    })
+}
+
+/// Shared by a vCPU and its kicker.
+#[derive(Default)]
+struct KickState {
+    /// A kick that the vCPU has not yet returned for.
+    requested: std::sync::atomic::AtomicBool,
+    /// The thread running the vCPU, once it ran; none again once it is gone.
+    thread: Mutex<Option<libc::pid_t>>,
+}
+
+pub struct KvmKicker(Arc<KickState>);
+
+impl Kick for KvmKicker {
+    fn kick(&self) {
+        use std::sync::atomic::Ordering;
+        self.0.requested.store(true, Ordering::SeqCst);
+        let thread = self.0.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tid) = *thread {
+            // SAFETY: tgkill has no memory effects; `tid` is the vCPU's live
+            // thread (cleared, under this lock, before that thread lets the
+            // vCPU go).
+            unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, kick_signal()) };
+        }
+    }
+}
+
+impl KvmVcpu {
+    /// Lets kicks reach this thread: called on the thread that runs us.
+    fn claim_thread(&mut self) {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        if std::ptr::eq(RUNNING.with(Cell::get), run) {
+            return;
+        }
+        RUNNING.with(|r| r.set(run));
+        // SAFETY: gettid has no arguments and no memory effects.
+        let tid = unsafe { libc::gettid() };
+        *self.kick.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(tid);
+    }
+
+    /// Whether a kick is pending; takes it.
+    fn take_kick(&self) -> bool {
+        self.kick
+            .requested
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        *self.kick.thread.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        RUNNING.with(|r| {
+            if std::ptr::eq(r.get(), run) {
+                r.set(std::ptr::null_mut());
+            }
+        });
+    }
 }
 
 impl super::Vcpu for KvmVcpu {
+    type Kicker = KvmKicker;
+
+    fn kicker(&self) -> KvmKicker {
+        KvmKicker(self.kick.clone())
+    }
+
     fn init(&mut self, cpuid: &[CpuidEntry]) -> Result<()> {
         let entries: Vec<kvm_cpuid_entry2> = cpuid.iter().map(to_kvm_cpuid).collect();
         let cpuid = CpuId::from_entries(&entries).map_err(|_| {
@@ -190,10 +295,18 @@ impl super::Vcpu for KvmVcpu {
     }
 
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit> {
+        // Claim first, then look: a kick after the look finds the thread
+        // and its signal (or immediate_exit) stops KVM_RUN.
+        self.claim_thread();
+        if self.take_kick() {
+            return Ok(VcpuExit::Interrupted);
+        }
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                return Ok(VcpuExit::Interrupted)
+                self.fd.set_kvm_immediate_exit(0);
+                self.take_kick();
+                return Ok(VcpuExit::Interrupted);
             }
             Err(e) => return Err(Error::backend("KVM_RUN", e)),
         };

@@ -105,7 +105,7 @@ pub trait IoHandler {
 pub enum VcpuExit {
     /// A port or MMIO access, already answered through the [`IoHandler`].
     Io,
-    /// Interrupted from outside (a signal); run again or stop.
+    /// Kicked ([`Kick`]) or interrupted by a signal: run again or stop.
     Interrupted,
     /// Triple fault or another reason the CPU shut down.
     Shutdown,
@@ -115,7 +115,19 @@ pub enum VcpuExit {
     Unexpected { reason: String },
 }
 
+/// Stops a vCPU's current or next [`Vcpu::run`] from another thread: that
+/// call returns [`VcpuExit::Interrupted`] soon, whether the vCPU is inside
+/// the guest, halted there, or between two runs.
+pub trait Kick: Send + Sync + 'static {
+    fn kick(&self);
+}
+
 pub trait Vcpu: Send + 'static {
+    type Kicker: Kick;
+
+    /// The handle that kicks this vCPU out of `run`.
+    fn kicker(&self) -> Self::Kicker;
+
     /// Per-vCPU set-up every vCPU needs: CPUID, MSRs, FPU, local APIC.
     fn init(&mut self, cpuid: &[CpuidEntry]) -> Result<()>;
 

@@ -32,7 +32,9 @@ use devices::ioapic::{self, IoApic};
 use devices::{BusDevice, Interrupt};
 
 use super::whp_regs::{self, ExitAction, ExitKind, PortAccess, Reg, Region, Value};
-use super::{CpuidEntry, EntryState, Error, Hypervisor, IoHandler, Result, Vcpu, VcpuExit, Vm};
+use super::{
+    CpuidEntry, EntryState, Error, Hypervisor, IoHandler, Kick, Result, Vcpu, VcpuExit, Vm,
+};
 use crate::lock;
 
 /// How long a halted vCPU sleeps before re-entering when nothing we know
@@ -618,28 +620,20 @@ pub struct WhpCanceller {
     wakeup: Arc<Wakeup>,
 }
 
-impl WhpCanceller {
+impl Kick for WhpCanceller {
     /// Makes the vCPU's current or next `run` return `Interrupted`. The flag
     /// covers the windows where the VP is not inside WHvRunVirtualProcessor
     /// (handling an exit, about to enter, halted in our loop).
-    pub fn cancel(&self) -> Result<()> {
+    fn kick(&self) {
         self.cancel.store(true, Ordering::SeqCst);
         self.wakeup.notify();
         // SAFETY: the partition is alive (we hold it) and flags must be 0.
-        unsafe { WHvCancelRunVirtualProcessor(self.partition.0, self.index, 0) }
-            .map_err(|e| Error::backend("WHvCancelRunVirtualProcessor", e))
+        // A VP that is not running has nothing to cancel: the flag does it.
+        let _ = unsafe { WHvCancelRunVirtualProcessor(self.partition.0, self.index, 0) };
     }
 }
 
 impl WhpVcpu {
-    pub fn canceller(&self) -> WhpCanceller {
-        WhpCanceller {
-            partition: self.partition.clone(),
-            index: self.index,
-            cancel: self.cancel.clone(),
-            wakeup: self.wakeup.clone(),
-        }
-    }
 
     fn set_registers(&self, regs: &[(Reg, Value)]) -> Result<()> {
         let names: Vec<WHV_REGISTER_NAME> = regs.iter().map(|(r, _)| register_name(*r)).collect();
@@ -823,6 +817,17 @@ fn exit_kind(exit: &WHV_RUN_VP_EXIT_CONTEXT) -> ExitKind {
 }
 
 impl Vcpu for WhpVcpu {
+    type Kicker = WhpCanceller;
+
+    fn kicker(&self) -> WhpCanceller {
+        WhpCanceller {
+            partition: self.partition.clone(),
+            index: self.index,
+            cancel: self.cancel.clone(),
+            wakeup: self.wakeup.clone(),
+        }
+    }
+
     fn init(&mut self, cpuid: &[CpuidEntry]) -> Result<()> {
         self.cpuid = cpuid.to_vec();
         // vcpu ids come in as u8 (create_vcpu), so this cannot truncate.

@@ -27,8 +27,6 @@ pub use host::HostPorts;
 pub use muxer::{HOST_CID, MAX_CONNECTIONS};
 
 pub const DEVICE_ID: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-/// The guest's address unless told otherwise (the first one not reserved).
-pub const DEFAULT_GUEST_CID: u64 = 3;
 
 const QUEUE_SIZE: u16 = 256;
 // Queue indices; the third queue (events) is never used by this device.

@@ -1,0 +1,227 @@
+//! The VM as a library value: built, started, paused, resumed and shut down
+//! in this test process, with real guests, and checked from inside the
+//! process (its threads in /proc/self/task, its mappings in /proc/self/maps).
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use guest::protocol::{Exited, Root};
+use support::{guest_dir, kvm_available, layer};
+use vmm::hypervisor::kvm::KvmHypervisor;
+use vmm::process::{Outcome, ProcessSpec};
+use vmm::sys::Stdio;
+use vmm::vm::{Exit, Running, UtilityVm, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
+
+/// Names of the threads a VM starts (vCPUs are `vcpu0`, `vcpu1`, …).
+const VM_THREADS: [&str; 6] = ["events", "agent", "stdout", "stderr", "stdin", "signals"];
+
+/// One VM at a time: the tests look at the whole process.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Output collected in memory.
+#[derive(Clone, Default)]
+struct Collected(Arc<Mutex<Vec<u8>>>);
+
+impl Collected {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for Collected {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn config(memory_mib: u64, script: &str) -> VmConfig {
+    VmConfig {
+        kernel: guest_dir().join("vmlinux"),
+        initrd: guest_dir().join("initrd.img"),
+        extra_cmdline: None,
+        memory_mib,
+        cpus: 1,
+        console: false,
+        host: vmm::pvm::detect(),
+        vsock: VsockConfig {
+            guest_cid: DEFAULT_GUEST_CID,
+            uds: None,
+        },
+        layers: vec![layer("base")],
+        scratch: None,
+        process: Some(ProcessSpec {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            root: Some(Root {
+                layers: 1,
+                dax: true,
+                ..Root::default()
+            }),
+            ..ProcessSpec::default()
+        }),
+    }
+}
+
+/// Starts `config`'s VM with its stdout collected.
+fn start(config: &VmConfig) -> (Running<KvmHypervisor>, Collected, Collected) {
+    let (stdout, stderr) = (Collected::default(), Collected::default());
+    let stdio = Stdio {
+        stdin: std::fs::File::open("/dev/null").unwrap().into(),
+        stdout: Box::new(stdout.clone()),
+        stderr: Box::new(stderr.clone()),
+    };
+    let vm = UtilityVm::build(KvmHypervisor::new, config, Instant::now()).expect("build");
+    (vm.start(stdio).expect("start"), stdout, stderr)
+}
+
+/// Fails the test (by aborting the process, since the test's own thread is
+/// the one stuck) if the guard is not dropped within the hang timeout.
+struct HangGuard(Option<std::sync::mpsc::Sender<()>>);
+
+impl HangGuard {
+    fn new(what: &'static str) -> Self {
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                if wait.recv_timeout(support::HANG_TIMEOUT).is_err() {
+                    eprintln!("{what}: hung for {:?}", support::HANG_TIMEOUT);
+                    std::process::abort();
+                }
+            })
+            .unwrap();
+        Self(Some(done))
+    }
+}
+
+impl Drop for HangGuard {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_string())
+        .collect()
+}
+
+fn vm_threads() -> Vec<String> {
+    thread_names()
+        .into_iter()
+        .filter(|name| name.starts_with("vcpu") || VM_THREADS.contains(&name.as_str()))
+        .collect()
+}
+
+/// Lines of /proc/self/maps that overlap any of `ranges` or name `file`.
+fn mappings_of(ranges: &[(u64, u64)], file: &std::path::Path) -> Vec<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let file = file.to_string_lossy().into_owned();
+    maps.lines()
+        .filter(|line| {
+            let span = line.split_whitespace().next().unwrap_or_default();
+            let (start, end) = span.split_once('-').unwrap_or(("0", "0"));
+            let start = u64::from_str_radix(start, 16).unwrap_or(0);
+            let end = u64::from_str_radix(end, 16).unwrap_or(0);
+            let overlaps = ranges
+                .iter()
+                .any(|&(at, len)| start < at + len && at < end);
+            overlaps || line.ends_with(&file)
+        })
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn two_vms_in_turn_leave_no_thread_and_no_mapping_behind() {
+    if !kvm_available("two_vms_in_turn_leave_no_thread_and_no_mapping_behind") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let _hang = HangGuard::new("two VMs in turn");
+    let threads_before = thread_names().len();
+    assert_eq!(vm_threads(), Vec::<String>::new(), "no VM yet");
+    for round in 0..2 {
+        let (running, stdout, stderr) = start(&config(136, "echo hi $0"));
+        // A new thread names itself once it runs: give them a moment.
+        let named = |during: &[String]| {
+            ["vcpu0", "events", "agent", "signals"]
+                .iter()
+                .all(|name| during.iter().any(|t| t == name))
+        };
+        let since = Instant::now();
+        while !named(&vm_threads()) && since.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let during = vm_threads();
+        assert!(named(&during), "VM threads missing: {during:?}");
+        let memory = running.guest_memory().to_vec();
+        assert_eq!(memory[0].1, 136 << 20, "guest RAM is the first range");
+        assert!(!mappings_of(&memory, &layer("base")).is_empty());
+
+        let exit = running.wait();
+        let report = running.shutdown();
+        assert_eq!(exit, Exit::Process(Outcome::Exited(Exited::Code(0))));
+        assert_eq!(report.exit, exit);
+        assert_eq!(stdout.text(), "hi /bin/sh\n", "round {round}: {}", stderr.text());
+        assert_eq!(vm_threads(), Vec::<String>::new(), "round {round}");
+        assert_eq!(thread_names().len(), threads_before, "round {round}");
+        assert_eq!(
+            mappings_of(&memory, &layer("base")),
+            Vec::<String>::new(),
+            "round {round}: guest memory still mapped"
+        );
+    }
+}
+
+#[test]
+fn a_paused_guest_stops_and_resumes_where_it_was() {
+    if !kvm_available("a_paused_guest_stops_and_resumes_where_it_was") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let _hang = HangGuard::new("pause and resume");
+    let script = "i=0; while [ $i -lt 30 ]; do cat /proc/uptime; i=$((i+1)); usleep 20000; done; \
+                  echo done";
+    let (running, stdout, stderr) = start(&config(128, script));
+    while stdout.text().lines().count() < 3 {
+        assert_eq!(running.ended(), None, "ended early: {}", stderr.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running.pause().expect("pause");
+    // What the guest queued before the pause may still arrive; then nothing.
+    std::thread::sleep(Duration::from_millis(300));
+    let paused = stdout.text();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(stdout.text(), paused, "output while paused");
+    running.resume();
+    let exit = running.wait();
+    drop(running);
+    assert_eq!(exit, Exit::Process(Outcome::Exited(Exited::Code(0))), "{}", stderr.text());
+    let out = stdout.text();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 31, "{out}");
+    assert_eq!(lines[30], "done");
+    let uptimes: Vec<f64> = lines[..30]
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        uptimes.windows(2).all(|w| w[0] <= w[1]),
+        "the guest clock went backwards: {uptimes:?}"
+    );
+}

@@ -1,0 +1,318 @@
+//! Linux hosts: KVM, an event thread (event-manager on epoll) serving the
+//! virtio devices, and the agent over the in-VMM vsock device, with the
+//! process's stdio on this process's own and its signals forwarded.
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::virtio::vsock::{HostPorts, Vsock};
+use devices::virtio::VirtioDevice;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use crate::agent::Stdio;
+use crate::agent::{Progress, Session};
+use crate::console::Console;
+use crate::hypervisor::kvm::KvmHypervisor;
+use crate::hypervisor::{self, Vm};
+use crate::signals::{self, Forwarder};
+use crate::terminal::RawMode;
+use crate::vm::layout::Slot;
+use crate::vm::threads::{Ending, Worker};
+use crate::vm::board::DeviceEnv;
+use crate::vm::{Error, Exit, VmConfig};
+use crate::lock;
+
+/// The agent talks over vsock: the layout has a vsock device.
+pub const HAS_VSOCK: bool = true;
+/// The process's output has streams of its own, not the console.
+pub const CONSOLE_CARRIES_OUTPUT: bool = false;
+
+pub type HostHypervisor = KvmHypervisor;
+
+/// Opens /dev/kvm (the vCPU count is the VM's business on KVM).
+pub fn open_hypervisor(_cpus: u8) -> hypervisor::Result<HostHypervisor> {
+    KvmHypervisor::new()
+}
+
+/// Now on the host's monotonic clock, for lining up with other processes.
+pub fn monotonic() -> Option<Duration> {
+    Some(crate::clock::monotonic())
+}
+
+/// The host terminal in raw mode while a `-t` process runs, if it is one.
+pub fn raw_terminal() -> Option<RawMode> {
+    RawMode::enter_if_terminal()
+}
+
+pub fn terminal_size() -> Option<guest::protocol::TtySize> {
+    crate::terminal::size()
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A virtio device the [`DeviceLoop`] can serve.
+pub trait Served: VirtioDevice + MutEventSubscriber + 'static {}
+impl<T: VirtioDevice + MutEventSubscriber + 'static> Served for T {}
+
+/// Lets KVM signal a queue's eventfd itself on the guest's notify write
+/// at `notify` (ioeventfd), without an exit to the VMM.
+pub fn register_notifiers<V: Vm>(vm: &V, device: &dyn VirtioDevice, notify: u64) -> Result<(), Error> {
+    for (queue, event) in (0u32..).zip(device.queue_events()) {
+        vm.register_notifier(event, notify, queue)?;
+    }
+    Ok(())
+}
+
+/// The device event loop: queue notifications and host sockets, on one
+/// thread, until it is told to stop.
+pub struct DeviceLoop {
+    manager: EventManager<Subscriber>,
+    stop: EventFd,
+    stopped: Arc<AtomicBool>,
+}
+
+/// Ends the loop when its event is written.
+struct Stopper {
+    event: EventFd,
+    stopped: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for Stopper {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.event, event_manager::EventSet::IN)) {
+            tracing::error!("event loop: watching the stop event: {e}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.event.read();
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+}
+
+impl DeviceLoop {
+    pub fn new() -> Result<Self, Error> {
+        let failed = |e: String| Error::Devices(std::io::Error::other(format!("event loop: {e}")));
+        let mut manager = EventManager::<Subscriber>::new().map_err(|e| failed(format!("{e:?}")))?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::Devices)?;
+        let stopped = Arc::new(AtomicBool::new(false));
+        let stopper = Stopper {
+            event: stop.try_clone().map_err(Error::Devices)?,
+            stopped: stopped.clone(),
+        };
+        manager.add_subscriber(Arc::new(Mutex::new(stopper)));
+        Ok(Self {
+            manager,
+            stop,
+            stopped,
+        })
+    }
+
+    /// Adds `device` to the devices the loop serves.
+    pub fn serve<D: Served>(&mut self, device: Arc<Mutex<D>>) {
+        self.manager.add_subscriber(device);
+    }
+
+    /// Runs the loop on its own thread. A loop that fails ends the VM.
+    pub fn start(self, ending: &Arc<Ending>) -> Result<RunningLoop, Error> {
+        let Self {
+            mut manager,
+            stop,
+            stopped,
+        } = self;
+        let worker = Worker::spawn("events", ending, move || {
+            while !stopped.load(Ordering::SeqCst) {
+                if let Err(e) = manager.run() {
+                    return Some(Exit::Vmm(format!("the device event loop failed: {e:?}")));
+                }
+            }
+            None
+        })?;
+        Ok(RunningLoop { stop, worker })
+    }
+}
+
+/// The event thread; its devices go with it.
+pub struct RunningLoop {
+    stop: EventFd,
+    worker: Worker,
+}
+
+impl RunningLoop {
+    pub fn stop(self) {
+        if let Err(e) = self.stop.write(1) {
+            tracing::error!("stopping the event loop: {e}");
+            return; // joining would hang
+        }
+        self.worker.join();
+    }
+}
+
+/// The link to the agent before the VM starts: the vsock device's host
+/// ports, the session that will serve them, and the hybrid socket.
+pub struct AgentLink {
+    session: Session,
+    ports: Option<HostPorts>,
+    hybrid: Option<HybridSocket>,
+    signals: Option<signals::Blocked>,
+    guest_cid: u64,
+}
+
+impl AgentLink {
+    /// Blocks the forwarded signals first when there is a process to run:
+    /// call it before the VM starts any thread.
+    pub fn new(config: &VmConfig) -> Result<Self, Error> {
+        let signals = match config.process {
+            Some(_) => Some(signals::block().map_err(Error::Devices)?),
+            None => None,
+        };
+        let hybrid = config.vsock.uds.as_deref().map(HybridSocket::bind).transpose()?;
+        let mut ports = HostPorts::new(config.vsock.uds.clone());
+        let session = Session::new(config.process.clone(), &mut ports);
+        Ok(Self {
+            session,
+            ports: Some(ports),
+            hybrid,
+            signals,
+            guest_cid: config.vsock.guest_cid,
+        })
+    }
+
+    /// The run request goes over vsock, not on the command line.
+    pub fn cmdline_request(&self) -> Option<String> {
+        None
+    }
+
+    /// Attaches the vsock device at `slot`.
+    pub fn attach<V: Vm>(&mut self, env: &mut DeviceEnv<'_, V>, slot: &Slot) -> Result<(), Error> {
+        let ports = self.ports.take().expect("one vsock slot");
+        let listener = self.hybrid.as_ref().map(|h| h.listener.try_clone());
+        let listener = listener.transpose().map_err(Error::Devices)?;
+        let vsock = Vsock::new(env.mem.clone(), self.guest_cid, ports, listener)
+            .map_err(Error::Devices)?;
+        env.attach(slot, vsock)
+    }
+
+    /// Starts the session (and signal forwarding), recording them in `link`.
+    pub fn start(self, stdio: Stdio, ending: &Arc<Ending>, link: &mut Link) -> Result<(), Error> {
+        link.progress = self.session.progress();
+        link.hybrid = self.hybrid;
+        link.session = Some(self.session.start(stdio, ending)?);
+        if let Some(signals) = self.signals {
+            let (progress, interrupted) = (link.progress.clone(), ending.clone());
+            let forward = move |signal| {
+                if !lock(&progress).forward_signal(signal) {
+                    interrupted.end(Exit::Interrupted { signal });
+                }
+            };
+            link.forwarder = Some(signals.forward(forward, ending)?);
+        }
+        Ok(())
+    }
+}
+
+/// The running link to the agent.
+#[derive(Default)]
+pub struct Link {
+    session: Option<Worker>,
+    forwarder: Option<Forwarder>,
+    progress: Arc<Mutex<Progress>>,
+    hybrid: Option<HybridSocket>,
+}
+
+impl Link {
+    pub fn stop_signals(&mut self) {
+        if let Some(forwarder) = self.forwarder.take() {
+            forwarder.stop();
+        }
+    }
+
+    /// Joins the session: call it once the vsock device is gone, which
+    /// ends every stream the session waits on.
+    pub fn join(&mut self) {
+        if let Some(session) = self.session.take() {
+            session.join();
+        }
+        self.hybrid = None;
+    }
+
+    pub fn agent_connected(&self) -> Option<Instant> {
+        lock(&self.progress).agent_connected
+    }
+
+    /// How the VM ended, as the session already said.
+    pub fn exit(&self, exit: Exit, _: &Console) -> Exit {
+        exit
+    }
+}
+
+/// The hybrid vsock socket, removed when the VM ends.
+struct HybridSocket {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl HybridSocket {
+    fn bind(path: &Path) -> Result<Self, Error> {
+        let listener = UnixListener::bind(path).map_err(|source| Error::VsockSocket {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            listener,
+        })
+    }
+}
+
+impl Drop for HybridSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device whose queue handling panics: a bug that kills the loop.
+    struct Broken(EventFd);
+
+    impl MutEventSubscriber for Broken {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.0, event_manager::EventSet::IN))
+                .unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            panic!("device bug");
+        }
+    }
+
+    #[test]
+    fn a_dead_event_loop_ends_the_vm_with_an_error() {
+        let mut events = DeviceLoop::new().unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let broken = Broken(kick.try_clone().unwrap());
+        events.manager.add_subscriber(Arc::new(Mutex::new(broken)));
+        let ending = Arc::new(Ending::default());
+        let running = events.start(&ending).unwrap();
+        kick.write(1).unwrap();
+        assert_eq!(
+            ending.wait(),
+            Exit::Vmm("the events thread panicked".into())
+        );
+        running.worker.join();
+    }
+
+    #[test]
+    fn a_stopped_event_loop_ends_nothing() {
+        let ending = Arc::new(Ending::default());
+        let running = DeviceLoop::new().unwrap().start(&ending).unwrap();
+        running.stop();
+        assert_eq!(ending.get(), None);
+    }
+}

@@ -1,0 +1,134 @@
+//! The VM's devices: the port-I/O bus (serial console, i8042 reset, boot
+//! timer) and the virtio devices on the MMIO bus, each at the place the
+//! [`Layout`] gave it.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use devices::boot_timer::BootTimer;
+use devices::i8042::{self, I8042};
+use devices::serial::{self, Serial};
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{self, MmioTransport};
+use devices::virtio::pmem::Pmem;
+use devices::virtio::RequestDevice;
+use devices::Bus;
+use guest::boot_mark;
+
+use super::layout::{Device, Layout, Slot};
+use super::threads::Ending;
+use super::{Error, Exit};
+use crate::console::Console;
+use crate::hypervisor::{IoHandler, Vm};
+use crate::memory::GuestMemory;
+use crate::sys::{self, AgentLink, DeviceLoop, Served};
+
+/// The port-I/O and MMIO buses the vCPUs dispatch to.
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+impl IoHandler for Buses {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if !self.pio.read(port.into(), data) {
+            data.fill(0xff); // nothing there: the bus floats high
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.pio.write(port.into(), data);
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) {
+            data.fill(0xff);
+        }
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data);
+    }
+}
+
+/// What attaching a virtio device needs (vmm-reference's environment
+/// bundle): the VM, guest memory, the MMIO bus and the loop that serves it.
+pub struct DeviceEnv<'a, V: Vm> {
+    pub vm: &'a V,
+    pub mem: &'a GuestMemory,
+    pub mmio: &'a mut Bus,
+    pub events: &'a mut DeviceLoop,
+}
+
+impl<V: Vm> DeviceEnv<'_, V> {
+    /// Puts `device` on the MMIO bus at `slot`: its register window, its
+    /// interrupt line, its queue notifications (straight to the device's
+    /// events where the hypervisor can) and its place in the event loop.
+    pub fn attach<D: Served>(&mut self, slot: &Slot, device: D) -> Result<(), Error> {
+        sys::register_notifiers(self.vm, &device, slot.mmio_base + mmio::NOTIFY_OFFSET)?;
+        let device = Arc::new(Mutex::new(device));
+        let line = self.vm.interrupt(slot.gsi)?;
+        let transport = MmioTransport::new(device.clone(), self.mem.clone(), line);
+        let window = Arc::new(Mutex::new(transport));
+        self.mmio.insert(window, slot.mmio_base, mmio::WINDOW_LEN)?;
+        self.events.serve(device);
+        Ok(())
+    }
+
+    /// Every device of `layout`: the agent's link, a pmem device for each
+    /// layer (mapped where the layout placed it), the scratch disk.
+    pub fn attach_all(
+        &mut self,
+        layout: &Layout,
+        link: &mut AgentLink,
+        mut scratch: Option<File>,
+    ) -> Result<(), Error> {
+        let devices_err = Error::Devices;
+        for slot in &layout.slots {
+            match slot.device {
+                Device::Vsock => link.attach(self, slot)?,
+                Device::Layer(index) => {
+                    let place = layout.layers[index];
+                    let range = Pmem {
+                        start: place.start,
+                        len: place.len,
+                    };
+                    let pmem = RequestDevice::new(self.mem.clone(), range).map_err(devices_err)?;
+                    self.attach(slot, pmem)?;
+                }
+                Device::Scratch => {
+                    let file = scratch.take().expect("the layout has a scratch slot");
+                    let serial = guest::disk_serial::SCRATCH;
+                    let block = Block::new(file, false, serial).map_err(devices_err)?;
+                    let disk = RequestDevice::new(self.mem.clone(), block).map_err(devices_err)?;
+                    self.attach(slot, disk)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The legacy devices on ports: COM1 (the console), the i8042 whose reset
+/// ends the VM, and the boot timer the agent marks.
+pub fn pio_bus<V: Vm>(
+    vm: &V,
+    ending: &Arc<Ending>,
+    console: &Console,
+    boot_timer: &Arc<Mutex<BootTimer>>,
+) -> Result<Bus, Error> {
+    let mut bus = Bus::new();
+    let irq = vm.interrupt(serial::COM1_IRQ)?;
+    let com1 = Serial::new(irq, Box::new(console.clone()));
+    bus.insert(
+        Arc::new(Mutex::new(com1)),
+        serial::COM1_PORT,
+        serial::PORT_LEN,
+    )?;
+    let ending = ending.clone();
+    let i8042 = I8042::new(Box::new(move || ending.end(Exit::Reset)));
+    bus.insert(
+        Arc::new(Mutex::new(i8042)),
+        i8042::PORT_BASE,
+        i8042::PORT_LEN,
+    )?;
+    bus.insert(boot_timer.clone(), boot_mark::PORT.into(), 1)?;
+    Ok(bus)
+}

@@ -1,0 +1,521 @@
+//! A utility VM as a value. [`UtilityVm::build`] checks and opens every
+//! input of a [`VmConfig`], creates the VM, loads the guest and attaches its
+//! devices; [`UtilityVm::start`] runs it and gives a [`Running`] handle to
+//! wait for it, pause and resume it, and shut it down, which stops and joins
+//! every thread the VM started and unmaps its memory.
+//!
+//! Who owns what: the running VM owns its vCPU threads ([`vcpu::Vcpus`]),
+//! the device event loop and the agent link (session, stdio copiers, signal
+//! forwarding, in `sys`), the hypervisor's VM, guest memory and the layer
+//! mappings. Every thread reports how it ended to one [`threads::Ending`];
+//! the first report is how the VM ended ([`Exit`]).
+
+pub(crate) mod board;
+pub mod layout;
+pub mod threads;
+mod vcpu;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use devices::boot_timer::BootTimer;
+use devices::BusError;
+use guest::boot_mark;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use self::board::{pio_bus, Buses, DeviceEnv};
+use self::layout::Layout;
+use self::threads::Ending;
+use self::vcpu::Vcpus;
+use crate::console::Console;
+use crate::hypervisor::{self, Hypervisor, Vcpu, Vm};
+use crate::layer::{self, Layer};
+use crate::process::{Outcome, ProcessSpec};
+use crate::pvm::{self, HostKind};
+use crate::sys::{self, AgentLink, DeviceLoop, Link, RunningLoop, Stdio};
+use crate::{boot, cpuid, lock, memory, scratch};
+
+/// Command line every guest gets: console on COM1, reset through the i8042
+/// (so reboot ends the VM), reboot at once on panic, no legacy UART probing,
+/// and no /sys/module/*/parameters for built-in code (nothing in a utility VM
+/// reads them; creating them took 2 s of a 16 s boot on PVM hosts).
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 no_timer_check \
+    initcall_blacklist=param_sysfs_builtin_init";
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Appended to the command line uvm builds.
+    pub extra_cmdline: Option<String>,
+    pub memory_mib: u64,
+    pub cpus: u8,
+    /// Show the guest console (kernel log included) on stderr.
+    pub console: bool,
+    pub host: HostKind,
+    pub vsock: VsockConfig,
+    /// Read-only image layers, bottom first: one virtio-pmem device each.
+    pub layers: Vec<PathBuf>,
+    /// The writable layer's image and the size to create it with.
+    pub scratch: Option<(PathBuf, u64)>,
+    /// The process to run; without one the VM ends once the agent is up.
+    pub process: Option<ProcessSpec>,
+}
+
+/// The guest's vsock address unless told otherwise (the first one not
+/// reserved; the host is 2).
+pub const DEFAULT_GUEST_CID: u64 = 3;
+
+#[derive(Clone, Debug)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    /// Hybrid vsock: host programs reach guest ports through this Unix
+    /// socket, and guest connections to host port P go to `{uds}_P`.
+    pub uds: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error("guest memory ({mib} MiB): {source}")]
+    Memory { mib: u64, source: std::io::Error },
+    #[error("device layout: {0}")]
+    Layout(#[from] layout::Error),
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    #[error("starting a VMM thread: {0}")]
+    Thread(std::io::Error),
+    #[error("hybrid vsock socket {path}: {source}")]
+    VsockSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("setting up devices: {0}")]
+    Devices(std::io::Error),
+    #[error("{0}")]
+    Unsupported(&'static str),
+    #[error("pausing the VM: {0}")]
+    Pause(String),
+    #[error(transparent)]
+    Layer(#[from] layer::Error),
+    #[error(transparent)]
+    Scratch(#[from] scratch::Error),
+}
+
+/// How a VM ended: the first reason any part of it gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The process ran and ended, or could not start.
+    Process(Outcome),
+    /// There was no process to run and the agent came up (a boot check).
+    Booted,
+    /// uvm got `signal` before the process started.
+    Interrupted { signal: i32 },
+    /// The guest reset the machine (reboot, power-off, or panic=-1) before
+    /// the agent reported an outcome.
+    Reset,
+    /// A vCPU stopped in a way the guest cannot recover from.
+    Fault {
+        cpu: u8,
+        reason: String,
+        rip: Option<u64>,
+    },
+    /// The agent session ended without the process's outcome.
+    Session(String),
+    /// A part of the VMM failed (the device event loop, a panicked thread).
+    Vmm(String),
+    /// The host shut the VM down before anything else ended it.
+    Stopped,
+}
+
+/// What a run produced, once the VM is gone.
+pub struct Report {
+    pub exit: Exit,
+    pub timings: Timings,
+    pub console: Console,
+    /// The VMM's resident memory without guest RAM, when the host tells.
+    pub vmm_rss_kib: Option<u64>,
+}
+
+/// Host-clock milestones, measured from VMM process start; the agent's and
+/// the process's are the guest's boot marks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    pub first_vcpu_entry: Option<Duration>,
+    pub agent_started: Option<Duration>,
+    pub agent_connected: Option<Duration>,
+    pub process_started: Option<Duration>,
+    /// The process ended, its leftovers were killed and the disks synced.
+    pub process_exited: Option<Duration>,
+    pub ended: Duration,
+}
+
+/// The full guest command line for `config` with its devices at `layout`:
+/// uvm's flags, the virtio devices, the run request where it travels on
+/// the command line, then the user's additions (which may end in init
+/// arguments).
+fn cmdline(config: &VmConfig, layout: &Layout, link: &AgentLink) -> String {
+    let flags = uvm_flags(config).into_iter().map(str::to_string);
+    flags
+        .chain(layout.cmdline_entries())
+        .chain(link.cmdline_request())
+        .chain(config.extra_cmdline.clone())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The command line without device entries: what another VMM passes to
+/// boot the same guest the same way (`uvm bench --against`).
+pub fn guest_flags(config: &VmConfig) -> String {
+    let mut flags = uvm_flags(config);
+    flags.extend(config.extra_cmdline.as_deref());
+    flags.join(" ")
+}
+
+fn uvm_flags(config: &VmConfig) -> Vec<&str> {
+    let quiet = (!config.console).then_some("quiet");
+    [Some(BASE_CMDLINE), quiet, pvm::guest_flags(config.host)]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Builds `config`'s VM, runs it until something ends it, and shuts it
+/// down. Returns only once the VM and every thread it started are gone and
+/// its memory is unmapped. `start` is when the VMM process started.
+pub fn run<H, F>(open: F, config: &VmConfig, start: Instant, stdio: Stdio) -> Result<Report, Error>
+where
+    H: Hypervisor + Send,
+    H::Vm: Send,
+    F: FnOnce() -> hypervisor::Result<H> + Send,
+{
+    let running = UtilityVm::build(open, config, start)?.start(stdio)?;
+    running.wait();
+    Ok(running.shutdown())
+}
+
+/// A VM built from its config, ready to start. Field order is drop order:
+/// the hypervisor's VM goes before the memory it maps.
+pub struct UtilityVm<H: Hypervisor> {
+    vcpus: Vec<<H::Vm as Vm>::Vcpu>,
+    buses: Arc<Buses>,
+    events: DeviceLoop,
+    link: AgentLink,
+    vm: H::Vm,
+    hypervisor: H,
+    mem: memory::GuestMemory,
+    layers: Vec<Layer>,
+    console: Console,
+    boot_timer: Arc<Mutex<BootTimer>>,
+    ending: Arc<Ending>,
+    start: Instant,
+}
+
+impl<H> UtilityVm<H>
+where
+    H: Hypervisor + Send,
+    H::Vm: Send,
+{
+    /// Checks and opens every input, creates the VM and loads the guest.
+    /// `open` opens the hypervisor; it runs, and the VM and its memory map
+    /// are created, on a second thread while the guest loads, because on
+    /// PVM hosts the first memory slot alone costs several milliseconds.
+    /// Bad input is reported before any hypervisor error.
+    pub fn build<F>(open: F, config: &VmConfig, start: Instant) -> Result<Self, Error>
+    where
+        F: FnOnce() -> hypervisor::Result<H> + Send,
+    {
+        // First: it blocks the forwarded signals for every later thread.
+        let mut link = AgentLink::new(config)?;
+        let layers = config
+            .layers
+            .iter()
+            .map(|path| Layer::open(path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let scratch = config
+            .scratch
+            .as_ref()
+            .map(|(path, size)| scratch::open_or_create(path, *size))
+            .transpose()?;
+        let ram_size = config.memory_mib << 20;
+        let lens: Vec<u64> = layers.iter().map(Layer::mapped_len).collect();
+        let layout = Layout::new(sys::HAS_VSOCK, &lens, scratch.is_some(), ram_size)?;
+
+        let mem = memory::create(ram_size).map_err(|source| Error::Memory {
+            mib: config.memory_mib,
+            source,
+        })?;
+        let (entry, created) = std::thread::scope(|s| {
+            let created = s.spawn(|| create_vm(open, &mem, &layers, &layout));
+            let cmdline = cmdline(config, &layout, &link);
+            let entry = boot::load(&mem, &config.kernel, &config.initrd, &cmdline, config.cpus);
+            (entry, created.join())
+        });
+        let entry = entry?;
+        let (hypervisor, vm) = created.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        tracing::debug!(at = ?start.elapsed(), "guest loaded, VM created");
+
+        let ending = Arc::new(Ending::default());
+        let console = Console::new(config.console || sys::CONSOLE_CARRIES_OUTPUT);
+        let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
+        let mut mmio = devices::Bus::new();
+        let mut events = DeviceLoop::new()?;
+        let mut env = DeviceEnv {
+            vm: &vm,
+            mem: &mem,
+            mmio: &mut mmio,
+            events: &mut events,
+        };
+        env.attach_all(&layout, &mut link, scratch)?;
+        let buses = Arc::new(Buses {
+            pio: pio_bus(&vm, &ending, &console, &boot_timer)?,
+            mmio,
+        });
+        tracing::debug!(at = ?start.elapsed(), "devices ready");
+
+        let supported = hypervisor.supported_cpuid()?;
+        let mut vcpus = Vec::with_capacity(config.cpus.into());
+        for id in 0..config.cpus {
+            let mut vcpu = vm.create_vcpu(id)?;
+            vcpu.init(&cpuid::for_vcpu(&supported, id, config.cpus))?;
+            if id == 0 {
+                vcpu.set_entry_state(&entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        tracing::debug!(at = ?start.elapsed(), "vCPUs configured");
+        Ok(Self {
+            vcpus,
+            buses,
+            events,
+            link,
+            vm,
+            hypervisor,
+            mem,
+            layers,
+            console,
+            boot_timer,
+            ending,
+            start,
+        })
+    }
+
+    /// Runs the VM: the device event loop, the agent link, then the vCPUs.
+    /// The process's stdio is `stdio`.
+    pub fn start(self, stdio: Stdio) -> Result<Running<H>, Error> {
+        let guest_memory = self.guest_memory();
+        // Filled in as each part starts, so that a failure stops (through
+        // `Running`'s drop) whatever already runs.
+        let mut running = Running {
+            vcpus: None,
+            link: Link::default(),
+            events: None,
+            buses: Some(self.buses.clone()),
+            vm: Some(self.vm),
+            hypervisor: Some(self.hypervisor),
+            mem: Some(self.mem),
+            layers: self.layers,
+            console: self.console,
+            boot_timer: self.boot_timer,
+            ending: self.ending,
+            entered: Arc::default(),
+            start: self.start,
+            guest_memory,
+            vmm_rss_kib: None,
+        };
+        running.events = Some(self.events.start(&running.ending)?);
+        self.link.start(stdio, &running.ending, &mut running.link)?;
+        let io = self.buses;
+        running.vcpus = Some(Vcpus::start(
+            self.vcpus,
+            io,
+            &running.ending,
+            &running.entered,
+        )?);
+        Ok(running)
+    }
+
+    /// Host ranges of guest memory: RAM and the layer files mapped into it.
+    fn guest_memory(&self) -> Vec<(u64, u64)> {
+        let ram = self.mem.iter().map(|r| (r.as_ptr() as u64, r.len()));
+        let layers = self.layers.iter();
+        ram.chain(layers.map(|l| (l.host_addr() as u64, l.mapped_len())))
+            .collect()
+    }
+}
+
+/// A running VM. Dropping it shuts it down.
+pub struct Running<H: Hypervisor> {
+    vcpus: Option<Vcpus>,
+    link: Link,
+    events: Option<RunningLoop>,
+    buses: Option<Arc<Buses>>,
+    vm: Option<H::Vm>,
+    hypervisor: Option<H>,
+    mem: Option<memory::GuestMemory>,
+    layers: Vec<Layer>,
+    console: Console,
+    boot_timer: Arc<Mutex<BootTimer>>,
+    ending: Arc<Ending>,
+    entered: Arc<OnceLock<Instant>>,
+    start: Instant,
+    guest_memory: Vec<(u64, u64)>,
+    vmm_rss_kib: Option<u64>,
+}
+
+impl<H: Hypervisor> Running<H> {
+    /// Waits until something ends the VM and says what did. The VM's
+    /// threads may still run: [`Self::shutdown`] stops them.
+    pub fn wait(&self) -> Exit {
+        self.ending.wait()
+    }
+
+    /// How the VM ended, if it has (without waiting).
+    pub fn ended(&self) -> Option<Exit> {
+        self.ending.get()
+    }
+
+    /// Takes every vCPU out of the guest and parks it; devices keep
+    /// serving what the guest queued before.
+    pub fn pause(&self) -> Result<(), Error> {
+        self.vcpus.as_ref().map_or(Ok(()), Vcpus::pause)
+    }
+
+    /// Lets the paused vCPUs run again.
+    pub fn resume(&self) {
+        if let Some(vcpus) = &self.vcpus {
+            vcpus.resume();
+        }
+    }
+
+    /// Host ranges (address, length) of the guest's memory: RAM and layers.
+    pub fn guest_memory(&self) -> &[(u64, u64)] {
+        &self.guest_memory
+    }
+
+    /// Stops the VM if it still runs, joins every thread it started, unmaps
+    /// its memory, and reports how it ended.
+    pub fn shutdown(mut self) -> Report {
+        self.stop();
+        let mark = |mark| lock(&self.boot_timer).mark(mark);
+        let since_start = |at: Option<Instant>| at.map(|at| at.duration_since(self.start));
+        let exit = self.ending.get().unwrap_or(Exit::Stopped);
+        let timings = Timings {
+            first_vcpu_entry: since_start(self.entered.get().copied()),
+            agent_started: mark(boot_mark::AGENT_STARTED),
+            agent_connected: since_start(self.link.agent_connected()),
+            process_started: mark(boot_mark::PROCESS_STARTED),
+            process_exited: mark(boot_mark::PROCESS_EXITED),
+            ended: self.start.elapsed(),
+        };
+        Report {
+            exit: self.link.exit(exit, &self.console),
+            timings,
+            console: self.console.clone(),
+            vmm_rss_kib: self.vmm_rss_kib,
+        }
+    }
+
+    /// Every part in the order that lets the next one end: vCPUs (nothing
+    /// touches devices after them), signal forwarding, the event loop; then
+    /// the devices go, which ends the agent's streams and so its session.
+    fn stop(&mut self) {
+        self.ending.end(Exit::Stopped);
+        if let Some(mut vcpus) = self.vcpus.take() {
+            vcpus.stop();
+        }
+        self.link.stop_signals();
+        if let Some(events) = self.events.take() {
+            events.stop();
+        }
+        self.buses = None;
+        self.link.join();
+        if self.mem.is_some() {
+            self.vmm_rss_kib = crate::rss::vmm_rss_kib(&self.guest_memory);
+        }
+        // The VM's memory slots go before the memory they map.
+        self.vm = None;
+        self.hypervisor = None;
+        self.mem = None;
+        self.layers.clear();
+    }
+}
+
+impl<H: Hypervisor> Drop for Running<H> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Opens the hypervisor and creates a VM with `mem` as its RAM and the
+/// layers mapped read-only where `layout` placed them.
+fn create_vm<H: Hypervisor, F: FnOnce() -> hypervisor::Result<H>>(
+    open: F,
+    mem: &memory::GuestMemory,
+    layers: &[Layer],
+    layout: &Layout,
+) -> hypervisor::Result<(H, H::Vm)> {
+    let hv = open()?;
+    let vm = hv.create_vm()?;
+    for (slot, region) in mem.iter().enumerate() {
+        // SAFETY: `UtilityVm` and `Running` drop the VM before `mem`.
+        unsafe {
+            vm.map_memory(
+                slot as u32,
+                region.start_addr().0,
+                region.as_ptr(),
+                region.len(),
+                false,
+            )?
+        };
+    }
+    let first_layer_slot = mem.num_regions() as u32;
+    let places = layout.layers.iter().zip(layers);
+    for (slot, (place, layer)) in (first_layer_slot..).zip(places) {
+        // SAFETY: as above, the VM is dropped before the layers.
+        unsafe { vm.map_memory(slot, place.start, layer.host_addr(), place.len, true)? };
+    }
+    Ok((hv, vm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(console: bool, host: HostKind) -> VmConfig {
+        VmConfig {
+            kernel: "k".into(),
+            initrd: "i".into(),
+            extra_cmdline: Some("foo=bar".into()),
+            memory_mib: 128,
+            cpus: 1,
+            console,
+            host,
+            vsock: VsockConfig {
+                guest_cid: 3,
+                uds: None,
+            },
+            layers: vec!["a.img".into()],
+            scratch: Some(("s.img".into(), 1 << 30)),
+            process: None,
+        }
+    }
+
+    #[test]
+    fn cmdline_adds_pvm_flags_only_on_pvm_hosts() {
+        let layout = Layout::new(true, &[2 << 20], true, 128 << 20).unwrap();
+        let config = config(false, HostKind::Hardware);
+        let link = AgentLink::new(&config).unwrap();
+        let hw = cmdline(&config, &layout, &link);
+        let virtio = "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+                      virtio_mmio.device=4K@0xd0002000:7";
+        assert_eq!(hw, format!("{BASE_CMDLINE} quiet {virtio} foo=bar"));
+        let pvm = guest_flags(&self::tests::config(true, HostKind::Pvm));
+        assert!(pvm.starts_with(BASE_CMDLINE) && pvm.ends_with("pvm_host foo=bar"));
+        assert!(!pvm.contains("quiet") && !pvm.contains("virtio"));
+    }
+}

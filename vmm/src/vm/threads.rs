@@ -1,0 +1,126 @@
+//! The threads a VM starts: each has a name and an owner that joins it, and
+//! each tells the VM's [`Ending`] how it ended. The first reason to end the
+//! VM is the one [`super::Running::wait`] returns; later ones are logged.
+
+use std::sync::{Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use super::{Error, Exit};
+use crate::lock;
+
+/// Where every part of the VM reports why it ends; the first report wins.
+#[derive(Default)]
+pub struct Ending {
+    exit: Mutex<Option<Exit>>,
+    cond: Condvar,
+}
+
+impl Ending {
+    /// Ends the VM for `exit`, unless it has ended already.
+    pub fn end(&self, exit: Exit) {
+        let mut slot = lock(&self.exit);
+        match &*slot {
+            Some(first) => tracing::debug!(?exit, ?first, "VM already ending"),
+            None => {
+                tracing::debug!(?exit, "VM ending");
+                *slot = Some(exit);
+                self.cond.notify_all();
+            }
+        }
+    }
+
+    /// Waits until something ends the VM.
+    pub fn wait(&self) -> Exit {
+        let slot = lock(&self.exit);
+        let slot = self
+            .cond
+            .wait_while(slot, |exit| exit.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        slot.clone().expect("waited until set")
+    }
+
+    /// How the VM ended, if it has.
+    pub fn get(&self) -> Option<Exit> {
+        lock(&self.exit).clone()
+    }
+}
+
+/// A running VM thread, joined by whoever holds this.
+pub struct Worker {
+    name: String,
+    handle: JoinHandle<()>,
+}
+
+impl Worker {
+    /// Starts `body` on a thread called `name`. What it returns is how it
+    /// ended: `Some(exit)` ends the VM for that reason, `None` means it
+    /// stopped because it was told to. A panic ends the VM too.
+    pub fn spawn(
+        name: impl Into<String>,
+        ending: &std::sync::Arc<Ending>,
+        body: impl FnOnce() -> Option<Exit> + Send + 'static,
+    ) -> Result<Self, Error> {
+        let name = name.into();
+        let ending = ending.clone();
+        let thread = name.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+                match ended {
+                    Ok(None) => tracing::debug!("thread {thread}: stopped"),
+                    Ok(Some(exit)) => {
+                        tracing::debug!(?exit, "thread {thread}: ended");
+                        ending.end(exit);
+                    }
+                    Err(_) => ending.end(Exit::Vmm(format!("the {thread} thread panicked"))),
+                }
+            })
+            .map_err(Error::Thread)?;
+        Ok(Self { name, handle })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The thread, for signalling it (until it is joined).
+    #[cfg(unix)]
+    pub fn pthread(&self) -> libc::pthread_t {
+        std::os::unix::thread::JoinHandleExt::as_pthread_t(&self.handle)
+    }
+
+    /// Waits for the thread to end; the owner has told it to stop.
+    pub fn join(self) {
+        // The body's panic was caught and reported inside the thread.
+        let _ = self.handle.join();
+        tracing::debug!("thread {}: joined", self.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn the_first_ending_wins() {
+        let ending = Ending::default();
+        ending.end(Exit::Reset);
+        ending.end(Exit::Vmm("later".into()));
+        assert_eq!(ending.wait(), Exit::Reset);
+    }
+
+    #[test]
+    fn a_worker_reports_how_it_ended() {
+        let ending = Arc::new(Ending::default());
+        let stopped = Worker::spawn("quiet", &ending, || None).unwrap();
+        stopped.join();
+        assert_eq!(ending.get(), None, "stopping as asked does not end the VM");
+        let panicked = Worker::spawn("boom", &ending, || panic!("device bug")).unwrap();
+        assert_eq!(panicked.name(), "boom");
+        panicked.join();
+        assert_eq!(ending.wait(), Exit::Vmm("the boom thread panicked".into()));
+    }
+}
