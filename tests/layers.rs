@@ -176,8 +176,15 @@ fn bad_layers_are_refused_before_boot() {
 
 #[test]
 fn more_layers_than_interrupt_lines_are_refused_before_boot() {
-    let out = run(&mut uvm_run(&vec![layer("base"); 20], &["--console"], "true"));
-    assert_fails_naming(&out, "too many devices: 21 virtio devices (vsock, 20 layers)");
+    let out = run(&mut uvm_run(
+        &vec![layer("base"); 20],
+        &["--console"],
+        "true",
+    ));
+    assert_fails_naming(
+        &out,
+        "too many devices: 21 virtio devices (vsock, 20 layers)",
+    );
     assert_fails_naming(&out, "lines for 19 (GSIs 5-23); at most 18 layers");
     assert!(!stderr(&out).contains("Linux version"), "the guest booted");
 }

@@ -18,10 +18,16 @@ use vmm::vm::{Exit, Running, UtilityVm, VmConfig, VsockConfig, DEFAULT_GUEST_CID
 /// Names of the threads a VM starts (vCPUs are `vcpu0`, `vcpu1`, …).
 const VM_THREADS: [&str; 6] = ["events", "agent", "stdout", "stderr", "stdin", "signals"];
 
-/// One VM at a time: the tests look at the whole process.
-fn one_at_a_time() -> MutexGuard<'static, ()> {
+/// For a test that boots, if it can: one VM at a time (the tests look at
+/// the whole process), with a guard against hangs.
+/// The guard goes (and joins its thread) before the lock is let go.
+fn exclusive(test: &'static str) -> Option<(HangGuard, MutexGuard<'static, ()>)> {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+    if !kvm_available(test) {
+        return None;
+    }
+    let one = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    Some((HangGuard::new(test), one))
 }
 
 /// Output collected in memory.
@@ -85,28 +91,37 @@ fn start(config: &VmConfig) -> (Running<KvmHypervisor>, Collected, Collected) {
 
 /// Fails the test (by aborting the process, since the test's own thread is
 /// the one stuck) if the guard is not dropped within the hang timeout.
-struct HangGuard(Option<std::sync::mpsc::Sender<()>>);
+struct HangGuard {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+}
 
 impl HangGuard {
     fn new(what: &'static str) -> Self {
         let (done, wait) = std::sync::mpsc::channel::<()>();
-        std::thread::Builder::new()
+        let watchdog = std::thread::Builder::new()
             .name("watchdog".into())
             .spawn(move || {
-                if wait.recv_timeout(support::HANG_TIMEOUT).is_err() {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    wait.recv_timeout(support::HANG_TIMEOUT)
+                {
                     eprintln!("{what}: hung for {:?}", support::HANG_TIMEOUT);
                     std::process::abort();
                 }
             })
             .unwrap();
-        Self(Some(done))
+        Self {
+            done: Some(done),
+            watchdog: Some(watchdog),
+        }
     }
 }
 
 impl Drop for HangGuard {
     fn drop(&mut self) {
-        if let Some(done) = self.0.take() {
-            let _ = done.send(());
+        drop(self.done.take()); // wakes the watchdog, which lets us be
+        if let Some(watchdog) = self.watchdog.take() {
+            let _ = watchdog.join();
         }
     }
 }
@@ -137,9 +152,7 @@ fn mappings_of(ranges: &[(u64, u64)], file: &std::path::Path) -> Vec<String> {
             let (start, end) = span.split_once('-').unwrap_or(("0", "0"));
             let start = u64::from_str_radix(start, 16).unwrap_or(0);
             let end = u64::from_str_radix(end, 16).unwrap_or(0);
-            let overlaps = ranges
-                .iter()
-                .any(|&(at, len)| start < at + len && at < end);
+            let overlaps = ranges.iter().any(|&(at, len)| start < at + len && at < end);
             overlaps || line.ends_with(&file)
         })
         .map(String::from)
@@ -148,11 +161,10 @@ fn mappings_of(ranges: &[(u64, u64)], file: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn two_vms_in_turn_leave_no_thread_and_no_mapping_behind() {
-    if !kvm_available("two_vms_in_turn_leave_no_thread_and_no_mapping_behind") {
+    let Some(_exclusive) = exclusive("two_vms_in_turn_leave_no_thread_and_no_mapping_behind")
+    else {
         return;
-    }
-    let _one = one_at_a_time();
-    let _hang = HangGuard::new("two VMs in turn");
+    };
     let threads_before = thread_names().len();
     assert_eq!(vm_threads(), Vec::<String>::new(), "no VM yet");
     for round in 0..2 {
@@ -177,7 +189,12 @@ fn two_vms_in_turn_leave_no_thread_and_no_mapping_behind() {
         let report = running.shutdown();
         assert_eq!(exit, Exit::Process(Outcome::Exited(Exited::Code(0))));
         assert_eq!(report.exit, exit);
-        assert_eq!(stdout.text(), "hi /bin/sh\n", "round {round}: {}", stderr.text());
+        assert_eq!(
+            stdout.text(),
+            "hi /bin/sh\n",
+            "round {round}: {}",
+            stderr.text()
+        );
         assert_eq!(vm_threads(), Vec::<String>::new(), "round {round}");
         assert_eq!(thread_names().len(), threads_before, "round {round}");
         assert_eq!(
@@ -190,11 +207,9 @@ fn two_vms_in_turn_leave_no_thread_and_no_mapping_behind() {
 
 #[test]
 fn a_paused_guest_stops_and_resumes_where_it_was() {
-    if !kvm_available("a_paused_guest_stops_and_resumes_where_it_was") {
+    let Some(_exclusive) = exclusive("a_paused_guest_stops_and_resumes_where_it_was") else {
         return;
-    }
-    let _one = one_at_a_time();
-    let _hang = HangGuard::new("pause and resume");
+    };
     let script = "i=0; while [ $i -lt 30 ]; do cat /proc/uptime; i=$((i+1)); usleep 20000; done; \
                   echo done";
     let (running, stdout, stderr) = start(&config(128, script));
@@ -211,7 +226,12 @@ fn a_paused_guest_stops_and_resumes_where_it_was() {
     running.resume();
     let exit = running.wait();
     drop(running);
-    assert_eq!(exit, Exit::Process(Outcome::Exited(Exited::Code(0))), "{}", stderr.text());
+    assert_eq!(
+        exit,
+        Exit::Process(Outcome::Exited(Exited::Code(0))),
+        "{}",
+        stderr.text()
+    );
     let out = stdout.text();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 31, "{out}");

@@ -266,7 +266,12 @@ mod tests {
 
     #[test]
     fn only_statuses_a_process_can_end_with_pass_the_check() {
-        for ok in [Exited::Code(0), Exited::Code(255), Exited::Signal(1), Exited::Signal(64)] {
+        for ok in [
+            Exited::Code(0),
+            Exited::Code(255),
+            Exited::Signal(1),
+            Exited::Signal(64),
+        ] {
             assert_eq!(ok.checked(), Ok(ok));
         }
         for bad in [

@@ -113,44 +113,38 @@ impl Session {
     pub fn start(self, stdio: Stdio, ending: &Arc<Ending>) -> Result<Worker, Error> {
         let reporter = ending.clone();
         Worker::spawn("agent", ending, move || {
-            let mut stdin = None;
-            let exit = match self.serve(stdio, &reporter, &mut stdin) {
+            let mut held = Held::default();
+            let exit = match self.serve(stdio, &reporter, &mut held) {
                 Ok(exit) => exit,
                 Err(e) => Exit::Session(format!(
                     "the agent session ended without an exit status: {e}"
                 )),
             };
+            // Recorded before the control stream closes (the agent then
+            // resets the guest) and while signals still go to the process.
             reporter.end(exit);
-            // It ends when the guest closes the process's input or the
-            // device goes with the VM.
-            if let Some(stdin) = stdin {
-                stdin.join();
-            }
+            self.update(|p| p.control = None);
+            drop(held);
             None
         })
     }
 
-    fn serve(
-        &self,
-        stdio: Stdio,
-        ending: &Arc<Ending>,
-        stdin: &mut Option<Worker>,
-    ) -> io::Result<Exit> {
-        let mut control = recv(&self.ports.control)?;
+    fn serve(&self, stdio: Stdio, ending: &Arc<Ending>, held: &mut Held) -> io::Result<Exit> {
+        let control = held.control.insert(recv(&self.ports.control)?);
         self.update(|p| p.agent_connected = Some(Instant::now()));
         let Some(process) = &self.process else {
             return Ok(Exit::Booted);
         };
-        protocol::send(&mut control, RUN_ID, &run_request(process))?;
-        self.update(|p| p.control = control.try_clone().ok());
-        let copiers = self.connect_stdio(process.tty.is_some(), stdio, ending, stdin)?;
-        let outcome = receive_outcome(&mut control);
-        // The agent closes the streams before it reports: all output is in.
-        for copier in copiers {
-            copier.join();
-        }
-        self.update(|p| p.control = None);
-        outcome.map(Exit::Process)
+        protocol::send(control, RUN_ID, &run_request(process))?;
+        let signals = control.try_clone().ok();
+        self.update(|p| p.control = signals);
+        self.connect_stdio(process.tty.is_some(), stdio, ending, held)?;
+        let outcome = receive_outcome(held.control.as_mut().expect("set above"))?;
+        // The agent closes the streams before it reports: once the copiers
+        // are done, all output is in. (Without an outcome they may still
+        // run; they end with the device.)
+        held.copiers.clear();
+        Ok(Exit::Process(outcome))
     }
 
     /// Takes the agent's stdio connections and starts copying.
@@ -159,28 +153,41 @@ impl Session {
         tty: bool,
         stdio: Stdio,
         ending: &Arc<Ending>,
-        stdin: &mut Option<Worker>,
-    ) -> io::Result<Vec<Worker>> {
+        held: &mut Held,
+    ) -> io::Result<()> {
         let to_guest = recv(&self.ports.stdin)?;
         let stdout = recv(&self.ports.stdout)?;
         let spawned = |e: Error| io::Error::other(e.to_string());
-        let mut copiers = vec![copy("stdout", stdout, stdio.stdout, ending).map_err(spawned)?];
+        let copier = copy("stdout", stdout, stdio.stdout, ending).map_err(spawned)?;
+        held.copiers.push(copier);
         if !tty {
             let stderr = recv(&self.ports.stderr)?;
-            copiers.push(copy("stderr", stderr, stdio.stderr, ending).map_err(spawned)?);
+            let copier = copy("stderr", stderr, stdio.stderr, ending).map_err(spawned)?;
+            held.copiers.push(copier);
         }
         let from = stdio.stdin;
         let forward = move || {
             forward_stdin(from, to_guest);
             None
         };
-        *stdin = Some(Worker::spawn("stdin", ending, forward).map_err(spawned)?);
-        Ok(copiers)
+        held.stdin = Some(Worker::spawn("stdin", ending, forward).map_err(spawned)?);
+        Ok(())
     }
 
     fn update(&self, f: impl FnOnce(&mut Progress)) {
         f(&mut crate::lock(&self.progress));
     }
+}
+
+/// What the session keeps until the VM's end is recorded: the control
+/// stream (the agent resets the guest once it closes) and the stdio
+/// threads, which end when the guest's side of their stream does, at the
+/// latest with the vsock device.
+#[derive(Default)]
+struct Held {
+    control: Option<UnixStream>,
+    copiers: Vec<Worker>,
+    stdin: Option<Worker>,
 }
 
 /// Reads the control stream until the process's outcome; anything else the
@@ -205,8 +212,12 @@ fn receive_outcome(control: &mut impl Read) -> io::Result<Outcome> {
             }
             Failed::KIND => {
                 let failed = frame.decode::<Failed>()?;
-                if !(0..=255).contains(&failed.exit_code) {
-                    return Err(invalid(format!("exit code {} is not 0-255", failed.exit_code)));
+                // A process that never ran cannot have succeeded.
+                if !(1..=255).contains(&failed.exit_code) {
+                    return Err(invalid(format!(
+                        "exit code {} is not 1-255",
+                        failed.exit_code
+                    )));
                 }
                 return Ok(Outcome::Failed(failed));
             }
@@ -313,7 +324,10 @@ mod tests {
     fn a_session_without_an_exit_status_is_an_error() {
         let closed = frames(|w| protocol::send(w, RUN_ID, &Started { pid: 7 }).unwrap());
         let err = receive_outcome(&mut &closed[..]).unwrap_err();
-        assert!(err.to_string().contains("closed the control stream"), "{err}");
+        assert!(
+            err.to_string().contains("closed the control stream"),
+            "{err}"
+        );
 
         let hostile = [
             frames(|w| protocol::send(w, RUN_ID, &Exited::Signal(i32::MAX)).unwrap()),
@@ -322,6 +336,13 @@ mod tests {
                 let failed = Failed {
                     message: "x".into(),
                     exit_code: 1000,
+                };
+                protocol::send(w, RUN_ID, &failed).unwrap()
+            }),
+            frames(|w| {
+                let failed = Failed {
+                    message: "not started, yet success".into(),
+                    exit_code: 0,
                 };
                 protocol::send(w, RUN_ID, &failed).unwrap()
             }),
@@ -338,7 +359,10 @@ mod tests {
             frames(|w| w.extend(Exited::KIND.to_le_bytes())),
         ];
         for wire in hostile {
-            assert!(receive_outcome(&mut &wire[..]).is_err(), "accepted {wire:?}");
+            assert!(
+                receive_outcome(&mut &wire[..]).is_err(),
+                "accepted {wire:?}"
+            );
         }
     }
 

@@ -38,14 +38,14 @@ struct Cli {
 enum Command {
     /// Boot a utility VM and run COMMAND in it, with its stdio and exit code.
     /// Without COMMAND, boot until the guest agent is up.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Container image layers.
     #[command(subcommand)]
     Layer(LayerCommand),
     /// Boot utility VMs one after another (or several at once) and report
     /// how long each phase took, optionally side by side with QEMU microvm.
     #[cfg(target_os = "linux")]
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(Subcommand)]
@@ -182,10 +182,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
-        Command::Run(args) => run(args, start, started_at),
+        Command::Run(args) => run(*args, start, started_at),
         Command::Layer(LayerCommand::Create { from, output }) => create_layer(&from, &output),
         #[cfg(target_os = "linux")]
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(*args),
     };
     let code = match result {
         Ok(code) => code,
@@ -224,17 +224,13 @@ fn run(args: RunArgs, start: Instant, started_at: Option<Duration>) -> anyhow::R
         process,
     };
     let stdio = Stdio::inherit().context("the process's stdio")?;
-    let raw = match args.tty && !args.command.is_empty() {
-        true => sys::raw_terminal(),
-        false => None,
+    let report = {
+        // Raw while the VM runs, restored when this goes.
+        let _raw = (args.tty && !args.command.is_empty())
+            .then(sys::raw_terminal)
+            .flatten();
+        vm::run(|| sys::open_hypervisor(config.cpus), &config, start, stdio)
     };
-    let report = vm::run(
-        || sys::open_hypervisor(config.cpus),
-        &config,
-        start,
-        stdio,
-    );
-    drop(raw);
     let report = report?;
     if args.timings {
         eprintln!("{}", timings_json(&report, started_at));
@@ -351,4 +347,51 @@ fn timings_json(report: &Report, started_at: Option<Duration>) -> String {
         "vmm_rss_kib": report.vmm_rss_kib,
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use guest::protocol::Exited;
+    use vmm::console::Console;
+    use vmm::vm::Timings;
+
+    use super::*;
+
+    fn report(exit: Exit) -> Report {
+        Report {
+            exit,
+            timings: Timings::default(),
+            console: Console::new(false),
+            vmm_rss_kib: None,
+        }
+    }
+
+    #[test]
+    fn only_a_process_outcome_or_a_boot_check_is_an_exit_status() {
+        let code = |exit| exit_code(&report(exit), true).ok();
+        assert_eq!(
+            code(Exit::Process(Outcome::Exited(Exited::Code(7)))),
+            Some(7)
+        );
+        assert_eq!(
+            code(Exit::Process(Outcome::Exited(Exited::Signal(9)))),
+            Some(137)
+        );
+        assert_eq!(code(Exit::Booted), Some(0));
+        assert_eq!(code(Exit::Interrupted { signal: 2 }), Some(130));
+        let session = "the agent session ended without an exit status: the agent closed \
+                       the control stream";
+        for (exit, named) in [
+            (Exit::Session(session.into()), session),
+            (
+                Exit::Vmm("the device event loop failed: x".into()),
+                "event loop",
+            ),
+            (Exit::Stopped, "shut down"),
+            (Exit::Reset, "reset"),
+        ] {
+            let err = exit_code(&report(exit), true).unwrap_err().to_string();
+            assert!(err.contains(named), "{err}");
+        }
+    }
 }

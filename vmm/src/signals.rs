@@ -74,7 +74,7 @@ impl Forwarder {
                 "stopping the signal thread: {}",
                 io::Error::from_raw_os_error(rc)
             );
-            return; // joining would hang: leave it to the process's exit
+            return self.0.detach();
         }
         self.0.join();
     }

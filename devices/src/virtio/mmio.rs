@@ -495,7 +495,12 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| {
                 let mut t = t.lock().unwrap();
-                let regs = [reg::MAGIC, reg::VERSION, reg::DEVICE_ID, reg::DEVICE_FEATURES];
+                let regs = [
+                    reg::MAGIC,
+                    reg::VERSION,
+                    reg::DEVICE_ID,
+                    reg::DEVICE_FEATURES,
+                ];
                 let values = regs.map(|r| read(&mut t, r));
                 let status = read(&mut t, reg::INTERRUPT_STATUS);
                 write(&mut t, reg::INTERRUPT_ACK, status);

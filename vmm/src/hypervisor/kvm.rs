@@ -4,7 +4,7 @@ use std::cell::Cell;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_run, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_segment,
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_run, kvm_segment,
     kvm_userspace_memory_region, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };

@@ -634,7 +634,6 @@ impl Kick for WhpCanceller {
 }
 
 impl WhpVcpu {
-
     fn set_registers(&self, regs: &[(Reg, Value)]) -> Result<()> {
         let names: Vec<WHV_REGISTER_NAME> = regs.iter().map(|(r, _)| register_name(*r)).collect();
         let values: Vec<Aligned> = regs.iter().map(|(_, v)| register_value(*v)).collect();

@@ -18,13 +18,13 @@ use crate::agent::{Progress, Session};
 use crate::console::Console;
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{self, Vm};
+use crate::lock;
 use crate::signals::{self, Forwarder};
 use crate::terminal::RawMode;
+use crate::vm::board::DeviceEnv;
 use crate::vm::layout::Slot;
 use crate::vm::threads::{Ending, Worker};
-use crate::vm::board::DeviceEnv;
 use crate::vm::{Error, Exit, VmConfig};
-use crate::lock;
 
 /// The agent talks over vsock: the layout has a vsock device.
 pub const HAS_VSOCK: bool = true;
@@ -60,7 +60,11 @@ impl<T: VirtioDevice + MutEventSubscriber + 'static> Served for T {}
 
 /// Lets KVM signal a queue's eventfd itself on the guest's notify write
 /// at `notify` (ioeventfd), without an exit to the VMM.
-pub fn register_notifiers<V: Vm>(vm: &V, device: &dyn VirtioDevice, notify: u64) -> Result<(), Error> {
+pub fn register_notifiers<V: Vm>(
+    vm: &V,
+    device: &dyn VirtioDevice,
+    notify: u64,
+) -> Result<(), Error> {
     for (queue, event) in (0u32..).zip(device.queue_events()) {
         vm.register_notifier(event, notify, queue)?;
     }
@@ -97,7 +101,8 @@ impl MutEventSubscriber for Stopper {
 impl DeviceLoop {
     pub fn new() -> Result<Self, Error> {
         let failed = |e: String| Error::Devices(std::io::Error::other(format!("event loop: {e}")));
-        let mut manager = EventManager::<Subscriber>::new().map_err(|e| failed(format!("{e:?}")))?;
+        let mut manager =
+            EventManager::<Subscriber>::new().map_err(|e| failed(format!("{e:?}")))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::Devices)?;
         let stopped = Arc::new(AtomicBool::new(false));
         let stopper = Stopper {
@@ -146,7 +151,7 @@ impl RunningLoop {
     pub fn stop(self) {
         if let Err(e) = self.stop.write(1) {
             tracing::error!("stopping the event loop: {e}");
-            return; // joining would hang
+            return self.worker.detach();
         }
         self.worker.join();
     }
@@ -170,7 +175,12 @@ impl AgentLink {
             Some(_) => Some(signals::block().map_err(Error::Devices)?),
             None => None,
         };
-        let hybrid = config.vsock.uds.as_deref().map(HybridSocket::bind).transpose()?;
+        let hybrid = config
+            .vsock
+            .uds
+            .as_deref()
+            .map(HybridSocket::bind)
+            .transpose()?;
         let mut ports = HostPorts::new(config.vsock.uds.clone());
         let session = Session::new(config.process.clone(), &mut ports);
         Ok(Self {
@@ -192,8 +202,8 @@ impl AgentLink {
         let ports = self.ports.take().expect("one vsock slot");
         let listener = self.hybrid.as_ref().map(|h| h.listener.try_clone());
         let listener = listener.transpose().map_err(Error::Devices)?;
-        let vsock = Vsock::new(env.mem.clone(), self.guest_cid, ports, listener)
-            .map_err(Error::Devices)?;
+        let vsock =
+            Vsock::new(env.mem.clone(), self.guest_cid, ports, listener).map_err(Error::Devices)?;
         env.attach(slot, vsock)
     }
 
@@ -225,6 +235,10 @@ pub struct Link {
 }
 
 impl Link {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     pub fn stop_signals(&mut self) {
         if let Some(forwarder) = self.forwarder.take() {
             forwarder.stop();

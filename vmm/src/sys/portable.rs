@@ -16,7 +16,7 @@ use crate::process::Outcome;
 use crate::vm::board::DeviceEnv;
 use crate::vm::layout::Slot;
 use crate::vm::threads::Ending;
-use crate::vm::{Error, Exit, VmConfig};
+use crate::vm::{Error, Exit, VmConfig, DEFAULT_GUEST_CID};
 
 /// No vsock device: the layout has none.
 pub const HAS_VSOCK: bool = false;
@@ -93,8 +93,10 @@ pub struct AgentLink {
 
 impl AgentLink {
     pub fn new(config: &VmConfig) -> Result<Self, Error> {
-        if config.vsock.uds.is_some() {
-            return Err(Error::Unsupported("--vsock-uds needs a Linux host (vsock)"));
+        if config.vsock.uds.is_some() || config.vsock.guest_cid != DEFAULT_GUEST_CID {
+            return Err(Error::Unsupported(
+                "--cid and --vsock-uds need a Linux host (vsock)",
+            ));
         }
         let process = config.process.as_ref();
         let Some(process) = process else {
@@ -103,7 +105,9 @@ impl AgentLink {
             ));
         };
         if process.tty.is_some() {
-            return Err(Error::Unsupported("-t needs a Unix host (a pseudo-terminal)"));
+            return Err(Error::Unsupported(
+                "-t needs a Unix host (a pseudo-terminal)",
+            ));
         }
         Ok(Self {
             request: Some(guest::protocol::to_cmdline(&process.request())),
@@ -128,6 +132,10 @@ impl AgentLink {
 pub struct Link;
 
 impl Link {
+    pub fn new() -> Self {
+        Self
+    }
+
     pub fn stop_signals(&mut self) {}
 
     pub fn join(&mut self) {}

@@ -77,7 +77,12 @@ impl Layout {
     /// Places a vsock device (if `vsock`), one pmem device for each layer of
     /// `layer_lens` bytes (already aligned), and a scratch disk (if
     /// `scratch`), for a guest with `ram_size` bytes of RAM.
-    pub fn new(vsock: bool, layer_lens: &[u64], scratch: bool, ram_size: u64) -> Result<Self, Error> {
+    pub fn new(
+        vsock: bool,
+        layer_lens: &[u64],
+        scratch: bool,
+        ram_size: u64,
+    ) -> Result<Self, Error> {
         let devices: Vec<Device> = vsock
             .then_some(Device::Vsock)
             .into_iter()
@@ -130,7 +135,9 @@ impl Layout {
 fn describe(vsock: bool, layers: usize, scratch: bool) -> String {
     let layers = format!("{layers} layer{}", if layers == 1 { "" } else { "s" });
     let parts = [vsock.then_some("vsock".to_string()), Some(layers)];
-    let parts = parts.into_iter().chain([scratch.then_some("scratch".to_string())]);
+    let parts = parts
+        .into_iter()
+        .chain([scratch.then_some("scratch".to_string())]);
     parts.flatten().collect::<Vec<_>>().join(", ")
 }
 
@@ -164,7 +171,12 @@ mod tests {
         let devices: Vec<Device> = layout.slots.iter().map(|s| s.device).collect();
         assert_eq!(
             devices,
-            [Device::Vsock, Device::Layer(0), Device::Layer(1), Device::Scratch]
+            [
+                Device::Vsock,
+                Device::Layer(0),
+                Device::Layer(1),
+                Device::Scratch
+            ]
         );
         let bases: Vec<u64> = layout.slots.iter().map(|s| s.mmio_base).collect();
         assert_eq!(bases, [0xd000_0000, 0xd000_1000, 0xd000_2000, 0xd000_3000]);
@@ -184,8 +196,14 @@ mod tests {
         assert_eq!(
             layout.layers,
             [
-                LayerPlace { start: four_gib, len: MIB2 },
-                LayerPlace { start: four_gib + MIB2, len: 3 * MIB2 },
+                LayerPlace {
+                    start: four_gib,
+                    len: MIB2
+                },
+                LayerPlace {
+                    start: four_gib + MIB2,
+                    len: 3 * MIB2
+                },
             ]
         );
     }
@@ -203,7 +221,10 @@ mod tests {
              controller has lines for 19 (GSIs 5-23); at most 18 layers fit with this set-up"
         );
         let err = Layout::new(true, &[MIB2; 18], true, 128 << 20).unwrap_err();
-        assert!(err.to_string().contains("(vsock, 18 layers, scratch)"), "{err}");
+        assert!(
+            err.to_string().contains("(vsock, 18 layers, scratch)"),
+            "{err}"
+        );
         assert!(err.to_string().contains("at most 17 layers"), "{err}");
     }
 
@@ -211,6 +232,9 @@ mod tests {
     fn layers_start_above_high_ram() {
         let layout = Layout::new(false, &[MIB2], false, 4 << 30).unwrap();
         assert_eq!(layout.layers[0].start, memory::device_memory_start(4 << 30));
-        assert_eq!(layout.slots[0].gsi, FIRST_GSI, "the first device gets the first line");
+        assert_eq!(
+            layout.slots[0].gsi, FIRST_GSI,
+            "the first device gets the first line"
+        );
     }
 }

@@ -308,13 +308,14 @@ where
     /// The process's stdio is `stdio`.
     pub fn start(self, stdio: Stdio) -> Result<Running<H>, Error> {
         let guest_memory = self.guest_memory();
-        // Filled in as each part starts, so that a failure stops (through
-        // `Running`'s drop) whatever already runs.
+        // Everything belongs to `Running` before anything starts, so that a
+        // failure stops (through its drop) whatever already runs.
         let mut running = Running {
+            unstarted: self.vcpus,
             vcpus: None,
-            link: Link::default(),
+            link: Link::new(),
             events: None,
-            buses: Some(self.buses.clone()),
+            buses: Some(self.buses),
             vm: Some(self.vm),
             hypervisor: Some(self.hypervisor),
             mem: Some(self.mem),
@@ -329,13 +330,9 @@ where
         };
         running.events = Some(self.events.start(&running.ending)?);
         self.link.start(stdio, &running.ending, &mut running.link)?;
-        let io = self.buses;
-        running.vcpus = Some(Vcpus::start(
-            self.vcpus,
-            io,
-            &running.ending,
-            &running.entered,
-        )?);
+        let io = running.buses.clone().expect("set above");
+        let vcpus = std::mem::take(&mut running.unstarted);
+        running.vcpus = Some(Vcpus::start(vcpus, io, &running.ending, &running.entered)?);
         Ok(running)
     }
 
@@ -350,6 +347,8 @@ where
 
 /// A running VM. Dropping it shuts it down.
 pub struct Running<H: Hypervisor> {
+    /// The vCPUs until their threads start.
+    unstarted: Vec<<H::Vm as Vm>::Vcpu>,
     vcpus: Option<Vcpus>,
     link: Link,
     events: Option<RunningLoop>,
@@ -421,18 +420,20 @@ impl<H: Hypervisor> Running<H> {
     }
 
     /// Every part in the order that lets the next one end: vCPUs (nothing
-    /// touches devices after them), signal forwarding, the event loop; then
-    /// the devices go, which ends the agent's streams and so its session.
+    /// touches devices after them), the event loop; then the devices go,
+    /// which ends the agent's streams, so a signal being forwarded and the
+    /// session end too.
     fn stop(&mut self) {
         self.ending.end(Exit::Stopped);
+        self.unstarted.clear();
         if let Some(mut vcpus) = self.vcpus.take() {
             vcpus.stop();
         }
-        self.link.stop_signals();
         if let Some(events) = self.events.take() {
             events.stop();
         }
         self.buses = None;
+        self.link.stop_signals();
         self.link.join();
         if self.mem.is_some() {
             self.vmm_rss_kib = crate::rss::vmm_rss_kib(&self.guest_memory);

@@ -45,10 +45,11 @@ impl Ending {
     }
 }
 
-/// A running VM thread, joined by whoever holds this.
+/// A running VM thread, joined by whoever holds this (at the latest when
+/// it drops this: tell the thread to stop first).
 pub struct Worker {
     name: String,
-    handle: JoinHandle<()>,
+    handle: Option<JoinHandle<()>>,
 }
 
 impl Worker {
@@ -77,7 +78,10 @@ impl Worker {
                 }
             })
             .map_err(Error::Thread)?;
-        Ok(Self { name, handle })
+        Ok(Self {
+            name,
+            handle: Some(handle),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -87,14 +91,30 @@ impl Worker {
     /// The thread, for signalling it (until it is joined).
     #[cfg(unix)]
     pub fn pthread(&self) -> libc::pthread_t {
-        std::os::unix::thread::JoinHandleExt::as_pthread_t(&self.handle)
+        let handle = self.handle.as_ref().expect("joined only on drop");
+        std::os::unix::thread::JoinHandleExt::as_pthread_t(handle)
     }
 
     /// Waits for the thread to end; the owner has told it to stop.
     pub fn join(self) {
-        // The body's panic was caught and reported inside the thread.
-        let _ = self.handle.join();
-        tracing::debug!("thread {}: joined", self.name);
+        drop(self);
+    }
+
+    /// Lets the thread go unjoined, for when it could not be told to stop
+    /// (joining would hang); the process's exit ends it.
+    pub fn detach(mut self) {
+        tracing::error!("thread {}: left running", self.name);
+        self.handle = None;
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            // The body's panic was caught and reported inside the thread.
+            let _ = handle.join();
+            tracing::debug!("thread {}: joined", self.name);
+        }
     }
 }
 
