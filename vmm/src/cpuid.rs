@@ -15,6 +15,9 @@ const ECX_EIST: u32 = 1 << 7;
 const ECX_TM2: u32 = 1 << 8;
 const ECX_XTPR: u32 = 1 << 14;
 const ECX_PDCM: u32 = 1 << 15;
+/// The LAPIC timer's TSC-deadline mode; the hypervisor backend sets it
+/// where the hypervisor supports it (KVM leaves that to the VMM).
+pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_DS: u32 = 1 << 21;
 const EDX_ACPI: u32 = 1 << 22;
@@ -23,6 +26,12 @@ const EDX_TM: u32 = 1 << 29;
 const EDX_PBE: u32 = 1 << 31;
 /// Leaf 6 EAX: APIC timer always running; the only power bit we keep.
 const EAX_ARAT: u32 = 1 << 2;
+
+// Leaf 0x80000001 ECX (AMD): virtualization and performance counters.
+const EXT_ECX_SVM: u32 = 1 << 2;
+const EXT_ECX_PERFCTR_CORE: u32 = 1 << 23;
+const EXT_ECX_PERFCTR_NB: u32 = 1 << 24;
+const EXT_ECX_PERFCTR_LLC: u32 = 1 << 28;
 
 const LEVEL_SMT: u32 = 1;
 const LEVEL_CORE: u32 = 2;
@@ -57,6 +66,23 @@ pub fn for_vcpu(supported: &[CpuidEntry], id: u8, count: u8) -> Vec<CpuidEntry> 
             }
             0xa => *e = zeroed(e),
             0xb | 0x1f => *e = topology(e, apic_id, count),
+            0x8000_0001 => {
+                e.ecx &= !(EXT_ECX_SVM | EXT_ECX_PERFCTR_CORE | EXT_ECX_PERFCTR_NB);
+                e.ecx &= !EXT_ECX_PERFCTR_LLC;
+            }
+            // AMD: core count (NC) and how many APIC id bits number cores.
+            0x8000_0008 => e.ecx = (core_bits(count) << 12) | (count - 1),
+            // SVM features; AMD performance monitoring v2.
+            0x8000_000a | 0x8000_0022 => *e = zeroed(e),
+            // AMD extended APIC id and topology: one core per compute
+            // unit, one thread per core, one node.
+            0x8000_001e => {
+                *e = CpuidEntry {
+                    eax: apic_id,
+                    ebx: apic_id & 0xff,
+                    ..zeroed(e)
+                }
+            }
             _ => {}
         }
     }
@@ -73,9 +99,14 @@ fn zeroed(e: &CpuidEntry) -> CpuidEntry {
     }
 }
 
+/// How many APIC id bits number `count` cores.
+fn core_bits(count: u32) -> u32 {
+    u32::BITS - (count - 1).leading_zeros()
+}
+
 /// Extended topology: one thread per core, `count` cores in one package.
 fn topology(e: &CpuidEntry, apic_id: u32, count: u32) -> CpuidEntry {
-    let core_shift = u32::BITS - (count - 1).leading_zeros();
+    let core_shift = core_bits(count);
     let (eax, ebx, ecx) = match e.index {
         0 => (0, 1, LEVEL_SMT << 8),
         1 => (core_shift, count, (LEVEL_CORE << 8) | 1),
@@ -132,6 +163,64 @@ mod tests {
         assert_eq!(find(&out, 5, 0).ecx, 0);
         assert_eq!(find(&out, 6, 0).eax, EAX_ARAT);
         assert_eq!(find(&out, 0xa, 0).eax, 0);
+    }
+
+    #[test]
+    fn virtualization_and_amd_pmu_are_hidden() {
+        let supported = [
+            leaf(1, 0),
+            leaf(0x8000_0001, 0),
+            leaf(0x8000_000a, 0),
+            leaf(0x8000_0022, 0),
+        ];
+        let out = for_vcpu(&supported, 0, 1);
+        assert_eq!(find(&out, 1, 0).ecx & ECX_VMX, 0);
+        let ext = find(&out, 0x8000_0001, 0);
+        assert_eq!(
+            ext.ecx & (EXT_ECX_SVM | EXT_ECX_PERFCTR_CORE | EXT_ECX_PERFCTR_NB),
+            0
+        );
+        assert_eq!(ext.ecx & EXT_ECX_PERFCTR_LLC, 0);
+        assert_ne!(ext.ecx, 0, "other extended features stay");
+        for hidden in [0x8000_000a, 0x8000_0022] {
+            let e = find(&out, hidden, 0);
+            assert_eq!((e.eax, e.ebx, e.ecx, e.edx), (0, 0, 0, 0), "{hidden:#x}");
+        }
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_stays_when_offered() {
+        let offered = CpuidEntry {
+            ecx: ECX_TSC_DEADLINE,
+            ..leaf(1, 0)
+        };
+        assert_ne!(
+            find(&for_vcpu(&[offered], 1, 2), 1, 0).ecx & ECX_TSC_DEADLINE,
+            0
+        );
+        let plain = CpuidEntry {
+            ecx: 0,
+            ..leaf(1, 0)
+        };
+        assert_eq!(
+            find(&for_vcpu(&[plain], 0, 1), 1, 0).ecx & ECX_TSC_DEADLINE,
+            0
+        );
+    }
+
+    #[test]
+    fn amd_topology_matches_the_cpu_count() {
+        let supported = [leaf(0x8000_0008, 0), leaf(0x8000_001e, 0)];
+        for (id, count, bits) in [(0, 1, 0), (1, 2, 1), (3, 4, 2), (4, 5, 3)] {
+            let out = for_vcpu(&supported, id, count);
+            let sizes = find(&out, 0x8000_0008, 0);
+            assert_eq!(sizes.ecx & 0xff, u32::from(count) - 1, "NC for {count}");
+            assert_eq!((sizes.ecx >> 12) & 0xf, bits, "core id bits for {count}");
+            let ext = find(&out, 0x8000_001e, 0);
+            assert_eq!(ext.eax, u32::from(id), "extended APIC id");
+            assert_eq!(ext.ebx, u32::from(id), "core id, one thread per core");
+            assert_eq!((ext.ecx, ext.edx), (0, 0), "one node");
+        }
     }
 
     #[test]

@@ -23,6 +23,14 @@ impl Archive {
     /// The base every initrd has: /dev/console for init's stdio, mount
     /// points, and `agent` as /init.
     pub fn initrd(agent: &[u8]) -> Self {
+        let mut archive = Self::with_console();
+        archive.file("init", agent);
+        archive
+    }
+
+    /// /dev/console for init's stdio before devtmpfs, and the /proc and
+    /// /sys mount points.
+    pub fn with_console() -> Self {
         let mut archive = Self {
             out: Vec::new(),
             next_ino: 1,
@@ -36,11 +44,10 @@ impl Archive {
         });
         archive.dir("proc");
         archive.dir("sys");
-        archive.file("init", agent);
         archive
     }
 
-    fn dir(&mut self, name: &str) {
+    pub fn dir(&mut self, name: &str) {
         self.add(&Entry {
             name,
             mode: S_IFDIR | 0o755,
@@ -50,7 +57,7 @@ impl Archive {
     }
 
     /// An executable file.
-    fn file(&mut self, name: &str, data: &[u8]) {
+    pub fn file(&mut self, name: &str, data: &[u8]) {
         self.add(&Entry {
             name,
             mode: S_IFREG | 0o755,

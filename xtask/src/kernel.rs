@@ -51,8 +51,14 @@ pub fn build() -> Result<PathBuf> {
     Ok(out)
 }
 
-/// `$UVM_CACHE`, else `$XDG_CACHE_HOME/uvm`, else `~/.cache/uvm`.
+/// Where built kernels are kept.
 fn cache_dir() -> Result<PathBuf> {
+    Ok(cache_root()?.join("kernel"))
+}
+
+/// `$UVM_CACHE`, else `$XDG_CACHE_HOME/uvm`, else `~/.cache/uvm`: outside
+/// the clone, shared by every clone on the machine.
+pub fn cache_root() -> Result<PathBuf> {
     let dir = match (
         std::env::var_os("UVM_CACHE"),
         std::env::var_os("XDG_CACHE_HOME"),
@@ -63,7 +69,7 @@ fn cache_dir() -> Result<PathBuf> {
             PathBuf::from(std::env::var("HOME").context("HOME unset")?).join(".cache/uvm")
         }
     };
-    Ok(dir.join("kernel"))
+    Ok(dir)
 }
 
 fn source_version() -> Result<String> {

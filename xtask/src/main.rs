@@ -4,6 +4,7 @@
 
 mod cpio;
 mod kernel;
+mod nested;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,7 +23,11 @@ commands:
            test suite (what CI runs)
   bench    the standard comparison: `true`, 30 runs, uvm against QEMU microvm
            -> target/bench/{bench.json,bench.svg,table.txt}; extra arguments
-           go to `uvm bench` (e.g. `cargo xtask bench --runs 5`)";
+           go to `uvm bench` (e.g. `cargo xtask bench --runs 5`)
+  nested [--memory MiB] [--cpus N] [--timeout SECS] [-- COMMAND ARGS...]
+           boot an L1 VM with hardware KVM (QEMU's emulator with SVM, Debian's
+           kernel with kvm_amd) and run COMMAND there, in this directory, with
+           the host's root shared read-only; without COMMAND, a boot check";
 
 fn main() -> Result<()> {
     let cmd = std::env::args().nth(1).unwrap_or_default();
@@ -34,6 +39,7 @@ fn main() -> Result<()> {
         "demo" => demo(),
         "test" => test(),
         "bench" => bench(&std::env::args().skip(2).collect::<Vec<_>>()),
+        "nested" => nested::main(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
             eprintln!("{USAGE}");
             bail!("unknown command {cmd:?}")

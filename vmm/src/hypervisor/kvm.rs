@@ -4,11 +4,15 @@ use std::cell::Cell;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_run, kvm_segment,
-    kvm_userspace_memory_region, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_enable_cap, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_run, kvm_segment,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_CAP_PMU_CAPABILITY,
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
+    KVM_PIT_SPEAKER_DUMMY, KVM_PMU_CAP_DISABLE,
 };
-use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{
+    Cap, IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags,
+    VcpuExit as KvmExit, VcpuFd, VmFd,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{CpuidEntry, EntryState, Error, IoHandler, Kick, Result, Segment, VcpuExit};
@@ -18,6 +22,9 @@ use super::{CpuidEntry, EntryState, Error, IoHandler, Kick, Result, Segment, Vcp
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+/// AMD's performance counters: the legacy four (event selects, then
+/// counters) and the six of the core extension.
+const AMD_PMU_MSRS: [(u32, u32); 2] = [(0xc001_0000, 8), (0xc001_0200, 12)];
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 
 // Local APIC LVT registers and delivery modes (Intel SDM vol. 3, 10.5.1).
@@ -56,6 +63,7 @@ impl super::Hypervisor for KvmHypervisor {
         };
         fd.create_pit2(pit)
             .map_err(|e| Error::backend("KVM_CREATE_PIT2", e))?;
+        self.disable_pmu(&fd)?;
         Ok(KvmVm { fd })
     }
 
@@ -64,7 +72,52 @@ impl super::Hypervisor for KvmHypervisor {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::backend("KVM_GET_SUPPORTED_CPUID", e))?;
-        Ok(cpuid.as_slice().iter().map(from_kvm_cpuid).collect())
+        let mut entries: Vec<CpuidEntry> = cpuid.as_slice().iter().map(from_kvm_cpuid).collect();
+        // KVM leaves this bit to userspace (api.rst, KVM_GET_SUPPORTED_CPUID):
+        // without it the guest calibrates its LAPIC timer against the PIT.
+        if self.kvm.check_extension(Cap::TscDeadlineTimer) {
+            set_tsc_deadline(&mut entries);
+        }
+        Ok(entries)
+    }
+}
+
+/// Offers the TSC-deadline timer in leaf 1.
+fn set_tsc_deadline(entries: &mut [CpuidEntry]) {
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= crate::cpuid::ECX_TSC_DEADLINE;
+    }
+}
+
+impl KvmHypervisor {
+    /// A utility VM has no use for a PMU: KVM's virtual PMU is switched
+    /// off where KVM can, and the AMD counter MSRs refused (#GP, as on a CPU
+    /// without them) where KVM filters MSRs, because an AMD guest probes
+    /// them whatever CPUID says, and each probe of a missing PMU is a
+    /// warning in the host's log.
+    fn disable_pmu(&self, fd: &VmFd) -> Result<()> {
+        let pmu = self.kvm.check_extension_raw(KVM_CAP_PMU_CAPABILITY.into());
+        if pmu & KVM_PMU_CAP_DISABLE as i32 != 0 {
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_PMU_CAPABILITY,
+                args: [KVM_PMU_CAP_DISABLE.into(), 0, 0, 0],
+                ..Default::default()
+            };
+            fd.enable_cap(&cap)
+                .map_err(|e| Error::backend("KVM_CAP_PMU_CAPABILITY", e))?;
+        }
+        if self.kvm.check_extension(Cap::X86MsrFilter) {
+            let denied = [0u8; 2];
+            let ranges = AMD_PMU_MSRS.map(|(base, msr_count)| MsrFilterRange {
+                flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+                base,
+                msr_count,
+                bitmap: &denied,
+            });
+            fd.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+                .map_err(|e| Error::backend("KVM_X86_SET_MSR_FILTER", e))?;
+        }
+        Ok(())
     }
 }
 
