@@ -28,7 +28,8 @@ pub fn layer(name: &str) -> PathBuf {
 }
 
 /// Whether boot tests can run. Under CI a missing /dev/kvm is a failure;
-/// elsewhere the test says that it skipped.
+/// elsewhere the test says that it skipped. A test that runs says on which
+/// kind of KVM host (shown with `--show-output`).
 pub fn kvm_available(test: &str) -> bool {
     let ok = std::fs::File::options()
         .read(true)
@@ -41,8 +42,18 @@ pub fn kvm_available(test: &str) -> bool {
             "{test}: CI=true but /dev/kvm cannot be opened"
         );
         eprintln!("SKIPPED {test}: /dev/kvm cannot be opened on this machine");
+        return false;
     }
-    ok
+    eprintln!("{test}: on {} KVM", host_kind());
+    true
+}
+
+/// "PVM" or "hardware": the kind of KVM host the tests run on.
+pub fn host_kind() -> &'static str {
+    match vmm::pvm::detect() {
+        vmm::pvm::HostKind::Pvm => "PVM",
+        vmm::pvm::HostKind::Hardware => "hardware",
+    }
 }
 
 /// Runs `cmd` to completion, killing it (and failing) if it hangs.

@@ -86,7 +86,30 @@ pub fn for_vcpu(supported: &[CpuidEntry], id: u8, count: u8) -> Vec<CpuidEntry> 
             _ => {}
         }
     }
+    complete_topology(&mut entries, apic_id, count);
     entries
+}
+
+/// Leaf 0xB needs its SMT and core levels and the invalid level that ends
+/// them, whichever subleaves the hypervisor listed (KVM on AMD lists only
+/// the first, and a guest then counts one core per package).
+fn complete_topology(entries: &mut Vec<CpuidEntry>, apic_id: u32, count: u32) {
+    let Some(first) = entries.iter().find(|e| e.function == 0xb).copied() else {
+        return;
+    };
+    for index in 0..3 {
+        if !entries
+            .iter()
+            .any(|e| e.function == 0xb && e.index == index)
+        {
+            let level = CpuidEntry {
+                index,
+                indexed: true,
+                ..first
+            };
+            entries.push(topology(&level, apic_id, count));
+        }
+    }
 }
 
 fn zeroed(e: &CpuidEntry) -> CpuidEntry {
@@ -221,6 +244,22 @@ mod tests {
             assert_eq!(ext.ebx, u32::from(id), "core id, one thread per core");
             assert_eq!((ext.ecx, ext.edx), (0, 0), "one node");
         }
+    }
+
+    #[test]
+    fn topology_has_every_level_even_when_the_hypervisor_lists_one() {
+        let out = for_vcpu(&[leaf(0xb, 0)], 1, 2);
+        let core = find(&out, 0xb, 1);
+        assert_eq!(
+            (core.eax, core.ebx, core.ecx >> 8, core.edx),
+            (1, 2, LEVEL_CORE, 1)
+        );
+        assert!(core.indexed);
+        assert_eq!(find(&out, 0xb, 2).ecx >> 8, 0, "the level list ends");
+        assert_eq!(out.len(), 3);
+        assert!(for_vcpu(&[leaf(1, 0)], 0, 1)
+            .iter()
+            .all(|e| e.function != 0xb));
     }
 
     #[test]
