@@ -21,10 +21,12 @@ commands:
   demo     build what is missing, then run a container from the demo layers
   test     guest, then fmt, clippy, the Windows (WHP) type-check and the whole
            test suite (what CI runs)
-  bench    the standard comparison: `true`, 30 runs, uvm against QEMU microvm
-           -> target/bench/{bench.json,bench.svg,table.txt}; extra arguments
-           go to `uvm bench` (e.g. `cargo xtask bench --runs 5`)
-  nested [--memory MiB] [--cpus N] [--timeout SECS] [-- COMMAND ARGS...]
+  bench [--nested]
+           the standard comparison: `true`, 30 runs, uvm against QEMU microvm
+           -> target/bench/{bench.json,bench.svg,table.txt}; with --nested on
+           hardware KVM in the nested L1 -> target/bench/nested/; extra
+           arguments go to `uvm bench` (e.g. `cargo xtask bench --runs 5`)
+  nested [--memory MiB] [--cpus N] [--timeout SECS] [--silence SECS] [-- COMMAND ARGS...]
            boot an L1 VM with hardware KVM (QEMU's emulator with SVM, Debian's
            kernel with kvm_amd) and run COMMAND there, in this directory, with
            the host's root shared read-only; without COMMAND, a boot check";
@@ -287,7 +289,55 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     windows_check()?;
-    run(cargo().args(["test", "--workspace"]))
+    // uvm as the demo and bench ship it: the static musl build.
+    uvm()?;
+    // --show-output: each boot test says which kind of KVM host it ran on.
+    run(cargo().args(["test", "--workspace", "--", "--show-output"]))?;
+    nested_tests()
+}
+
+/// The integration tests once more on hardware KVM, inside the nested L1
+/// (tests/README.md says why all of them), one test at a time: the
+/// emulated L1 has two slow vCPUs.
+fn nested_tests() -> Result<()> {
+    let binaries = integration_tests()?;
+    let script = r#"rc=0; for t in "$@"; do echo "== nested: $t"; "$t" --test-threads=1 --show-output || rc=1; done; exit $rc"#;
+    let mut command: Vec<String> = ["/bin/sh", "-c", script, "sh"].map(String::from).to_vec();
+    command.extend(binaries.iter().map(|b| b.to_string_lossy().into_owned()));
+    let status = nested::run_in_l1(&command, &nested::Options::default())?;
+    if status != 0 {
+        bail!("integration tests failed on hardware KVM (nested L1): exit status {status}");
+    }
+    Ok(())
+}
+
+/// The integration test executables (tests/), as `cargo test` built them.
+fn integration_tests() -> Result<Vec<PathBuf>> {
+    let out = cargo()
+        .args([
+            "test",
+            "-p",
+            "vmm",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("listing the integration tests")?;
+    if !out.status.success() {
+        bail!("building the integration tests failed");
+    }
+    let tests: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["kind"][0] == "test")
+        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .collect();
+    if tests.is_empty() {
+        bail!("cargo built no integration tests");
+    }
+    Ok(tests)
 }
 
 /// The WHP backend and everything `uvm` needs on Windows are type-checked
@@ -307,37 +357,73 @@ fn windows_check() -> Result<()> {
     ]))
 }
 
-/// The standard comparison, stored in target/bench/ for people and CI.
+/// The standard comparison, stored in target/bench/ for people and CI;
+/// with `--nested` on hardware KVM inside the nested L1, stored in
+/// target/bench/nested/.
 fn bench(extra: &[String]) -> Result<()> {
     check_kvm()?;
     guest()?;
     apt_install(&["qemu-system-x86"])?;
     let uvm = uvm()?;
-    let out = root().join("target/bench");
+    let nested = extra.iter().any(|a| a == "--nested");
+    let extra: Vec<&String> = extra.iter().filter(|a| *a != "--nested").collect();
+    let out = root().join(if nested {
+        "target/bench/nested"
+    } else {
+        "target/bench"
+    });
     std::fs::create_dir_all(&out)?;
-    let table = Command::new(uvm)
-        .args([
-            "bench",
-            "--runs",
-            "30",
-            "--warmup",
-            "1",
-            "--against",
-            "qemu",
-        ])
-        .arg("--json")
-        .arg(out.join("bench.json"))
-        .arg("--plot")
-        .arg(out.join("bench.svg"))
-        .args(extra)
+    let mut args: Vec<String> = [
+        "bench",
+        "--runs",
+        "30",
+        "--warmup",
+        "1",
+        "--against",
+        "qemu",
+    ]
+    .map(String::from)
+    .to_vec();
+    for (flag, file) in [("--json", "bench.json"), ("--plot", "bench.svg")] {
+        args.extend([
+            flag.to_string(),
+            out.join(file).to_string_lossy().into_owned(),
+        ]);
+    }
+    args.extend(extra.into_iter().cloned());
+    let table = out.join("table.txt");
+    if nested {
+        return bench_nested(&uvm, &args, &out, &table);
+    }
+    let run = Command::new(uvm)
+        .args(&args)
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("running uvm bench")?;
-    let text = String::from_utf8_lossy(&table.stdout);
+    let text = String::from_utf8_lossy(&run.stdout);
     print!("{text}");
-    std::fs::write(out.join("table.txt"), text.as_bytes())?;
-    if !table.status.success() {
-        bail!("uvm bench failed ({})", table.status);
+    std::fs::write(&table, text.as_bytes())?;
+    if !run.status.success() {
+        bail!("uvm bench failed ({})", run.status);
+    }
+    eprintln!("xtask: results in {}", out.display());
+    Ok(())
+}
+
+/// `uvm bench` in the nested L1, writing into `out` (shared read-write).
+fn bench_nested(uvm: &Path, args: &[String], out: &Path, table: &Path) -> Result<()> {
+    let script = r#"t=$1; shift; "$@" > "$t"; rc=$?; cat "$t"; exit $rc"#;
+    let mut command: Vec<String> = ["/bin/sh", "-c", script, "sh"].map(String::from).to_vec();
+    command.push(table.to_string_lossy().into_owned());
+    command.push(uvm.to_string_lossy().into_owned());
+    command.extend(args.iter().cloned());
+    let options = nested::Options {
+        writable: vec![out.to_owned()],
+        ..nested::Options::default()
+    };
+    let status = nested::run_in_l1(&command, &options)?;
+    if status != 0 {
+        bail!("uvm bench failed in the nested L1 (exit status {status})");
     }
     eprintln!("xtask: results in {}", out.display());
     Ok(())

@@ -55,6 +55,10 @@ pub struct Options {
     pub cpus: u32,
     /// The whole run, L1's boot included.
     pub timeout: Duration,
+    /// How long L1's console may stay silent before L1 counts as frozen
+    /// (the emulated L1 has been seen to stop, busy, with nothing inside
+    /// answering).
+    pub silence: Duration,
     /// Host directories L1 may write (shared read-write at the same path).
     pub writable: Vec<PathBuf>,
 }
@@ -65,6 +69,7 @@ impl Default for Options {
             memory_mib: 4096,
             cpus: 2,
             timeout: Duration::from_secs(40 * 60),
+            silence: Duration::from_secs(5 * 60),
             writable: Vec::new(),
         }
     }
@@ -87,6 +92,10 @@ pub fn main(args: &[String]) -> Result<()> {
             "--timeout" => {
                 let secs: u64 = value("--timeout")?.parse().context("--timeout")?;
                 options.timeout = Duration::from_secs(secs);
+            }
+            "--silence" => {
+                let secs: u64 = value("--silence")?.parse().context("--silence")?;
+                options.silence = Duration::from_secs(secs);
             }
             "--" => {
                 command = args.cloned().collect();
@@ -113,10 +122,47 @@ fn boot_check() -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into(), script.into()]
 }
 
-/// Boots L1, runs `command` there, and returns its exit status. A frozen L1
-/// (no exit status within the timeout) or one that ends without reporting
-/// is an error saying so; there is no retry.
+/// What stopped an L1 that did not report.
+enum Stuck {
+    /// Its console said nothing for this long.
+    Silent(Duration),
+    /// The whole run took longer than this.
+    TimedOut(Duration),
+}
+
+/// Boots L1, runs `command` there, and returns its exit status. An L1 that
+/// freezes (silent console, or past the timeout) is killed and, once, run
+/// again from the start, saying so; a second freeze, or an L1 that ends
+/// without reporting, is an error saying what happened. A command that
+/// fails is never run again.
 pub fn run_in_l1(command: &[String], options: &Options) -> Result<i32> {
+    match boot_l1(command, options)? {
+        Ok(status) => Ok(status),
+        Err(stuck) => {
+            eprintln!(
+                "xtask: the nested L1 {}; retrying once (policy: one retry after a freeze of the \
+                 emulated L1, none after a failure)",
+                stuck.describe()
+            );
+            match boot_l1(command, options)? {
+                Ok(status) => Ok(status),
+                Err(again) => bail!("the nested L1 {} again; not retried", again.describe()),
+            }
+        }
+    }
+}
+
+impl Stuck {
+    fn describe(&self) -> String {
+        match self {
+            Stuck::Silent(d) => format!("froze: its console was silent for {}s", d.as_secs()),
+            Stuck::TimedOut(d) => format!("did not finish within {}s", d.as_secs()),
+        }
+    }
+}
+
+/// One L1 run: COMMAND's status, or how L1 got stuck.
+fn boot_l1(command: &[String], options: &Options) -> Result<std::result::Result<i32, Stuck>> {
     apt_install(&["qemu-system-x86", "busybox-static"])?;
     let l1 = l1_kernel()?;
     let cwd = std::env::current_dir().context("working directory")?;
@@ -165,12 +211,12 @@ pub fn run_in_l1(command: &[String], options: &Options) -> Result<i32> {
         "xtask: nested L1 (QEMU TCG, {L1_CPU}, Debian {}): {command:?}",
         l1.version
     );
-    watch(qemu, options.timeout)
+    watch(qemu, options)
 }
 
 /// Runs QEMU, passing L1's console on, until L1 reports COMMAND's status
-/// and powers off, or the timeout.
-fn watch(mut qemu: Command, timeout: Duration) -> Result<i32> {
+/// and powers off, or it is stuck.
+fn watch(mut qemu: Command, options: &Options) -> Result<std::result::Result<i32, Stuck>> {
     let mut child = qemu
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -188,11 +234,11 @@ fn watch(mut qemu: Command, timeout: Duration) -> Result<i32> {
         }
     });
     let started = Instant::now();
+    let mut heard = Instant::now();
     let mut status = None;
     let mut last = Vec::new();
     let outcome = loop {
-        let left = timeout.saturating_sub(started.elapsed());
-        match console.recv_timeout(left.min(Duration::from_secs(1))) {
+        match console.recv_timeout(Duration::from_secs(1)) {
             Ok(line) => match line.strip_prefix(STATUS_LINE) {
                 Some(code) => status = code.trim().parse::<i32>().ok(),
                 None => {
@@ -203,11 +249,15 @@ fn watch(mut qemu: Command, timeout: Duration) -> Result<i32> {
                 }
             },
             Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
-            Err(mpsc::RecvTimeoutError::Timeout) if started.elapsed() >= timeout => {
-                break Err(timeout);
+            Err(mpsc::RecvTimeoutError::Timeout) if started.elapsed() >= options.timeout => {
+                break Err(Stuck::TimedOut(options.timeout));
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) if heard.elapsed() >= options.silence => {
+                break Err(Stuck::Silent(options.silence));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
         }
+        heard = Instant::now();
     };
     if outcome.is_err() {
         let _ = child.kill();
@@ -215,13 +265,15 @@ fn watch(mut qemu: Command, timeout: Duration) -> Result<i32> {
     let qemu_status = child.wait().context("waiting for QEMU")?;
     let _ = reader.join();
     match (outcome, status) {
-        (Err(timeout), _) => bail!(
-            "the nested L1 froze or is too slow: no exit status within {}s (not retried); its last \
-             console lines:\n{}",
-            timeout.as_secs(),
-            last.join("\n")
-        ),
-        (Ok(()), Some(code)) => Ok(code),
+        (Err(stuck), _) => {
+            eprintln!(
+                "xtask: the nested L1 {}; its last console lines:\n{}",
+                stuck.describe(),
+                last.join("\n")
+            );
+            Ok(Err(stuck))
+        }
+        (Ok(()), Some(code)) => Ok(Ok(code)),
         (Ok(()), None) => bail!(
             "the nested L1 ended ({qemu_status}) without reporting an exit status; its last \
              console lines:\n{}",

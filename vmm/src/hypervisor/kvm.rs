@@ -488,3 +488,30 @@ fn to_kvm_cpuid(e: &CpuidEntry) -> kvm_cpuid_entry2 {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Hypervisor;
+    use super::*;
+
+    /// Needs /dev/kvm: a failure under CI=true, a skip said so elsewhere.
+    fn kvm() -> Option<KvmHypervisor> {
+        match KvmHypervisor::new() {
+            Ok(kvm) => Some(kvm),
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("SKIPPED: {e}");
+                None
+            }
+            Err(e) => panic!("CI=true but {e}"),
+        }
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_offered_when_kvm_has_it() {
+        let Some(hv) = kvm() else { return };
+        let offered = hv.kvm.check_extension(Cap::TscDeadlineTimer);
+        let cpuid = hv.supported_cpuid().unwrap();
+        let leaf1 = cpuid.iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(leaf1.ecx & crate::cpuid::ECX_TSC_DEADLINE != 0, offered);
+    }
+}

@@ -92,7 +92,12 @@ impl Worker {
     #[cfg(unix)]
     pub fn pthread(&self) -> libc::pthread_t {
         let handle = self.handle.as_ref().expect("joined only on drop");
-        std::os::unix::thread::JoinHandleExt::as_pthread_t(handle)
+        let raw = std::os::unix::thread::JoinHandleExt::as_pthread_t(handle);
+        // std and the libc crate spell musl's pthread_t differently (an
+        // integer, a pointer); on glibc both are the same integer.
+        #[allow(clippy::unnecessary_cast)]
+        let pthread = raw as libc::pthread_t;
+        pthread
     }
 
     /// Waits for the thread to end; the owner has told it to stop.
