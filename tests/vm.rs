@@ -85,7 +85,8 @@ fn start(config: &VmConfig) -> (Running<KvmHypervisor>, Collected, Collected) {
         stdout: Box::new(stdout.clone()),
         stderr: Box::new(stderr.clone()),
     };
-    let vm = UtilityVm::build(KvmHypervisor::new, config, Instant::now()).expect("build");
+    let open = || KvmHypervisor::for_host(config.host);
+    let vm = UtilityVm::build(open, config, Instant::now()).expect("build");
     (vm.start(stdio).expect("start"), stdout, stderr)
 }
 

@@ -229,7 +229,7 @@ fn run(args: RunArgs, start: Instant, started_at: Option<Duration>) -> anyhow::R
         let _raw = (args.tty && !args.command.is_empty())
             .then(sys::raw_terminal)
             .flatten();
-        vm::run(|| sys::open_hypervisor(config.cpus), &config, start, stdio)
+        vm::run(|| sys::open_hypervisor(&config), &config, start, stdio)
     };
     let report = report?;
     if args.timings {

@@ -33,9 +33,10 @@ pub const CONSOLE_CARRIES_OUTPUT: bool = false;
 
 pub type HostHypervisor = KvmHypervisor;
 
-/// Opens /dev/kvm (the vCPU count is the VM's business on KVM).
-pub fn open_hypervisor(_cpus: u8) -> hypervisor::Result<HostHypervisor> {
-    KvmHypervisor::new()
+/// Opens /dev/kvm for `config`'s kind of host (the vCPU count is the VM's
+/// business on KVM).
+pub fn open_hypervisor(config: &VmConfig) -> hypervisor::Result<HostHypervisor> {
+    KvmHypervisor::for_host(config.host)
 }
 
 /// Now on the host's monotonic clock, for lining up with other processes.

@@ -26,10 +26,10 @@ pub const CONSOLE_CARRIES_OUTPUT: bool = true;
 #[cfg(windows)]
 pub type HostHypervisor = crate::hypervisor::whp::WhpHypervisor;
 
-/// Opens a WHP partition for `cpus` processors.
+/// Opens a WHP partition for `config`'s processors.
 #[cfg(windows)]
-pub fn open_hypervisor(cpus: u8) -> hypervisor::Result<HostHypervisor> {
-    HostHypervisor::new(cpus.into())
+pub fn open_hypervisor(config: &VmConfig) -> hypervisor::Result<HostHypervisor> {
+    HostHypervisor::new(config.cpus.into())
 }
 
 pub fn monotonic() -> Option<Duration> {
