@@ -383,7 +383,7 @@ mount -t proc proc /proc && mount -t sysfs sys /sys && mount -t devtmpfs dev /de
 for m in {modules}; do insmod /modules/$m.ko || fail; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 host /host || fail
 {mounts}mount -t proc proc /host/proc && mount -t sysfs sys /host/sys || fail
-mount -t devtmpfs dev /host/dev && mount -t tmpfs tmp /host/tmp && mount -t tmpfs run /host/run || fail
+mount -t devtmpfs dev /host/dev && mount -t tmpfs run /host/run && mkdir /host/run/tmp || fail
 mkdir -p /host/dev/pts /host/dev/shm && mount -t devpts -o ptmxmode=666 pts /host/dev/pts || fail
 mount -t tmpfs shm /host/dev/shm || fail
 cp /command /host/run/uvm-nested-command
@@ -400,7 +400,7 @@ fn command_script(command: &[String], cwd: &Path) -> String {
     // UVM_NESTED_EMULATOR: tests may excuse what the emulated L1 causes.
     let mut script = String::from(
         "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-         UVM_NESTED_EMULATOR=qemu-tcg\n",
+         UVM_NESTED_EMULATOR=qemu-tcg TMPDIR=/run/tmp\n",
     );
     for name in PASSED_ENV {
         if let Ok(value) = std::env::var(name) {
