@@ -81,22 +81,17 @@ pub fn main(args: &[String]) -> Result<()> {
     let mut args = args.iter();
     let mut command = Vec::new();
     while let Some(arg) = args.next() {
-        let mut value = |flag: &str| {
-            args.next()
-                .with_context(|| format!("{flag} needs a value"))
-                .cloned()
+        let mut value = |flag: &'static str| {
+            let value = args
+                .next()
+                .with_context(|| format!("{flag} needs a value"))?;
+            Ok::<_, anyhow::Error>((flag, value.clone()))
         };
         match arg.as_str() {
-            "--memory" => options.memory_mib = value("--memory")?.parse().context("--memory")?,
-            "--cpus" => options.cpus = value("--cpus")?.parse().context("--cpus")?,
-            "--timeout" => {
-                let secs: u64 = value("--timeout")?.parse().context("--timeout")?;
-                options.timeout = Duration::from_secs(secs);
-            }
-            "--silence" => {
-                let secs: u64 = value("--silence")?.parse().context("--silence")?;
-                options.silence = Duration::from_secs(secs);
-            }
+            "--memory" => options.memory_mib = number(value("--memory")?)?,
+            "--cpus" => options.cpus = number(value("--cpus")?)?,
+            "--timeout" => options.timeout = Duration::from_secs(number(value("--timeout")?)?),
+            "--silence" => options.silence = Duration::from_secs(number(value("--silence")?)?),
             "--" => {
                 command = args.cloned().collect();
                 break;
@@ -112,6 +107,13 @@ pub fn main(args: &[String]) -> Result<()> {
         bail!("in the nested L1, {command:?} exited with status {status}");
     }
     Ok(())
+}
+
+/// A flag's numeric value.
+fn number<T: std::str::FromStr>((flag, value): (&str, String)) -> Result<T> {
+    value
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{flag} takes a number, not {value:?}"))
 }
 
 /// Without COMMAND: /dev/kvm is there and is hardware KVM (kvm_amd).

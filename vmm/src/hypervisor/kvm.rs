@@ -254,7 +254,7 @@ impl Kick for KvmKicker {
     fn kick(&self) {
         use std::sync::atomic::Ordering;
         self.0.requested.store(true, Ordering::SeqCst);
-        let thread = self.0.thread.lock().unwrap_or_else(|p| p.into_inner());
+        let thread = crate::lock(&self.0.thread);
         if let Some(tid) = *thread {
             // SAFETY: tgkill has no memory effects; `tid` is the vCPU's live
             // thread (cleared, under this lock, before that thread lets the
@@ -274,7 +274,7 @@ impl KvmVcpu {
         RUNNING.with(|r| r.set(run));
         // SAFETY: gettid has no arguments and no memory effects.
         let tid = unsafe { libc::gettid() };
-        *self.kick.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(tid);
+        *crate::lock(&self.kick.thread) = Some(tid);
     }
 
     /// Whether a kick is pending; takes it.
@@ -287,7 +287,7 @@ impl KvmVcpu {
 
 impl Drop for KvmVcpu {
     fn drop(&mut self) {
-        *self.kick.thread.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *crate::lock(&self.kick.thread) = None;
         let run: *mut kvm_run = self.fd.get_kvm_run();
         RUNNING.with(|r| {
             if std::ptr::eq(r.get(), run) {

@@ -402,7 +402,8 @@ impl<H: Hypervisor> Running<H> {
         self.stop();
         let mark = |mark| lock(&self.boot_timer).mark(mark);
         let since_start = |at: Option<Instant>| at.map(|at| at.duration_since(self.start));
-        let exit = self.ending.get().unwrap_or(Exit::Stopped);
+        // Set by now: `stop` ends the VM if nothing else had.
+        let exit = self.ending.wait();
         let timings = Timings {
             first_vcpu_entry: since_start(self.entered.get().copied()),
             agent_started: mark(boot_mark::AGENT_STARTED),
