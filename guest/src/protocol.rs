@@ -18,9 +18,10 @@ pub trait Message: Serialize + DeserializeOwned {
     const KIND: u32;
 }
 
-/// Host → agent: start a process.
+/// What every process the agent starts has: its command, environment,
+/// working directory, terminal and the host ports of its stdio.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Run {
+pub struct Process {
     pub argv: Vec<String>,
     /// `KEY=VALUE` entries, on top of the agent's defaults.
     pub env: Vec<String>,
@@ -32,9 +33,30 @@ pub struct Run {
     pub stdout_port: u32,
     /// Absent with a tty.
     pub stderr_port: Option<u32>,
+}
+
+/// Host → agent: start the VM's one container process (its main process).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    #[serde(flatten)]
+    pub process: Process,
     /// The container root to assemble and run in; absent: run in the
     /// agent's own root (the initrd).
     pub root: Option<Root>,
+    /// The VM's tools (an ext4 image of busybox and its commands) are
+    /// `/dev/pmemN`, for processes in the VM itself (a console).
+    #[serde(default)]
+    pub tools: Option<u32>,
+}
+
+/// Host → agent: start another process while the main one runs: in the
+/// container (its root, namespaces and environment), or with `in_vm` in
+/// the utility VM itself, outside the container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exec {
+    #[serde(flatten)]
+    pub process: Process,
+    pub in_vm: bool,
 }
 
 /// A container root: the pmem layers (`/dev/pmem0` at the bottom) stacked
@@ -59,10 +81,16 @@ pub struct TtySize {
     pub cols: u16,
 }
 
-/// Host → agent: deliver a signal to the process.
+/// Host → agent: deliver a signal to the process of the message's id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signal {
     pub signal: i32,
+}
+
+/// Host → agent: the terminal of the process of the message's id changed size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resize {
+    pub size: TtySize,
 }
 
 /// Agent → host: the process runs.
@@ -116,6 +144,12 @@ impl Message for Run {
 }
 impl Message for Signal {
     const KIND: u32 = 2;
+}
+impl Message for Resize {
+    const KIND: u32 = 3;
+}
+impl Message for Exec {
+    const KIND: u32 = 4;
 }
 impl Message for Started {
     const KIND: u32 = 0x101;
@@ -228,19 +262,22 @@ mod tests {
     #[test]
     fn messages_round_trip_with_the_documented_header() {
         let run = Run {
-            argv: vec!["/bin/echo".into(), "hi".into()],
-            env: vec!["A=1".into()],
-            cwd: Some("/tmp".into()),
-            tty: None,
-            stdin_port: 1025,
-            stdout_port: 1026,
-            stderr_port: Some(1027),
+            process: Process {
+                argv: vec!["/bin/echo".into(), "hi".into()],
+                env: vec!["A=1".into()],
+                cwd: Some("/tmp".into()),
+                tty: None,
+                stdin_port: 1025,
+                stdout_port: 1026,
+                stderr_port: Some(1027),
+            },
             root: Some(Root {
                 layers: 2,
                 dax: true,
                 scratch: true,
                 layer_disks: false,
             }),
+            tools: Some(2),
         };
         let mut wire = Vec::new();
         send(&mut wire, 7, &run).unwrap();
@@ -288,7 +325,10 @@ mod tests {
     #[test]
     fn a_run_travels_on_the_kernel_command_line() {
         let run = Run {
-            argv: vec!["/bin/sh".into(), "-c".into(), "echo 'a b' \"c\"".into()],
+            process: Process {
+                argv: vec!["/bin/sh".into(), "-c".into(), "echo 'a b' \"c\"".into()],
+                ..Process::default()
+            },
             root: Some(Root {
                 layers: 1,
                 layer_disks: true,

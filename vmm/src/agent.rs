@@ -2,26 +2,35 @@
 //! agent to connect, asks it to run the process, carries the process's stdio
 //! between the guest and the host, and brings back how it ended.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::{self, Receiver};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use devices::virtio::vsock::HostPorts;
-use guest::protocol::{self, Exited, Failed, Message, Run, Signal, Started, CONTROL_PORT};
+use devices::virtio::vsock::{HostPorts, PortsHandle};
+use guest::protocol::{
+    self, Exec, Exited, Failed, Frame, Message, Process, Resize, Run, Signal, Started, TtySize,
+    CONTROL_PORT,
+};
 
 use crate::process::{Outcome, ProcessSpec};
 use crate::vm::threads::{Ending, Worker};
 use crate::vm::{Error, Exit};
 
-/// Host ports of the process's stdio, served inside uvm.
-const STDIN_PORT: u32 = CONTROL_PORT + 1;
-const STDOUT_PORT: u32 = CONTROL_PORT + 2;
-const STDERR_PORT: u32 = CONTROL_PORT + 3;
-/// Message id of the one run request.
+/// Message id of the main process's run request; execs count up from it.
 const RUN_ID: u64 = 1;
+/// Host ports per request: stdin, stdout and stderr, above the control
+/// port (the main process's are 1025-1027).
+const PORTS_PER_REQUEST: u32 = 3;
+/// Execs at once; the agent has a bound of its own.
+const MAX_EXECS: usize = 32;
+/// How long the agent may take to start an exec'd process (or say why
+/// not) and to connect its streams.
+const EXEC_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Where the process's stdio comes from and goes to on the host.
 pub struct Stdio {
@@ -46,28 +55,288 @@ impl Stdio {
     }
 }
 
-/// What the session saw, and when.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub agent_connected: Option<Instant>,
-    /// Where signals for the process go, once it may have started.
-    control: Option<UnixStream>,
+/// The ports of request `id`.
+#[derive(Clone, Copy)]
+struct RequestPorts {
+    stdin: u32,
+    stdout: u32,
+    stderr: u32,
 }
 
-impl Progress {
-    /// Forwards `signal` to the process; false if no process runs yet.
-    pub fn forward_signal(&mut self, signal: i32) -> bool {
-        let Some(control) = &mut self.control else {
-            return false;
-        };
-        if let Err(e) = protocol::send(control, RUN_ID, &Signal { signal }) {
-            tracing::warn!("forwarding signal {signal}: {e}");
-        }
-        true
+impl RequestPorts {
+    fn of(id: u64) -> Option<Self> {
+        let base = u32::try_from(id.checked_sub(1)?)
+            .ok()?
+            .checked_mul(PORTS_PER_REQUEST)?
+            .checked_add(CONTROL_PORT)?;
+        base.checked_add(PORTS_PER_REQUEST)?;
+        Some(Self {
+            stdin: base + 1,
+            stdout: base + 2,
+            stderr: base + 3,
+        })
+    }
+
+    fn all(&self) -> [u32; 3] {
+        [self.stdin, self.stdout, self.stderr]
     }
 }
 
-/// The agent's streams as the vsock device hands them over.
+/// The agent of a running VM, for requests beside the main process: execs,
+/// signals, terminal sizes. Clones share it.
+#[derive(Clone)]
+pub struct Agent(Arc<Shared>);
+
+struct Shared {
+    /// Where requests go, once the main process may have started.
+    control: Mutex<Option<UnixStream>>,
+    ports: PortsHandle,
+    /// The session's routes for the agent's messages about each exec;
+    /// `None` once the session has ended.
+    routes: Mutex<Option<HashMap<u64, Sender<Frame>>>>,
+    next_id: AtomicU64,
+    main_started: AtomicBool,
+    agent_connected: Mutex<Option<Instant>>,
+}
+
+/// A process to exec in the running VM.
+#[derive(Debug, Default)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: Option<String>,
+    pub tty: Option<TtySize>,
+    /// In the utility VM, outside the container.
+    pub in_vm: bool,
+}
+
+/// Why an exec did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The agent could not start it (the shell's 126 or 127).
+    #[error("{}", .0.message)]
+    Failed(Failed),
+    #[error("{0}")]
+    Session(String),
+}
+
+/// An exec'd process: how it ends, and requests for it.
+pub struct Execution {
+    id: u64,
+    pub pid: i32,
+    /// Behind a lock only so that another thread may signal it.
+    frames: Mutex<Receiver<Frame>>,
+    agent: Agent,
+}
+
+impl Agent {
+    fn new(ports: PortsHandle) -> Self {
+        Self(Arc::new(Shared {
+            control: Mutex::new(None),
+            ports,
+            routes: Mutex::new(Some(HashMap::new())),
+            next_id: AtomicU64::new(RUN_ID + 1),
+            main_started: AtomicBool::new(false),
+            agent_connected: Mutex::new(None),
+        }))
+    }
+
+    /// Whether the main process has started (and the VM has not ended).
+    pub fn main_started(&self) -> bool {
+        self.0.main_started.load(Ordering::SeqCst)
+    }
+
+    pub fn agent_connected(&self) -> Option<Instant> {
+        *crate::lock(&self.0.agent_connected)
+    }
+
+    /// Delivers `signal` to the main process; false if it has not started.
+    pub fn signal_main(&self, signal: i32) -> bool {
+        self.send(RUN_ID, &Signal { signal }).is_ok()
+    }
+
+    /// The main process's terminal has a new size.
+    pub fn resize_main(&self, size: TtySize) {
+        let _ = self.send(RUN_ID, &Resize { size });
+    }
+
+    fn send<M: Message>(&self, id: u64, message: &M) -> io::Result<()> {
+        let mut control = crate::lock(&self.0.control);
+        let control = control
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the container is not running"))?;
+        protocol::send(control, id, message)
+    }
+
+    /// Starts `spec` next to the main process and returns once it runs,
+    /// with its stdio streams to the guest: stdin, stdout and (without a
+    /// tty) stderr.
+    pub fn exec(&self, spec: ExecSpec) -> Result<(Execution, Vec<UnixStream>), ExecError> {
+        let session = |e: String| ExecError::Session(e);
+        if !self.main_started() {
+            return Err(session("the container is not running".into()));
+        }
+        let id = self.0.next_id.fetch_add(1, Ordering::SeqCst);
+        let ports = RequestPorts::of(id).ok_or_else(|| session("out of request ids".into()))?;
+        let frames = self.route(id)?;
+        let streams = self.serve(ports);
+        let request = Exec {
+            process: Process {
+                argv: spec.argv,
+                env: spec.env,
+                cwd: spec.cwd,
+                tty: spec.tty,
+                stdin_port: ports.stdin,
+                stdout_port: ports.stdout,
+                stderr_port: spec.tty.is_none().then_some(ports.stderr),
+            },
+            in_vm: spec.in_vm,
+        };
+        let mut execution = Execution {
+            id,
+            pid: 0,
+            frames: Mutex::new(frames),
+            agent: self.clone(),
+        };
+        let lost = |e: io::Error| session(format!("the agent session: {e}"));
+        self.send(id, &request).map_err(lost)?;
+        execution.pid = execution.started()?;
+        let count = if spec.tty.is_some() { 2 } else { 3 };
+        let stdio = streams[..count]
+            .iter()
+            .map(accept)
+            .collect::<io::Result<_>>();
+        Ok((execution, stdio.map_err(lost)?))
+    }
+
+    /// A route for the agent's messages about request `id`.
+    fn route(&self, id: u64) -> Result<Receiver<Frame>, ExecError> {
+        let mut routes = crate::lock(&self.0.routes);
+        let routes = routes
+            .as_mut()
+            .ok_or_else(|| ExecError::Session("the VM is ending".into()))?;
+        if routes.len() >= MAX_EXECS {
+            return Err(ExecError::Session(format!("{MAX_EXECS} execs run already")));
+        }
+        let (tx, rx) = mpsc::channel();
+        routes.insert(id, tx);
+        Ok(rx)
+    }
+
+    /// Receivers for the agent's connections to `ports` (ended at once if
+    /// the device is gone).
+    fn serve(&self, ports: RequestPorts) -> Vec<Receiver<UnixStream>> {
+        let serve = |port| {
+            let (tx, rx) = mpsc::channel();
+            self.0.ports.serve(port, tx);
+            rx
+        };
+        ports.all().map(serve).into()
+    }
+
+    /// Hands the agent's message to the request it is about; false for a
+    /// request nobody waits for.
+    fn deliver(&self, frame: Frame) -> bool {
+        let mut routes = crate::lock(&self.0.routes);
+        let Some(route) = routes.as_mut().and_then(|r| r.get(&frame.id)) else {
+            return false;
+        };
+        route.send(frame).is_ok()
+    }
+
+    /// The session ended: nothing more comes for any request.
+    fn close(&self) {
+        self.0.main_started.store(false, Ordering::SeqCst);
+        *crate::lock(&self.0.routes) = None;
+        *crate::lock(&self.0.control) = None;
+    }
+
+    fn forget(&self, id: u64) {
+        if let Some(routes) = crate::lock(&self.0.routes).as_mut() {
+            routes.remove(&id);
+        }
+        if let Some(ports) = RequestPorts::of(id) {
+            for port in ports.all() {
+                self.0.ports.unserve(port);
+            }
+        }
+    }
+}
+
+/// The agent's connection to a served port, within [`EXEC_PATIENCE`].
+fn accept(rx: &Receiver<UnixStream>) -> io::Result<UnixStream> {
+    rx.recv_timeout(EXEC_PATIENCE)
+        .map_err(|e| io::Error::other(waited_for("connect", e)))
+}
+
+fn waited_for(what: &str, e: mpsc::RecvTimeoutError) -> String {
+    match e {
+        mpsc::RecvTimeoutError::Timeout => {
+            format!("the agent did not {what} within {EXEC_PATIENCE:?}")
+        }
+        mpsc::RecvTimeoutError::Disconnected => "the VM ended".into(),
+    }
+}
+
+impl Execution {
+    /// The agent's answer to the request: the pid, or why it did not start.
+    fn started(&self) -> Result<i32, ExecError> {
+        let frame = crate::lock(&self.frames)
+            .recv_timeout(EXEC_PATIENCE)
+            .map_err(|e| ExecError::Session(waited_for("answer", e)))?;
+        let invalid = |e: io::Error| ExecError::Session(format!("the agent's answer: {e}"));
+        match frame.kind {
+            Started::KIND => Ok(frame.decode::<Started>().map_err(invalid)?.pid),
+            Failed::KIND => Err(ExecError::Failed(checked_failure(
+                frame.decode::<Failed>().map_err(invalid)?,
+            )?)),
+            kind => Err(ExecError::Session(format!(
+                "the agent answered with message kind {kind:#x}"
+            ))),
+        }
+    }
+
+    /// Waits until the process ends. Its output may still be on the way:
+    /// read its streams to their end.
+    pub fn wait(&self) -> io::Result<Exited> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        let frame = crate::lock(&self.frames)
+            .recv()
+            .map_err(|_| io::Error::other("the VM ended before the process did"))?;
+        match frame.kind {
+            Exited::KIND => frame.decode::<Exited>()?.checked().map_err(invalid),
+            kind => Err(invalid(format!("unexpected message kind {kind:#x}"))),
+        }
+    }
+
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        self.agent.send(self.id, &Signal { signal })
+    }
+
+    pub fn resize(&self, size: TtySize) -> io::Result<()> {
+        self.agent.send(self.id, &Resize { size })
+    }
+}
+
+impl Drop for Execution {
+    fn drop(&mut self) {
+        self.agent.forget(self.id);
+    }
+}
+
+/// A process that never ran cannot have succeeded.
+fn checked_failure(failed: Failed) -> Result<Failed, ExecError> {
+    match (1..=255).contains(&failed.exit_code) {
+        true => Ok(failed),
+        false => Err(ExecError::Session(format!(
+            "the agent's answer: exit code {} is not 1-255",
+            failed.exit_code
+        ))),
+    }
+}
+
+/// The agent's streams for the main process as the vsock device hands
+/// them over.
 struct Ports {
     control: Receiver<UnixStream>,
     stdin: Receiver<UnixStream>,
@@ -79,32 +348,36 @@ struct Ports {
 pub struct Session {
     ports: Ports,
     process: Option<ProcessSpec>,
-    progress: Arc<Mutex<Progress>>,
+    /// The pmem device of the VM's tools, if it has them.
+    tools: Option<u32>,
+    agent: Agent,
 }
 
 impl Session {
     /// Serves the agent's ports in `ports`. Without `process` the session
     /// ends as soon as the agent connects (a boot check).
-    pub fn new(process: Option<ProcessSpec>, ports: &mut HostPorts) -> Self {
-        let mut serve = |port| {
+    pub fn new(process: Option<ProcessSpec>, tools: Option<u32>, ports: &HostPorts) -> Self {
+        let serve = |port| {
             let (tx, rx) = mpsc::channel();
             ports.serve(port, tx);
             rx
         };
+        let main = RequestPorts::of(RUN_ID).expect("the first request has ports");
         Self {
             ports: Ports {
                 control: serve(CONTROL_PORT),
-                stdin: serve(STDIN_PORT),
-                stdout: serve(STDOUT_PORT),
-                stderr: serve(STDERR_PORT),
+                stdin: serve(main.stdin),
+                stdout: serve(main.stdout),
+                stderr: serve(main.stderr),
             },
             process,
-            progress: Arc::default(),
+            tools,
+            agent: Agent::new(ports.handle()),
         }
     }
 
-    pub fn progress(&self) -> Arc<Mutex<Progress>> {
-        self.progress.clone()
+    pub fn agent(&self) -> Agent {
+        self.agent.clone()
     }
 
     /// Runs the session on a thread of its own, which ends the VM with the
@@ -123,7 +396,7 @@ impl Session {
             // Recorded before the control stream closes (the agent then
             // resets the guest) and while signals still go to the process.
             reporter.end(exit);
-            self.update(|p| p.control = None);
+            self.agent.close();
             drop(held);
             None
         })
@@ -131,15 +404,19 @@ impl Session {
 
     fn serve(&self, stdio: Stdio, ending: &Arc<Ending>, held: &mut Held) -> io::Result<Exit> {
         let control = held.control.insert(recv(&self.ports.control)?);
-        self.update(|p| p.agent_connected = Some(Instant::now()));
+        *crate::lock(&self.agent.0.agent_connected) = Some(Instant::now());
         let Some(process) = &self.process else {
             return Ok(Exit::Booted);
         };
-        protocol::send(control, RUN_ID, &run_request(process))?;
-        let signals = control.try_clone().ok();
-        self.update(|p| p.control = signals);
+        let request = Run {
+            tools: self.tools,
+            ..run_request(process)
+        };
+        protocol::send(control, RUN_ID, &request)?;
+        *crate::lock(&self.agent.0.control) = Some(control.try_clone()?);
         self.connect_stdio(process.tty.is_some(), stdio, ending, held)?;
-        let outcome = receive_outcome(held.control.as_mut().expect("set above"))?;
+        let control = held.control.as_mut().expect("set above");
+        let outcome = dispatch(&self.agent, control, ending)?;
         // The agent closes the streams before it reports: once the copiers
         // are done, all output is in. (Without an outcome they may still
         // run; they end with the device.)
@@ -173,10 +450,6 @@ impl Session {
         held.stdin = Some(Worker::spawn("stdin", ending, forward).map_err(spawned)?);
         Ok(())
     }
-
-    fn update(&self, f: impl FnOnce(&mut Progress)) {
-        f(&mut crate::lock(&self.progress));
-    }
 }
 
 /// What the session keeps until the VM's end is recorded: the control
@@ -190,49 +463,71 @@ struct Held {
     stdin: Option<Worker>,
 }
 
-/// Reads the control stream until the process's outcome; anything else the
-/// agent sends by then is a broken session.
-fn receive_outcome(control: &mut impl Read) -> io::Result<Outcome> {
-    let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+/// Reads the control stream until the main process's outcome, handing
+/// messages about execs to them.
+fn dispatch(agent: &Agent, control: &mut impl Read, ending: &Ending) -> io::Result<Outcome> {
+    let mut main = MainProcess::default();
     loop {
-        let Some(frame) = protocol::receive(control)? else {
-            return Err(io::Error::new(
+        let frame = protocol::receive(control)?.ok_or_else(|| {
+            io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the agent closed the control stream",
-            ));
-        };
+            )
+        })?;
         if frame.id != RUN_ID {
-            return Err(invalid(format!("a message about request {}", frame.id)));
+            if !agent.deliver(frame) {
+                tracing::debug!("a message about a request nobody waits for");
+            }
+            continue;
         }
+        if let Some(outcome) = main.receive(&frame)? {
+            return Ok(outcome);
+        }
+        if main.started {
+            agent.0.main_started.store(true, Ordering::SeqCst);
+            ending.notify();
+        }
+    }
+}
+
+/// The agent's messages about the main process.
+#[derive(Default)]
+struct MainProcess {
+    started: bool,
+}
+
+impl MainProcess {
+    /// Its outcome once the agent reports it; anything but what the
+    /// protocol allows is a broken session.
+    fn receive(&mut self, frame: &Frame) -> io::Result<Option<Outcome>> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
         match frame.kind {
-            Started::KIND => drop(frame.decode::<Started>()?),
+            Started::KIND => {
+                frame.decode::<Started>()?;
+                self.started = true;
+                Ok(None)
+            }
             Exited::KIND => {
                 let exited = frame.decode::<Exited>()?.checked().map_err(invalid)?;
-                return Ok(Outcome::Exited(exited));
+                Ok(Some(Outcome::Exited(exited)))
             }
             Failed::KIND => {
-                let failed = frame.decode::<Failed>()?;
-                // A process that never ran cannot have succeeded.
-                if !(1..=255).contains(&failed.exit_code) {
-                    return Err(invalid(format!(
-                        "exit code {} is not 1-255",
-                        failed.exit_code
-                    )));
-                }
-                return Ok(Outcome::Failed(failed));
+                let failed = checked_failure(frame.decode::<Failed>()?)
+                    .map_err(|e| invalid(e.to_string()))?;
+                Ok(Some(Outcome::Failed(failed)))
             }
-            kind => return Err(invalid(format!("unexpected message kind {kind:#x}"))),
+            kind => Err(invalid(format!("unexpected message kind {kind:#x}"))),
         }
     }
 }
 
 fn run_request(process: &ProcessSpec) -> Run {
-    Run {
-        stdin_port: STDIN_PORT,
-        stdout_port: STDOUT_PORT,
-        stderr_port: process.tty.is_none().then_some(STDERR_PORT),
-        ..process.request()
-    }
+    let ports = RequestPorts::of(RUN_ID).expect("the first request has ports");
+    let mut run = process.request();
+    run.process.stdin_port = ports.stdin;
+    run.process.stdout_port = ports.stdout;
+    run.process.stderr_port = process.tty.is_none().then_some(ports.stderr);
+    run
 }
 
 fn recv(rx: &Receiver<UnixStream>) -> io::Result<UnixStream> {
@@ -240,32 +535,38 @@ fn recv(rx: &Receiver<UnixStream>) -> io::Result<UnixStream> {
         .map_err(|_| io::Error::other("the vsock device stopped"))
 }
 
-/// Copies a guest stream to a host output as data arrives, until the guest
-/// side ends (the process closed it, or the device went with the VM).
+/// Copies a guest stream to a host output on a thread of its own.
 fn copy(
     name: &str,
-    mut from: UnixStream,
-    mut to: Box<dyn Write + Send>,
+    from: UnixStream,
+    to: Box<dyn Write + Send>,
     ending: &Arc<Ending>,
 ) -> Result<Worker, Error> {
     Worker::spawn(name, ending, move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => n,
-            };
-            if to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
-                return None;
-            }
-        }
+        copy_output(from, to);
+        None
     })
+}
+
+/// Copies a guest stream to a host output as data arrives, until the guest
+/// side ends (the process closed it, or the device went with the VM).
+pub fn copy_output(mut from: UnixStream, mut to: impl Write) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
+            return;
+        }
+    }
 }
 
 /// The host's input to the process; at its end, end of file for the
 /// process. Stops as soon as the guest side is gone, even while the host
 /// input has nothing to say (a terminal).
-fn forward_stdin(from: OwnedFd, mut to: UnixStream) {
+pub fn forward_stdin(from: OwnedFd, mut to: UnixStream) {
     let mut input = std::fs::File::from(from);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -304,6 +605,11 @@ mod tests {
 
     use super::*;
 
+    fn receive_outcome(wire: &[u8]) -> io::Result<Outcome> {
+        let agent = Agent::new(PortsHandle::default());
+        dispatch(&agent, &mut &wire[..], &Ending::default())
+    }
+
     fn frames(messages: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
         let mut wire = Vec::new();
         messages(&mut wire);
@@ -316,14 +622,14 @@ mod tests {
             protocol::send(w, RUN_ID, &Started { pid: 7 }).unwrap();
             protocol::send(w, RUN_ID, &Exited::Signal(9)).unwrap();
         });
-        let outcome = receive_outcome(&mut &wire[..]).unwrap();
+        let outcome = receive_outcome(&wire).unwrap();
         assert_eq!(outcome, Outcome::Exited(Exited::Signal(9)));
     }
 
     #[test]
     fn a_session_without_an_exit_status_is_an_error() {
         let closed = frames(|w| protocol::send(w, RUN_ID, &Started { pid: 7 }).unwrap());
-        let err = receive_outcome(&mut &closed[..]).unwrap_err();
+        let err = receive_outcome(&closed).unwrap_err();
         assert!(
             err.to_string().contains("closed the control stream"),
             "{err}"
@@ -359,10 +665,7 @@ mod tests {
             frames(|w| w.extend(Exited::KIND.to_le_bytes())),
         ];
         for wire in hostile {
-            assert!(
-                receive_outcome(&mut &wire[..]).is_err(),
-                "accepted {wire:?}"
-            );
+            assert!(receive_outcome(&wire).is_err(), "accepted {wire:?}");
         }
     }
 
@@ -374,7 +677,8 @@ mod tests {
                 argv: vec!["/bin/true".into()],
                 ..ProcessSpec::default()
             }),
-            &mut ports,
+            None,
+            &ports,
         );
         // What the vsock device does when the agent connects to the port:
         // this end stands for the agent.
@@ -389,7 +693,7 @@ mod tests {
         // The agent reads the request, then its control stream closes
         // before any stdio connection or exit status.
         let request = protocol::receive(&mut agent).unwrap().unwrap();
-        assert_eq!(request.decode::<Run>().unwrap().argv, ["/bin/true"]);
+        assert_eq!(request.decode::<Run>().unwrap().process.argv, ["/bin/true"]);
         drop(agent);
         drop(ports); // the device goes: the stdio ports never connect
         let exit = ending.wait();

@@ -17,6 +17,9 @@ pub mod rss;
 pub mod scratch;
 #[cfg(target_os = "linux")]
 pub mod signals;
+// Utility VMs between commands: their state directories and control sockets.
+#[cfg(target_os = "linux")]
+pub mod state;
 pub mod sys;
 #[cfg(unix)]
 pub mod terminal;

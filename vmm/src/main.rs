@@ -4,6 +4,9 @@
 // Spawns and reaps VMs with Linux process APIs (pidfd, wait4, PDEATHSIG).
 #[cfg(target_os = "linux")]
 mod bench;
+// Running VMs between commands: state directories, control sockets, flock.
+#[cfg(target_os = "linux")]
+mod commands;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,8 +16,8 @@ use clap::{Parser, Subcommand};
 use guest::protocol::{Root, TtySize};
 use vmm::process::{Outcome, ProcessSpec};
 use vmm::pvm::{self, HostKind};
-use vmm::sys::{self, Stdio};
-use vmm::vm::{self, Exit, Report, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
+use vmm::sys;
+use vmm::vm::{Exit, Report, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
 
 const DEFAULT_MEMORY_MIB: u64 = 128;
 const MIN_MEMORY_MIB: u64 = 64;
@@ -30,6 +33,11 @@ const MAX_CPUS: u8 = 64;
     args_override_self = true
 )]
 struct Cli {
+    /// Where the state of utility VMs is kept [default: /run/uvm as root,
+    /// $XDG_RUNTIME_DIR/uvm otherwise].
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -46,6 +54,9 @@ enum Command {
     /// how long each phase took, optionally side by side with QEMU microvm.
     #[cfg(target_os = "linux")]
     Bench(Box<bench::BenchArgs>),
+    #[cfg(target_os = "linux")]
+    #[command(flatten)]
+    Operate(commands::Command),
 }
 
 #[derive(Subcommand)]
@@ -83,6 +94,25 @@ struct RunArgs {
     /// Run COMMAND on a pseudo-terminal (the host terminal goes raw meanwhile).
     #[arg(short = 't', long)]
     tty: bool,
+
+    /// Run in the background: print the VM's ID once COMMAND started; its
+    /// output goes to the VM's log (`uvm logs`).
+    #[arg(short = 'd', long, requires = "command")]
+    detach: bool,
+
+    /// A name for the VM, for the commands that take an ID.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// The VM's own tools for `uvm console` (an ext4 image, mapped like a
+    /// layer, read only when a console starts).
+    /// [default: target/guest/tools.img if `cargo xtask guest` made it]
+    #[arg(long, value_name = "PATH", conflicts_with = "no_tools")]
+    tools: Option<PathBuf>,
+
+    /// No tools: `uvm console` cannot run anything in this VM.
+    #[arg(long)]
+    no_tools: bool,
 
     /// The guest's vsock context ID.
     #[arg(long, value_name = "CID", default_value_t = DEFAULT_GUEST_CID,
@@ -181,11 +211,14 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("UVM_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
-        Command::Run(args) => run(*args, start, started_at),
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(*args, cli.root, start, started_at),
         Command::Layer(LayerCommand::Create { from, output }) => create_layer(&from, &output),
         #[cfg(target_os = "linux")]
         Command::Bench(args) => bench::run(*args),
+        #[cfg(target_os = "linux")]
+        Command::Operate(command) => commands::run(command, cli.root),
     };
     let code = match result {
         Ok(code) => code,
@@ -198,8 +231,41 @@ fn main() {
 }
 
 /// `started_at`: `start` on the monotonic clock, for `--timings` readers.
-fn run(args: RunArgs, start: Instant, started_at: Option<Duration>) -> anyhow::Result<i32> {
-    let vm = args.vm;
+fn run(
+    args: RunArgs,
+    root: Option<PathBuf>,
+    start: Instant,
+    started_at: Option<Duration>,
+) -> anyhow::Result<i32> {
+    let config = vm_config(&args)?;
+    let finish = |report: &Report| {
+        if args.timings {
+            eprintln!("{}", timings_json(report, started_at));
+        }
+        exit_code(report, args.console)
+    };
+    // Raw while the VM runs, restored when this goes.
+    let _raw = (args.tty && !args.command.is_empty() && !args.detach)
+        .then(sys::raw_terminal)
+        .flatten();
+    #[cfg(target_os = "linux")]
+    {
+        let launch = commands::Launch::new(root, args.name.clone(), args.detach)?;
+        launch.run(&config, start, finish)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        if args.detach || args.name.is_some() || root.is_some() {
+            bail!("-d, --name and --root need a Linux host");
+        }
+        let stdio = sys::Stdio::inherit().context("the process's stdio")?;
+        let open = || sys::open_hypervisor(&config);
+        finish(&vmm::vm::run(open, &config, start, stdio)?)
+    }
+}
+
+fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    let vm = &args.vm;
     let process = (!args.command.is_empty()).then(|| ProcessSpec {
         argv: args.command.clone(),
         env: vm.env.clone(),
@@ -207,35 +273,35 @@ fn run(args: RunArgs, start: Instant, started_at: Option<Duration>) -> anyhow::R
         tty: args.tty.then(terminal_size),
         root: vm.root(args.scratch.is_some()),
     });
-    let config = VmConfig {
-        kernel: artifact(args.kernel, "vmlinux", "--kernel")?,
-        initrd: artifact(vm.initrd, "initrd.img", "--initrd")?,
-        extra_cmdline: vm.cmdline,
+    Ok(VmConfig {
+        kernel: artifact(args.kernel.clone(), "vmlinux", "--kernel")?,
+        initrd: artifact(vm.initrd.clone(), "initrd.img", "--initrd")?,
+        extra_cmdline: vm.cmdline.clone(),
         memory_mib: vm.memory,
         cpus: vm.cpus,
         console: args.console,
         host: vm.host.unwrap_or_else(pvm::detect),
         vsock: VsockConfig {
             guest_cid: args.cid,
-            uds: args.vsock_uds,
+            uds: args.vsock_uds.clone(),
         },
-        layers: vm.layers,
-        scratch: args.scratch.map(|path| (path, args.scratch_size)),
+        layers: vm.layers.clone(),
+        tools: tools(args.tools.clone(), args.no_tools)?,
+        scratch: args.scratch.clone().map(|path| (path, args.scratch_size)),
         process,
-    };
-    let stdio = Stdio::inherit().context("the process's stdio")?;
-    let report = {
-        // Raw while the VM runs, restored when this goes.
-        let _raw = (args.tty && !args.command.is_empty())
-            .then(sys::raw_terminal)
-            .flatten();
-        vm::run(|| sys::open_hypervisor(&config), &config, start, stdio)
-    };
-    let report = report?;
-    if args.timings {
-        eprintln!("{}", timings_json(&report, started_at));
+    })
+}
+
+/// `--tools`, else the default tools image if it was built.
+fn tools(given: Option<PathBuf>, none: bool) -> anyhow::Result<Option<PathBuf>> {
+    if none {
+        return Ok(None);
     }
-    exit_code(&report, args.console)
+    if given.is_some() {
+        return Ok(given);
+    }
+    let path = default_guest_dir()?.join("tools.img");
+    Ok(path.exists().then_some(path))
 }
 
 fn create_layer(from: &Path, output: &Path) -> anyhow::Result<i32> {

@@ -1,7 +1,7 @@
 //! The one process a utility VM runs: what the host asks for and how it
 //! ended, whichever way the request reaches the agent.
 
-use guest::protocol::{Exited, Failed, Root, Run, TtySize};
+use guest::protocol::{Exited, Failed, Process, Root, Run, TtySize};
 
 /// The process to run in the guest.
 #[derive(Clone, Debug, Default)]
@@ -22,12 +22,15 @@ impl ProcessSpec {
     /// its own).
     pub fn request(&self) -> Run {
         Run {
-            argv: self.argv.clone(),
-            env: self.env.clone(),
-            cwd: self.cwd.clone(),
-            tty: self.tty,
+            process: Process {
+                argv: self.argv.clone(),
+                env: self.env.clone(),
+                cwd: self.cwd.clone(),
+                tty: self.tty,
+                ..Process::default()
+            },
             root: self.root,
-            ..Run::default()
+            tools: None,
         }
     }
 }
@@ -67,14 +70,14 @@ mod tests {
             tty: Some(TtySize { rows: 5, cols: 9 }),
             root: Some(Root::default()),
         };
-        let run = spec.request();
+        let Run { process, root, .. } = spec.request();
         assert_eq!(
-            (run.argv, run.env, run.cwd),
+            (process.argv, process.env, process.cwd),
             (spec.argv, spec.env, spec.cwd)
         );
-        assert_eq!((run.tty, run.root), (spec.tty, spec.root));
+        assert_eq!((process.tty, root), (spec.tty, spec.root));
         assert_eq!(
-            (run.stdin_port, run.stdout_port, run.stderr_port),
+            (process.stdin_port, process.stdout_port, process.stderr_port),
             (0, 0, None)
         );
     }

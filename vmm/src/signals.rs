@@ -7,8 +7,14 @@ use std::sync::Arc;
 use crate::vm::threads::{Ending, Worker};
 use crate::vm::Error;
 
-/// Ctrl-C, termination, hang-up and Ctrl-\.
-const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+/// Ctrl-C, termination, hang-up, Ctrl-\ and the terminal's size changes.
+const FORWARDED: [libc::c_int; 5] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGWINCH,
+];
 
 /// The signal that stops the forwarding thread (the vCPU kick is SIGRTMIN).
 fn stop_signal() -> libc::c_int {

@@ -142,25 +142,21 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// The demo layers, made with `uvm layer create`:
+/// The demo layers and the VM's tools, made with `uvm layer create`:
 /// - base: busybox and its applets, /etc/hello.txt and /etc/remove-me.txt;
 /// - app (on base): adds /etc/app.txt, changes /etc/hello.txt and deletes
 ///   /etc/remove-me.txt with an overlayfs whiteout;
-/// - test (on base): the vsock peer the integration tests run.
+/// - test (on base): the vsock peer the integration tests run;
+/// - `target/guest/tools.img`: busybox and its applets alone, the commands
+///   of `uvm console` in the utility VM itself (a pmem device read only
+///   when used: in the initrd they would cost every boot).
 fn demo_layers() -> Result<()> {
     apt_install(&["busybox-static", "e2fsprogs"])?;
     let dir = guest_dir()?.join("layers");
     let base = stage(&dir, "base")?;
-    for sub in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root",
-    ] {
+    busybox_tree(&base)?;
+    for sub in ["etc", "proc", "sys", "dev", "tmp", "root"] {
         std::fs::create_dir_all(base.join(sub))?;
-    }
-    std::fs::copy(BUSYBOX, base.join("bin/busybox"))?;
-    for applet in busybox_applets()? {
-        if applet != "bin/busybox" {
-            symlink(Path::new("/bin/busybox"), &base.join(&applet))?;
-        }
     }
     std::fs::write(base.join("etc/hello.txt"), "hello from the base layer\n")?;
     std::fs::write(
@@ -178,18 +174,41 @@ fn demo_layers() -> Result<()> {
     std::fs::create_dir_all(test.join("bin"))?;
     std::fs::copy(guest_bin("uvm-vsock-test"), test.join("bin/uvm-vsock-test"))?;
 
+    let tools = stage(&guest_dir()?, "tools")?;
+    busybox_tree(&tools)?;
+
     for name in ["base", "app", "test"] {
-        let image = dir.join(format!("{name}.img"));
-        run(cargo()
-            .args([
-                "run", "--quiet", "-p", "vmm", "--bin", "uvm", "--", "layer", "create",
-            ])
-            .arg("--from")
-            .arg(dir.join(format!("{name}.d")))
-            .arg("-o")
-            .arg(&image))?;
+        layer_image(
+            &dir.join(format!("{name}.d")),
+            &dir.join(format!("{name}.img")),
+        )?;
+    }
+    layer_image(&tools, &guest_dir()?.join("tools.img"))
+}
+
+/// busybox as /bin/busybox, with a link for each applet where it installs it.
+fn busybox_tree(root: &Path) -> Result<()> {
+    for sub in ["bin", "sbin", "usr/bin", "usr/sbin"] {
+        std::fs::create_dir_all(root.join(sub))?;
+    }
+    std::fs::copy(BUSYBOX, root.join("bin/busybox"))?;
+    for applet in busybox_applets()? {
+        if applet != "bin/busybox" {
+            symlink(Path::new("/bin/busybox"), &root.join(&applet))?;
+        }
     }
     Ok(())
+}
+
+fn layer_image(from: &Path, image: &Path) -> Result<()> {
+    run(cargo()
+        .args([
+            "run", "--quiet", "-p", "vmm", "--bin", "uvm", "--", "layer", "create",
+        ])
+        .arg("--from")
+        .arg(from)
+        .arg("-o")
+        .arg(image))
 }
 
 #[cfg(unix)]

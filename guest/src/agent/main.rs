@@ -5,6 +5,8 @@
 mod process;
 #[cfg(target_os = "linux")]
 mod root;
+#[cfg(target_os = "linux")]
+mod supervisor;
 
 #[cfg(target_os = "linux")]
 use std::ffi::CStr;
@@ -41,18 +43,14 @@ fn start() -> io::Result<()> {
     writeln!(io::stdout(), "uvm-agent: ready")?;
     let cmdline = std::fs::read_to_string("/proc/cmdline")?;
     if let Some(run) = protocol::from_cmdline(&cmdline)? {
-        return process::run_standalone(&run);
+        return supervisor::run_standalone(&run);
     }
     let mut control = vsock::connect(CONTROL_PORT)?;
     // The host closes the control stream when it has nothing to run.
     let Some(frame) = protocol::receive(&mut control)? else {
         return Ok(());
     };
-    process::run(&frame.decode::<Run>()?, &mut control, frame.id)?;
-    // The host ends the VM once it has the exit status; should it close the
-    // stream instead, power off.
-    while protocol::receive(&mut control)?.is_some() {}
-    Ok(())
+    supervisor::serve(control, frame.decode::<Run>()?, frame.id)
 }
 
 #[cfg(target_os = "linux")]

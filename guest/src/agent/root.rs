@@ -3,7 +3,10 @@
 //! namespace of its own, the way a container runtime does.
 
 use std::ffi::{CStr, CString};
+use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -49,34 +52,62 @@ pub fn assemble(root: Root) -> io::Result<()> {
     Ok(())
 }
 
+/// Where the VM's tools are mounted; the VM's /bin, /sbin and /usr lead
+/// there.
+const TOOLS: &str = "/uvm-tools";
+
 /// Mounts layer `index` read-only at `target`: `/dev/pmem{index}`, with DAX
 /// if asked and without it (saying so) if the DAX mount fails, or the disk
 /// with the layer's serial.
 fn mount_layer(index: u32, target: &str, root: Root) -> io::Result<()> {
     let device = match root.layer_disks {
         true => disk(&disk_serial::layer(index))?,
-        false => {
-            let pmem = format!("/dev/pmem{index}");
-            wait_until(&pmem, || Path::new(&pmem).exists().then_some(()))?;
-            pmem
-        }
+        false => pmem(index)?,
     };
+    mount_read_only(device, target, root.dax && !root.layer_disks)
+        .map_err(|e| io::Error::new(e.kind(), format!("layer {index}: {e}")))
+}
+
+/// `/dev/pmem{index}`, once it is there.
+fn pmem(index: u32) -> io::Result<String> {
+    let pmem = format!("/dev/pmem{index}");
+    wait_until(&pmem, || Path::new(&pmem).exists().then_some(()))?;
+    Ok(pmem)
+}
+
+/// Mounts the ext4 image on `device` read-only at `target`, with DAX if
+/// asked and without it (saying so) if the DAX mount fails.
+fn mount_read_only(device: String, target: &str, dax: bool) -> io::Result<()> {
     let source = cstring(device)?;
     let target = cstring(target.to_string())?;
     let mount =
         |options: &CStr| mount_with(&source, &target, c"ext4", libc::MS_RDONLY, Some(options));
-    if root.dax && !root.layer_disks {
+    if dax {
         match mount(c"noload,dax=always") {
             Ok(()) => return Ok(()),
             Err(e) => {
                 let _ = writeln!(
                     io::stderr(),
-                    "uvm-agent: layer {index}: DAX mount failed ({e}), mounting without DAX"
+                    "uvm-agent: {target:?}: DAX mount failed ({e}), mounting without DAX"
                 );
             }
         }
     }
     mount(c"noload")
+}
+
+/// Mounts the VM's tools (pmem `index`) and links the VM's /bin, /sbin and
+/// /usr to theirs.
+pub fn mount_tools(index: u32) -> io::Result<()> {
+    std::fs::create_dir_all(TOOLS)?;
+    mount_read_only(pmem(index)?, TOOLS, true)?;
+    for dir in ["bin", "sbin", "usr"] {
+        match std::os::unix::fs::symlink(format!("{TOOLS}/{dir}"), format!("/{dir}")) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The node of the virtio disk whose serial is `serial`, once it is there.
@@ -170,6 +201,74 @@ pub fn enter(tty: bool, cwd: &CStr) -> io::Result<()> {
         check(libc::sethostname(c"uvm".as_ptr(), 3))?;
         check(libc::chdir(cwd.as_ptr()))
     }
+}
+
+/// The running container, for processes that join it.
+pub struct Container {
+    /// Its main process.
+    pub pid: libc::pid_t,
+}
+
+/// The namespaces and root of a running container, open for a process
+/// about to join them.
+pub struct Joined {
+    namespaces: Vec<(OwnedFd, libc::c_int)>,
+    root: OwnedFd,
+}
+
+impl Container {
+    /// Opens its mount, UTS and IPC namespaces and its root (the PID
+    /// namespace is the agent's to enter, before it forks).
+    pub fn namespaces(&self) -> io::Result<Joined> {
+        let open = |what: &str, flags| -> io::Result<OwnedFd> {
+            let path = format!("/proc/{}/{what}", self.pid);
+            Ok(OwnedFd::from(
+                File::options().read(true).custom_flags(flags).open(path)?,
+            ))
+        };
+        let kinds = [
+            ("ns/mnt", libc::CLONE_NEWNS),
+            ("ns/uts", libc::CLONE_NEWUTS),
+            ("ns/ipc", libc::CLONE_NEWIPC),
+        ];
+        let namespaces = kinds
+            .into_iter()
+            .map(|(what, kind)| Ok((open(what, 0)?, kind)))
+            .collect::<io::Result<_>>()?;
+        Ok(Joined {
+            namespaces,
+            root: open("root", libc::O_DIRECTORY)?,
+        })
+    }
+
+    /// Its PID namespace, which the agent enters to fork into it.
+    pub fn pid_namespace(&self) -> io::Result<OwnedFd> {
+        Ok(File::open(format!("/proc/{}/ns/pid", self.pid))?.into())
+    }
+}
+
+impl Joined {
+    /// Run in the process between fork and exec: joins the namespaces and
+    /// the container's root, and goes to `cwd`.
+    pub fn enter(&self, cwd: &CStr) -> io::Result<()> {
+        for (fd, kind) in &self.namespaces {
+            // SAFETY: plain system call on a descriptor we own.
+            check(unsafe { libc::setns(fd.as_raw_fd(), *kind) })?;
+        }
+        // SAFETY: plain system calls on a descriptor we own and constant,
+        // NUL-terminated strings.
+        unsafe {
+            check(libc::fchdir(self.root.as_raw_fd()))?;
+            check(libc::chroot(c".".as_ptr()))?;
+            check(libc::chdir(cwd.as_ptr()))
+        }
+    }
+}
+
+/// Moves the agent's future children into the PID namespace `ns`.
+pub fn enter_pid_namespace(ns: &OwnedFd) -> io::Result<()> {
+    // SAFETY: plain system call on a descriptor we own.
+    check(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWPID) })
 }
 
 pub fn cstring(s: String) -> io::Result<CString> {

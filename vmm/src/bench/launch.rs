@@ -266,6 +266,7 @@ impl Launcher {
                 uds: None,
             },
             layers: self.vm.layers.clone(),
+            tools: None,
             scratch: None,
             process: None,
         }

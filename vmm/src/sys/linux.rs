@@ -14,11 +14,10 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use crate::agent::Stdio;
-use crate::agent::{Progress, Session};
+use crate::agent::{Agent, Session};
 use crate::console::Console;
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{self, Vm};
-use crate::lock;
 use crate::signals::{self, Forwarder};
 use crate::terminal::RawMode;
 use crate::vm::board::DeviceEnv;
@@ -166,6 +165,8 @@ pub struct AgentLink {
     hybrid: Option<HybridSocket>,
     signals: Option<signals::Blocked>,
     guest_cid: u64,
+    /// The process runs on a terminal: size changes go to it.
+    tty: bool,
 }
 
 impl AgentLink {
@@ -182,14 +183,15 @@ impl AgentLink {
             .as_deref()
             .map(HybridSocket::bind)
             .transpose()?;
-        let mut ports = HostPorts::new(config.vsock.uds.clone());
-        let session = Session::new(config.process.clone(), &mut ports);
+        let ports = HostPorts::new(config.vsock.uds.clone());
+        let session = Session::new(config.process.clone(), config.tools_device(), &ports);
         Ok(Self {
             session,
             ports: Some(ports),
             hybrid,
             signals,
             guest_cid: config.vsock.guest_cid,
+            tty: config.process.as_ref().is_some_and(|p| p.tty.is_some()),
         })
     }
 
@@ -210,13 +212,21 @@ impl AgentLink {
 
     /// Starts the session (and signal forwarding), recording them in `link`.
     pub fn start(self, stdio: Stdio, ending: &Arc<Ending>, link: &mut Link) -> Result<(), Error> {
-        link.progress = self.session.progress();
+        let agent = self.session.agent();
+        link.agent = Some(agent.clone());
         link.hybrid = self.hybrid;
         link.session = Some(self.session.start(stdio, ending)?);
         if let Some(signals) = self.signals {
-            let (progress, interrupted) = (link.progress.clone(), ending.clone());
+            let interrupted = ending.clone();
+            let tty = self.tty;
             let forward = move |signal| {
-                if !lock(&progress).forward_signal(signal) {
+                if signal == libc::SIGWINCH {
+                    if tty {
+                        agent.resize_main(terminal_size().unwrap_or_default());
+                    }
+                    return;
+                }
+                if !agent.signal_main(signal) {
                     interrupted.end(Exit::Interrupted { signal });
                 }
             };
@@ -231,7 +241,7 @@ impl AgentLink {
 pub struct Link {
     session: Option<Worker>,
     forwarder: Option<Forwarder>,
-    progress: Arc<Mutex<Progress>>,
+    agent: Option<Agent>,
     hybrid: Option<HybridSocket>,
 }
 
@@ -256,7 +266,16 @@ impl Link {
     }
 
     pub fn agent_connected(&self) -> Option<Instant> {
-        lock(&self.progress).agent_connected
+        self.agent.as_ref().and_then(Agent::agent_connected)
+    }
+
+    pub fn process_started(&self) -> bool {
+        self.agent.as_ref().is_some_and(Agent::main_started)
+    }
+
+    /// The agent, for requests beside the main process.
+    pub fn agent(&self) -> Option<&Agent> {
+        self.agent.as_ref()
     }
 
     /// How the VM ended, as the session already said.

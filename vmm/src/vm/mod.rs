@@ -57,10 +57,26 @@ pub struct VmConfig {
     pub vsock: VsockConfig,
     /// Read-only image layers, bottom first: one virtio-pmem device each.
     pub layers: Vec<PathBuf>,
+    /// The VM's own tools (an ext4 image of busybox and its commands) for
+    /// processes in the VM itself (`uvm console`): a pmem device after the
+    /// layers, mounted only when first used.
+    pub tools: Option<PathBuf>,
     /// The writable layer's image and the size to create it with.
     pub scratch: Option<(PathBuf, u64)>,
     /// The process to run; without one the VM ends once the agent is up.
     pub process: Option<ProcessSpec>,
+}
+
+impl VmConfig {
+    /// The tools' pmem device number in the guest: the one after the layers.
+    pub fn tools_device(&self) -> Option<u32> {
+        self.tools.as_ref().map(|_| self.layers.len() as u32)
+    }
+
+    /// Every read-only image the VM maps: the layers, then the tools.
+    fn images(&self) -> impl Iterator<Item = &PathBuf> {
+        self.layers.iter().chain(&self.tools)
+    }
 }
 
 /// The guest's vsock address unless told otherwise (the first one not
@@ -91,6 +107,11 @@ pub enum Error {
     Thread(std::io::Error),
     #[error("hybrid vsock socket {path}: {source}")]
     VsockSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    ControlSocket {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -232,8 +253,7 @@ where
         // First: it blocks the forwarded signals for every later thread.
         let mut link = AgentLink::new(config)?;
         let layers = config
-            .layers
-            .iter()
+            .images()
             .map(|path| Layer::open(path))
             .collect::<Result<Vec<_>, _>>()?;
         let scratch = config
@@ -391,6 +411,22 @@ impl<H: Hypervisor> Running<H> {
         }
     }
 
+    /// Waits until the container's process has started, or says how the VM
+    /// ended before it did.
+    pub fn wait_started(&self) -> Result<(), Exit> {
+        self.ending.wait_for(|| self.link.process_started())
+    }
+
+    /// Where the VM's parts report its end: a handle to end it from outside.
+    pub fn ending(&self) -> &Arc<Ending> {
+        &self.ending
+    }
+
+    /// The link to the guest agent.
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
     /// Host ranges (address, length) of the guest's memory: RAM and layers.
     pub fn guest_memory(&self) -> &[(u64, u64)] {
         &self.guest_memory
@@ -502,6 +538,7 @@ mod tests {
                 uds: None,
             },
             layers: vec!["a.img".into()],
+            tools: None,
             scratch: Some(("s.img".into(), 1 << 30)),
             process: None,
         }

@@ -43,6 +43,36 @@ impl Ending {
     pub fn get(&self) -> Option<Exit> {
         lock(&self.exit).clone()
     }
+
+    /// Waits at most `timeout` for the VM to end.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<Exit> {
+        let slot = lock(&self.exit);
+        let (slot, _) = self
+            .cond
+            .wait_timeout_while(slot, timeout, |exit| exit.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        slot.clone()
+    }
+
+    /// Waits until `reached` holds (re-checked after each [`Self::notify`])
+    /// or the VM ends, and says which.
+    pub fn wait_for(&self, reached: impl Fn() -> bool) -> Result<(), Exit> {
+        let slot = lock(&self.exit);
+        let slot = self
+            .cond
+            .wait_while(slot, |exit| exit.is_none() && !reached())
+            .unwrap_or_else(|p| p.into_inner());
+        match &*slot {
+            Some(exit) if !reached() => Err(exit.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Wakes [`Self::wait_for`]: what it waits for may have happened.
+    pub fn notify(&self) {
+        let _slot = lock(&self.exit);
+        self.cond.notify_all();
+    }
 }
 
 /// A running VM thread, joined by whoever holds this (at the latest when
@@ -101,6 +131,11 @@ impl Worker {
     }
 
     /// Waits for the thread to end; the owner has told it to stop.
+    /// Whether its thread has ended (joining it then does not wait).
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     pub fn join(self) {
         drop(self);
     }

@@ -9,16 +9,19 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 /// Longest handshake line we accept: `CONNECT 4294967295\n` and some slack.
 const MAX_HANDSHAKE: usize = 32;
+
+type Served = HashMap<u32, Sender<UnixStream>>;
 
 /// Host ports the guest may connect to.
 #[derive(Default)]
 pub struct HostPorts {
     /// Ports served inside the VMM: each guest connection arrives as the
     /// other end of a socket pair.
-    internal: HashMap<u32, Sender<UnixStream>>,
+    internal: Arc<Mutex<Served>>,
     /// Hybrid vsock: guest connections to port P go to `{uds}_{P}`.
     uds: Option<PathBuf>,
 }
@@ -26,21 +29,38 @@ pub struct HostPorts {
 impl HostPorts {
     pub fn new(uds: Option<PathBuf>) -> Self {
         Self {
-            internal: HashMap::new(),
+            internal: Arc::default(),
             uds,
         }
     }
 
     /// Serves `port` inside the VMM, for one connection; it takes precedence
     /// over the Unix socket.
-    pub fn serve(&mut self, port: u32, connection: Sender<UnixStream>) {
-        self.internal.insert(port, connection);
+    pub fn serve(&self, port: u32, connection: Sender<UnixStream>) {
+        self.ports().insert(port, connection);
+    }
+
+    /// Stops serving `port` if no connection took it.
+    pub fn unserve(&self, port: u32) {
+        self.ports().remove(&port);
+    }
+
+    /// A handle that serves more ports while the device runs; once the
+    /// device (which owns this) is gone, nothing is served, and every
+    /// served port's receiver sees its end.
+    pub fn handle(&self) -> PortsHandle {
+        PortsHandle(Arc::downgrade(&self.internal))
+    }
+
+    fn ports(&self) -> MutexGuard<'_, Served> {
+        lock(&self.internal)
     }
 
     /// A host stream for a guest connection to `port`. An internal port
     /// takes one connection: a guest cannot pile up sockets for it.
     pub fn connect(&mut self, port: u32) -> io::Result<UnixStream> {
-        if let Some(accept) = self.internal.remove(&port) {
+        let served = self.ports().remove(&port);
+        if let Some(accept) = served {
             let (ours, theirs) = UnixStream::pair()?;
             accept
                 .send(theirs)
@@ -54,6 +74,31 @@ impl HostPorts {
                 connect_nonblocking(Path::new(&target))
             }
             None => Err(io::ErrorKind::ConnectionRefused.into()),
+        }
+    }
+}
+
+fn lock(served: &Mutex<Served>) -> MutexGuard<'_, Served> {
+    served.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Serves ports of a running device's [`HostPorts`].
+#[derive(Clone, Default)]
+pub struct PortsHandle(Weak<Mutex<Served>>);
+
+impl PortsHandle {
+    /// Serves `port` for one connection; false once the device is gone.
+    pub fn serve(&self, port: u32, connection: Sender<UnixStream>) -> bool {
+        let Some(served) = self.0.upgrade() else {
+            return false;
+        };
+        lock(&served).insert(port, connection);
+        true
+    }
+
+    pub fn unserve(&self, port: u32) {
+        if let Some(served) = self.0.upgrade() {
+            lock(&served).remove(&port);
         }
     }
 }

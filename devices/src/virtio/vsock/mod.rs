@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{
     drain_queue, ActivateError, GuestMemory, IrqStatus, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
 };
-pub use host::HostPorts;
+pub use host::{HostPorts, PortsHandle};
 pub use muxer::{HOST_CID, MAX_CONNECTIONS};
 
 pub const DEVICE_ID: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;

@@ -108,7 +108,7 @@ impl Guest {
         ));
         let (rx, tx, events) = (Ring::new(0), Ring::new(0x2_0000), Ring::new(0x4_0000));
         let (served_tx, served) = mpsc::channel();
-        let mut ports = HostPorts::new(None);
+        let ports = HostPorts::new(None);
         for port in MANY_PORTS.chain([SERVED_PORT]) {
             ports.serve(port, served_tx.clone());
         }

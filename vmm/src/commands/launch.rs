@@ -1,0 +1,233 @@
+//! How `uvm run` keeps its VM visible to other commands: a state directory
+//! with the VM's record and control socket, in the foreground (removed at
+//! the end) or in the background, where a second uvm process, detached
+//! from the terminal, becomes the VM's VMM and owns it from then on.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::Stdio as ChildStdio;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use vmm::state::control::Server;
+use vmm::state::log::LogWriter;
+use vmm::state::{Config, Instance, Root};
+use vmm::sys::{self, Stdio};
+use vmm::vm::{Report, UtilityVm, VmConfig};
+
+/// Set for the background uvm: `ID,LOCK_FD,READY_FD`.
+const DETACHED: &str = "UVM_DETACHED_VMM";
+/// What the background uvm writes on its ready descriptor once the
+/// container's process runs.
+const STARTED: &[u8] = b"started\n";
+
+/// How this `uvm run` runs its VM.
+pub struct Launch {
+    root: PathBuf,
+    name: Option<String>,
+    detach: bool,
+    /// This process is the background VMM that a `run -d` started.
+    vmm: Option<(String, RawFd, RawFd)>,
+}
+
+impl Launch {
+    pub fn new(root: Option<PathBuf>, name: Option<String>, detach: bool) -> anyhow::Result<Self> {
+        let vmm = match std::env::var(DETACHED) {
+            Ok(value) => {
+                std::env::remove_var(DETACHED);
+                Some(parse_detached(&value).with_context(|| format!("{DETACHED}={value}"))?)
+            }
+            Err(_) => None,
+        };
+        Ok(Self {
+            root: root.unwrap_or_else(Root::default_dir),
+            name,
+            detach,
+            vmm,
+        })
+    }
+
+    /// Runs the VM of `config`; `finish` turns its report into uvm's exit
+    /// status (and says what went wrong).
+    pub fn run(
+        self,
+        config: &VmConfig,
+        start: Instant,
+        finish: impl FnOnce(&Report) -> anyhow::Result<i32>,
+    ) -> anyhow::Result<i32> {
+        let root = Root::open(&self.root)?;
+        if let Some((id, lock, ready)) = &self.vmm {
+            return background_vmm(&root, id, *lock, *ready, config, start, finish);
+        }
+        let summary = summary(config);
+        let instance = root.create(self.name.as_deref(), summary, self.detach)?;
+        if self.detach {
+            return detach(instance);
+        }
+        let mut instance = instance;
+        let stdio = Stdio::inherit().context("the process's stdio")?;
+        let report = serve(&mut instance, config, start, stdio, || {});
+        let removed = instance.remove();
+        let code = finish(&report?);
+        removed?;
+        code
+    }
+}
+
+fn parse_detached(value: &str) -> anyhow::Result<(String, RawFd, RawFd)> {
+    let mut parts = value.split(',');
+    let (Some(id), Some(lock), Some(ready), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        bail!("expected ID,LOCK_FD,READY_FD");
+    };
+    Ok((id.to_string(), lock.parse()?, ready.parse()?))
+}
+
+/// What the record says the VM runs.
+fn summary(config: &VmConfig) -> Config {
+    let scratch = config.scratch.as_ref().map(|(path, _)| path.clone());
+    Config {
+        command: config
+            .process
+            .as_ref()
+            .map(|p| p.argv.clone())
+            .unwrap_or_default(),
+        kernel: config.kernel.clone(),
+        initrd: config.initrd.clone(),
+        cpus: config.cpus,
+        memory_mib: config.memory_mib,
+        layers: config.layers.clone(),
+        scratch_created: scratch.as_ref().is_some_and(|path| !path.exists()),
+        scratch,
+        tty: config.process.as_ref().is_some_and(|p| p.tty.is_some()),
+    }
+}
+
+/// Runs the VM with its control socket served, recording when the
+/// container's process runs (and calling `started` then).
+fn serve(
+    instance: &mut Instance,
+    config: &VmConfig,
+    start: Instant,
+    stdio: Stdio,
+    started: impl FnOnce(),
+) -> anyhow::Result<Report> {
+    let running = UtilityVm::build(|| sys::open_hypervisor(config), config, start)?.start(stdio)?;
+    let server = match running.link().agent() {
+        Some(agent) => Some(Server::start(
+            &instance.socket(),
+            agent.clone(),
+            running.ending(),
+        )?),
+        None => None,
+    };
+    if running.wait_started().is_ok() {
+        instance.update(|record| record.set_running())?;
+        started();
+    }
+    running.wait();
+    let report = running.shutdown();
+    if let Some(server) = server {
+        server.stop();
+    }
+    Ok(report)
+}
+
+/// `run -d`: starts this same command again as the VM's VMM, in a session
+/// of its own, and returns once that says the container's process runs
+/// (printing the ID) or has ended (with its errors and exit status).
+fn detach(instance: Instance) -> anyhow::Result<i32> {
+    let vmm_log = File::create(instance.vmm_log())
+        .with_context(|| format!("{}", instance.vmm_log().display()))?;
+    let (mut ready, ready_writer) = pipe()?;
+    let (lock, writer) = (instance.lock_fd(), ready_writer.as_raw_fd());
+    let id = instance.record().id.clone();
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .args(std::env::args_os().skip(1))
+        .env(DETACHED, format!("{id},{lock},{writer}"))
+        .stdin(ChildStdio::null())
+        .stdout(ChildStdio::null())
+        .stderr(vmm_log);
+    // SAFETY: between fork and exec only async-signal-safe calls run
+    // (setsid, fcntl), on the child alone.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in [lock, writer] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut vmm = command.spawn().context("starting the background uvm")?;
+    drop(ready_writer);
+    let mut said = Vec::new();
+    ready.read_to_end(&mut said)?;
+    if said == STARTED {
+        println!("{id}");
+        return Ok(0);
+    }
+    let status = vmm.wait()?;
+    let log = std::fs::read_to_string(instance.vmm_log()).unwrap_or_default();
+    eprint!("{log}");
+    instance.remove()?;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// The uvm that `run -d` started: the VM's VMM, its output in the log.
+fn background_vmm(
+    root: &Root,
+    id: &str,
+    lock: RawFd,
+    ready: RawFd,
+    config: &VmConfig,
+    start: Instant,
+    finish: impl FnOnce(&Report) -> anyhow::Result<i32>,
+) -> anyhow::Result<i32> {
+    // SAFETY: the parent uvm made this pipe's write end for us alone.
+    let mut ready = File::from(unsafe { OwnedFd::from_raw_fd(ready) });
+    let mut instance = root.adopt(id, lock)?;
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(instance.log())
+        .with_context(|| format!("{}", instance.log().display()))?;
+    let (stdout, stderr) = LogWriter::pair(log);
+    let stdio = Stdio {
+        stdin: File::open("/dev/null")?.into(),
+        stdout: Box::new(stdout),
+        stderr: Box::new(stderr),
+    };
+    let report = serve(&mut instance, config, start, stdio, move || {
+        let _ = ready.write_all(STARTED);
+    })?;
+    let code = finish(&report);
+    let (status, error) = match &code {
+        Ok(code) => (*code, None),
+        Err(e) => (1, Some(format!("{e:#}"))),
+    };
+    instance.update(|record| record.set_exited(status, error))?;
+    code
+}
+
+fn pipe() -> anyhow::Result<(File, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is valid storage for two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe");
+    }
+    // SAFETY: pipe2 made two new descriptors that nothing else owns.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((File::from(read), write))
+}

@@ -1,0 +1,373 @@
+//! The control socket of a running VM, served by its VMM process: other
+//! uvm commands ask it to exec a process, signal the container, or stop
+//! it. Messages are JSON lines; an exec's stdio streams to the guest pass
+//! to the asking command as descriptors (SCM_RIGHTS), so its output goes
+//! from the vsock device to that command without another copy here.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use guest::protocol::{Exited, TtySize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::agent::{Agent, ExecError, ExecSpec, Execution};
+use crate::vm::threads::{Ending, Worker};
+use crate::vm::{Error, Exit};
+
+/// Longest message: more than any request needs.
+const MAX_MESSAGE: usize = 1 << 20;
+/// Descriptors a message may carry.
+const MAX_FDS: usize = 4;
+/// Clients served at once.
+const MAX_CLIENTS: usize = 64;
+/// A client says what it wants within this, or is dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// After SIGKILL, how long the guest gets to report before the VM is
+/// ended from outside.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Commands → VMM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// A process beside the container's.
+    Exec(ExecRequest),
+    /// For the running exec: a signal, a new terminal size.
+    Signal(i32),
+    Resize(TtySize),
+    /// A signal for the container's main process.
+    Kill(i32),
+    /// SIGTERM for the main process, SIGKILL after `timeout_secs`, and the
+    /// VM ends.
+    Stop {
+        timeout_secs: u64,
+    },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: Option<String>,
+    pub tty: Option<TtySize>,
+    /// In the utility VM itself, outside the container (`uvm console`).
+    pub in_vm: bool,
+}
+
+/// VMM → commands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok,
+    Error(String),
+    /// The exec runs; its stdin, stdout (and stderr without a tty) follow
+    /// as descriptors.
+    Started {
+        pid: i32,
+    },
+    /// It could not start: the shell's status for that.
+    Failed {
+        message: String,
+        exit_code: i32,
+    },
+    Exited(Exited),
+}
+
+/// One end of a control connection.
+pub struct Channel {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Channel {
+    fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            buf: Vec::new(),
+            fds: VecDeque::new(),
+        }
+    }
+
+    /// Connects to the VM whose socket is `path`.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        UnixStream::connect(path).map(Self::new)
+    }
+
+    /// Sends `message` with `fds`.
+    pub fn send<T: Serialize>(&self, message: &T, fds: &[RawFd]) -> io::Result<()> {
+        let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let sent = self
+            .stream
+            .send_with_fds(&[&line[..]], fds)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        // The rest (rare: a full socket buffer) goes without descriptors.
+        (&self.stream).write_all(&line[sent..])
+    }
+
+    /// The next message, or `None` at the end of the stream.
+    pub fn recv<T: DeserializeOwned>(&mut self) -> io::Result<Option<T>> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                return serde_json::from_slice(&line)
+                    .map(Some)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            if self.buf.len() > MAX_MESSAGE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "message too long",
+                ));
+            }
+            if self.fill()? == 0 {
+                return match self.buf.is_empty() {
+                    true => Ok(None),
+                    false => Err(io::ErrorKind::UnexpectedEof.into()),
+                };
+            }
+        }
+    }
+
+    /// Reads what is there, keeping the descriptors that came with it.
+    fn fill(&mut self) -> io::Result<usize> {
+        let mut chunk = [0u8; 4096];
+        let mut fds = [-1; MAX_FDS];
+        let mut iov = [libc::iovec {
+            iov_base: chunk.as_mut_ptr().cast(),
+            iov_len: chunk.len(),
+        }];
+        // SAFETY: the iovec points at `chunk`, valid for writes of its length.
+        let (n, nfds) = unsafe { self.stream.recv_with_fds(&mut iov, &mut fds) }
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        for &fd in &fds[..nfds] {
+            // SAFETY: recvmsg made these descriptors for us alone.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: plain fcntl on a descriptor we own.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+            if self.fds.len() < MAX_FDS {
+                self.fds.push_back(fd);
+            }
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// The `n` descriptors the last message said it carries.
+    pub fn take_fds(&mut self, n: usize) -> io::Result<Vec<OwnedFd>> {
+        if self.fds.len() < n {
+            let e = format!("expected {n} descriptors, got {}", self.fds.len());
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        Ok(self.fds.drain(..n).collect())
+    }
+
+    /// Another handle on the connection, for a second thread.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        self.stream.try_clone().map(Self::new)
+    }
+
+    /// Ends the connection both ways, for every handle on it.
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(timeout)
+    }
+}
+
+/// The VMM's control socket while its VM runs.
+pub struct Server {
+    stop: EventFd,
+    worker: Worker,
+}
+
+impl Server {
+    /// Serves `path` for the VM that `agent` and `ending` belong to.
+    pub fn start(path: &Path, agent: Agent, ending: &Arc<Ending>) -> Result<Self, Error> {
+        let listener = UnixListener::bind(path).map_err(|source| Error::ControlSocket {
+            path: path.to_owned(),
+            source,
+        })?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::Devices)?;
+        let stopped = stop.try_clone().map_err(Error::Devices)?;
+        let vm = ending.clone();
+        let worker = Worker::spawn("control", ending, move || {
+            accept_clients(&listener, &stopped, &agent, &vm);
+            None
+        })?;
+        Ok(Self { stop, worker })
+    }
+
+    /// Stops taking clients and joins those still served: call it once the
+    /// VM has shut down, which ends every exec.
+    pub fn stop(self) {
+        if let Err(e) = self.stop.write(1) {
+            tracing::error!("stopping the control socket: {e}");
+            return self.worker.detach();
+        }
+        self.worker.join();
+    }
+}
+
+fn accept_clients(listener: &UnixListener, stop: &EventFd, agent: &Agent, vm: &Arc<Ending>) {
+    let mut clients: Vec<Worker> = Vec::new();
+    loop {
+        let mut fds = [poll_in(listener.as_raw_fd()), poll_in(stop.as_raw_fd())];
+        // SAFETY: `fds` is a valid array of two pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if n < 0 || fds[1].revents != 0 {
+            break;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
+        // Joins those done already; the others keep their place.
+        let (done, running): (Vec<Worker>, Vec<Worker>) =
+            clients.into_iter().partition(Worker::is_finished);
+        done.into_iter().for_each(Worker::join);
+        clients = running;
+        let channel = Channel::new(stream);
+        if clients.len() >= MAX_CLIENTS {
+            let busy = format!("{MAX_CLIENTS} commands are served already");
+            let _ = channel.send(&Reply::Error(busy), &[]);
+            continue;
+        }
+        let (agent, ending) = (agent.clone(), vm.clone());
+        match Worker::spawn("control-client", vm, move || {
+            serve_client(channel, &agent, &ending);
+            None
+        }) {
+            Ok(worker) => clients.push(worker),
+            Err(e) => tracing::error!("control socket: {e}"),
+        }
+    }
+    clients.into_iter().for_each(Worker::join);
+}
+
+fn serve_client(mut channel: Channel, agent: &Agent, vm: &Arc<Ending>) {
+    let request = channel
+        .set_read_timeout(Some(REQUEST_TIMEOUT))
+        .and_then(|()| channel.recv::<Request>())
+        .and_then(|r| r.ok_or_else(|| io::ErrorKind::UnexpectedEof.into()));
+    let reply = match request {
+        Ok(Request::Exec(exec)) => return serve_exec(channel, exec, agent, vm),
+        Ok(Request::Kill(signal)) => match agent.signal_main(signal) {
+            true => Reply::Ok,
+            false => Reply::Error("the container is not running".into()),
+        },
+        Ok(Request::Stop { timeout_secs }) => {
+            let _ = channel.send(&Reply::Ok, &[]);
+            return stop(agent, vm, Duration::from_secs(timeout_secs));
+        }
+        Ok(other) => Reply::Error(format!("{other:?} needs an exec first")),
+        Err(e) => Reply::Error(format!("bad request: {e}")),
+    };
+    let _ = channel.send(&reply, &[]);
+}
+
+/// `docker stop`: SIGTERM, SIGKILL after `timeout`, and if the guest still
+/// does not end, the VM is ended from here.
+fn stop(agent: &Agent, vm: &Ending, timeout: Duration) {
+    if !agent.signal_main(libc::SIGTERM) {
+        return vm.end(Exit::Stopped);
+    }
+    if vm.wait_timeout(timeout).is_some() {
+        return;
+    }
+    agent.signal_main(libc::SIGKILL);
+    if vm.wait_timeout(KILL_GRACE).is_none() {
+        vm.end(Exit::Stopped);
+    }
+}
+
+fn serve_exec(channel: Channel, request: ExecRequest, agent: &Agent, vm: &Arc<Ending>) {
+    let spec = ExecSpec {
+        argv: request.argv,
+        env: request.env,
+        cwd: request.cwd,
+        tty: request.tty,
+        in_vm: request.in_vm,
+    };
+    let (execution, streams) = match agent.exec(spec) {
+        Ok(started) => started,
+        Err(ExecError::Failed(failed)) => {
+            let reply = Reply::Failed {
+                message: failed.message,
+                exit_code: failed.exit_code,
+            };
+            return drop(channel.send(&reply, &[]));
+        }
+        Err(e) => return drop(channel.send(&Reply::Error(e.to_string()), &[])),
+    };
+    let fds: Vec<RawFd> = streams.iter().map(AsRawFd::as_raw_fd).collect();
+    if channel
+        .send(&Reply::Started { pid: execution.pid }, &fds)
+        .is_err()
+    {
+        return drop(execution.signal(libc::SIGKILL));
+    }
+    drop(streams); // the command has them now
+    let execution = Arc::new(execution);
+    let ended = Arc::new(AtomicBool::new(false));
+    let relay = channel.try_clone().and_then(|from| {
+        let (execution, ended) = (execution.clone(), ended.clone());
+        Worker::spawn("control-exec", vm, move || {
+            relay_requests(from, &execution, &ended);
+            None
+        })
+        .map_err(|e| io::Error::other(e.to_string()))
+    });
+    let reply = match execution.wait() {
+        Ok(exited) => Reply::Exited(exited),
+        Err(e) => Reply::Error(e.to_string()),
+    };
+    ended.store(true, Ordering::SeqCst);
+    let _ = channel.send(&reply, &[]);
+    channel.shutdown();
+    if let Ok(relay) = relay {
+        relay.join();
+    }
+}
+
+/// The command's signals and terminal sizes, to the exec'd process. A
+/// command that goes away takes its process with it: nobody could see its
+/// output or its end.
+fn relay_requests(mut from: Channel, execution: &Execution, ended: &AtomicBool) {
+    let _ = from.set_read_timeout(None);
+    while let Ok(Some(request)) = from.recv::<Request>() {
+        let sent = match request {
+            Request::Signal(signal) => execution.signal(signal),
+            Request::Resize(size) => execution.resize(size),
+            _ => Ok(()),
+        };
+        if let Err(e) = sent {
+            tracing::debug!("exec request: {e}");
+        }
+    }
+    if !ended.load(Ordering::SeqCst) {
+        let _ = execution.signal(libc::SIGKILL);
+    }
+}
+
+fn poll_in(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
