@@ -43,7 +43,15 @@ pub fn inspect(root: &Root, args: &VmsArgs) -> anyhow::Result<i32> {
     for key in &args.vms {
         let entry = root.find(key)?;
         let mut value = serde_json::to_value(&entry.record)?;
-        value["status"] = json!(entry.status().word());
+        let status = entry.status();
+        if status == Status::Dead {
+            let why = format!(
+                "its VMM process ({}) ended without recording how the VM did (killed, or the host went down)",
+                entry.record.pid
+            );
+            value["error"] = json!(why);
+        }
+        value["status"] = json!(status.word());
         value["state_dir"] = json!(entry.dir);
         list.push(value);
     }

@@ -159,7 +159,10 @@ impl Root {
         // SAFETY: plain fcntl on a descriptor we own: keep it from children.
         unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         let record = read_record(&dir)?;
-        Ok(Instance { dir, record, lock })
+        let mut instance = Instance { dir, record, lock };
+        // The VM's VMM is this process now, not the command that made it.
+        instance.update(|record| record.pid = std::process::id())?;
+        Ok(instance)
     }
 
     /// Every VM under the root, oldest first.

@@ -74,12 +74,14 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Places a vsock device (if `vsock`), one pmem device for each layer of
-    /// `layer_lens` bytes (already aligned), and a scratch disk (if
-    /// `scratch`), for a guest with `ram_size` bytes of RAM.
+    /// Places a vsock device (if `vsock`), one pmem device for each image
+    /// of `layer_lens` bytes (already aligned; with `tools`, the last is the
+    /// VM's tools), and a scratch disk (if `scratch`), for a guest with
+    /// `ram_size` bytes of RAM.
     pub fn new(
         vsock: bool,
         layer_lens: &[u64],
+        tools: bool,
         scratch: bool,
         ram_size: u64,
     ) -> Result<Self, Error> {
@@ -91,11 +93,12 @@ impl Layout {
             .collect();
         let limit = LAST_GSI - FIRST_GSI + 1;
         if devices.len() > limit as usize {
+            let others = usize::from(vsock) + usize::from(tools) + usize::from(scratch);
             return Err(Error::OutOfLines {
                 devices: devices.len(),
-                what: describe(vsock, layer_lens.len(), scratch),
+                what: describe(vsock, layer_lens.len() - usize::from(tools), tools, scratch),
                 limit,
-                max_layers: limit as usize - usize::from(vsock) - usize::from(scratch),
+                max_layers: limit as usize - others,
             });
         }
         let mut lines = IdAllocator::new(FIRST_GSI, LAST_GSI).expect("a valid GSI range");
@@ -131,13 +134,14 @@ impl Layout {
     }
 }
 
-/// "vsock, 20 layers, scratch"
-fn describe(vsock: bool, layers: usize, scratch: bool) -> String {
+/// "vsock, 20 layers, tools, scratch"
+fn describe(vsock: bool, layers: usize, tools: bool, scratch: bool) -> String {
     let layers = format!("{layers} layer{}", if layers == 1 { "" } else { "s" });
     let parts = [vsock.then_some("vsock".to_string()), Some(layers)];
-    let parts = parts
-        .into_iter()
-        .chain([scratch.then_some("scratch".to_string())]);
+    let parts = parts.into_iter().chain([
+        tools.then_some("tools".to_string()),
+        scratch.then_some("scratch".to_string()),
+    ]);
     parts.flatten().collect::<Vec<_>>().join(", ")
 }
 
@@ -167,7 +171,7 @@ mod tests {
 
     #[test]
     fn slots_windows_lines_and_the_command_line_agree() {
-        let layout = Layout::new(true, &[MIB2, 3 * MIB2], true, 128 << 20).unwrap();
+        let layout = Layout::new(true, &[MIB2, 3 * MIB2], false, true, 128 << 20).unwrap();
         let devices: Vec<Device> = layout.slots.iter().map(|s| s.device).collect();
         assert_eq!(
             devices,
@@ -211,26 +215,33 @@ mod tests {
     #[test]
     fn every_line_of_the_interrupt_controller_can_be_used_and_no_more() {
         // 19 lines (GSIs 5-23): vsock, 17 layers and a scratch disk fit.
-        let layout = Layout::new(true, &[MIB2; 17], true, 128 << 20).unwrap();
+        let layout = Layout::new(true, &[MIB2; 17], false, true, 128 << 20).unwrap();
         assert_eq!(layout.slots.last().unwrap().gsi, LAST_GSI);
         assert_eq!(layout.slots.last().unwrap().mmio_base, 0xd001_2000);
-        let err = Layout::new(true, &[MIB2; 20], false, 128 << 20).unwrap_err();
+        let err = Layout::new(true, &[MIB2; 20], false, false, 128 << 20).unwrap_err();
         assert_eq!(
             err.to_string(),
             "too many devices: 21 virtio devices (vsock, 20 layers) but the interrupt \
              controller has lines for 19 (GSIs 5-23); at most 18 layers fit with this set-up"
         );
-        let err = Layout::new(true, &[MIB2; 18], true, 128 << 20).unwrap_err();
+        let err = Layout::new(true, &[MIB2; 18], false, true, 128 << 20).unwrap_err();
         assert!(
             err.to_string().contains("(vsock, 18 layers, scratch)"),
             "{err}"
         );
         assert!(err.to_string().contains("at most 17 layers"), "{err}");
+        let err = Layout::new(true, &[MIB2; 18], true, true, 128 << 20).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(vsock, 17 layers, tools, scratch)"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("at most 16 layers"), "{err}");
     }
 
     #[test]
     fn layers_start_above_high_ram() {
-        let layout = Layout::new(false, &[MIB2], false, 4 << 30).unwrap();
+        let layout = Layout::new(false, &[MIB2], false, false, 4 << 30).unwrap();
         assert_eq!(layout.layers[0].start, memory::device_memory_start(4 << 30));
         assert_eq!(
             layout.slots[0].gsi, FIRST_GSI,

@@ -263,7 +263,8 @@ where
             .transpose()?;
         let ram_size = config.memory_mib << 20;
         let lens: Vec<u64> = layers.iter().map(Layer::mapped_len).collect();
-        let layout = Layout::new(sys::HAS_VSOCK, &lens, scratch.is_some(), ram_size)?;
+        let tools = config.tools.is_some();
+        let layout = Layout::new(sys::HAS_VSOCK, &lens, tools, scratch.is_some(), ram_size)?;
 
         let mem = memory::create(ram_size).map_err(|source| Error::Memory {
             mib: config.memory_mib,
@@ -546,7 +547,7 @@ mod tests {
 
     #[test]
     fn cmdline_adds_pvm_flags_only_on_pvm_hosts() {
-        let layout = Layout::new(true, &[2 << 20], true, 128 << 20).unwrap();
+        let layout = Layout::new(true, &[2 << 20], false, true, 128 << 20).unwrap();
         let config = config(false, HostKind::Hardware);
         let link = AgentLink::new(&config).unwrap();
         let hw = cmdline(&config, &layout, &link);
