@@ -329,7 +329,7 @@ fn unknown_ambiguous_and_badly_named_vms_are_clear_errors() {
         &["run", "-d", "--name", "a/b", "--", "true"],
     ));
     assert_fails_naming(&out, "invalid name `a/b`");
-    let out = run(&mut uvm().args(["ps", "--root", "/dev/null/uvm"]));
+    let out = run(uvm().args(["ps", "--root", "/dev/null/uvm"]));
     assert_fails_naming(&out, "state directory /dev/null/uvm");
     std::fs::remove_dir_all(root.parent().unwrap()).unwrap();
 }
