@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,9 @@ const RUN_ID: u64 = 1;
 const PORTS_PER_REQUEST: u32 = 3;
 /// Execs at once; the agent has a bound of its own.
 const MAX_EXECS: usize = 32;
+/// Messages about one exec waiting to be read: a well-behaved agent sends
+/// two (started, exited); beyond this a guest's extra ones are dropped.
+const MAX_QUEUED: usize = 4;
 /// How long the agent may take to start an exec'd process (or say why
 /// not) and to connect its streams.
 const EXEC_PATIENCE: Duration = Duration::from_secs(60);
@@ -93,7 +96,7 @@ struct Shared {
     ports: PortsHandle,
     /// The session's routes for the agent's messages about each exec;
     /// `None` once the session has ended.
-    routes: Mutex<Option<HashMap<u64, Sender<Frame>>>>,
+    routes: Mutex<Option<HashMap<u64, SyncSender<Frame>>>>,
     next_id: AtomicU64,
     main_started: AtomicBool,
     agent_connected: Mutex<Option<Instant>>,
@@ -218,7 +221,7 @@ impl Agent {
         if routes.len() >= MAX_EXECS {
             return Err(ExecError::Session(format!("{MAX_EXECS} execs run already")));
         }
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(MAX_QUEUED);
         routes.insert(id, tx);
         Ok(rx)
     }
@@ -235,13 +238,25 @@ impl Agent {
     }
 
     /// Hands the agent's message to the request it is about; false for a
-    /// request nobody waits for.
+    /// request nobody waits for. Its end is the last message it gets.
     fn deliver(&self, frame: Frame) -> bool {
         let mut routes = crate::lock(&self.0.routes);
-        let Some(route) = routes.as_mut().and_then(|r| r.get(&frame.id)) else {
+        let Some(routes) = routes.as_mut() else {
             return false;
         };
-        route.send(frame).is_ok()
+        let (id, last) = (frame.id, matches!(frame.kind, Exited::KIND | Failed::KIND));
+        let delivered = match routes.get(&id).map(|route| route.try_send(frame)) {
+            Some(Ok(())) => true,
+            Some(Err(TrySendError::Full(_))) => {
+                tracing::debug!("request {id}: more messages than it can have");
+                true
+            }
+            Some(Err(TrySendError::Disconnected(_))) | None => false,
+        };
+        if last {
+            routes.remove(&id);
+        }
+        delivered
     }
 
     /// The session ended: nothing more comes for any request.
@@ -705,5 +720,99 @@ mod tests {
             ),
             other => panic!("expected a session failure, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn execs_get_their_own_ports_and_messages_and_end_with_the_session() {
+        let mut ports = HostPorts::new(None);
+        let main = ProcessSpec {
+            argv: vec!["/bin/sleep".into()],
+            ..ProcessSpec::default()
+        };
+        let session = Session::new(Some(main), Some(1), &ports);
+        let handle = session.agent();
+        let mut guest = ports.connect(CONTROL_PORT).unwrap();
+        let ending = Arc::new(Ending::default());
+        let stdio = Stdio {
+            stdin: std::fs::File::open("/dev/null").unwrap().into(),
+            stdout: Box::new(io::sink()),
+            stderr: Box::new(io::sink()),
+        };
+        let worker = session.start(stdio, &ending).unwrap();
+        // The guest's side of the main process: its request, stdio, start.
+        let run = protocol::receive(&mut guest).unwrap().unwrap();
+        assert_eq!(run.decode::<Run>().unwrap().tools, Some(1));
+        let main_stdio: Vec<_> = (1025..=1027).map(|p| ports.connect(p).unwrap()).collect();
+        let no_exec = handle.exec(ExecSpec::default());
+        assert!(
+            matches!(no_exec, Err(ExecError::Session(_))),
+            "before Started"
+        );
+        protocol::send(&mut guest, RUN_ID, &Started { pid: 1 }).unwrap();
+        ending.wait_for(|| handle.main_started()).unwrap();
+
+        let exec = std::thread::spawn(move || {
+            handle.exec(ExecSpec {
+                argv: vec!["/bin/echo".into()],
+                ..ExecSpec::default()
+            })
+        });
+        let request = protocol::receive(&mut guest).unwrap().unwrap();
+        assert_eq!(request.id, RUN_ID + 1);
+        let exec_request = request.decode::<Exec>().unwrap().process;
+        let ports_of_exec = [
+            exec_request.stdin_port,
+            exec_request.stdout_port,
+            exec_request.stderr_port.unwrap(),
+        ];
+        assert_eq!(ports_of_exec, [1028, 1029, 1030]);
+        let mut exec_stdio: Vec<_> = ports_of_exec
+            .iter()
+            .map(|&p| ports.connect(p).unwrap())
+            .collect();
+        // A message about a request nobody made is ignored.
+        protocol::send(&mut guest, 99, &Exited::Code(1)).unwrap();
+        protocol::send(&mut guest, request.id, &Started { pid: 42 }).unwrap();
+        let (execution, mut streams) = exec.join().unwrap().unwrap();
+        assert_eq!((execution.pid, streams.len()), (42, 3));
+        exec_stdio[1].write_all(b"out").unwrap();
+        let mut got = [0u8; 3];
+        streams[1].read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"out");
+        protocol::send(&mut guest, request.id, &Exited::Code(4)).unwrap();
+        assert_eq!(execution.wait().unwrap(), Exited::Code(4));
+
+        // The main process ends (its streams first): the session ends the
+        // VM with its outcome.
+        drop(main_stdio);
+        protocol::send(&mut guest, RUN_ID, &Exited::Code(0)).unwrap();
+        assert_eq!(
+            ending.wait(),
+            Exit::Process(Outcome::Exited(Exited::Code(0)))
+        );
+        drop((guest, exec_stdio, ports));
+        worker.join();
+        assert!(execution.signal(9).is_err(), "the session is gone");
+    }
+
+    #[test]
+    fn a_guest_cannot_queue_more_than_a_few_messages_for_an_exec() {
+        let agent = Agent::new(PortsHandle::default());
+        let rx = agent.route(5).unwrap();
+        let frame = |kind| Frame {
+            kind,
+            id: 5,
+            body: b"{}".to_vec(),
+        };
+        for _ in 0..1000 {
+            assert!(agent.deliver(frame(Started::KIND)));
+        }
+        assert_eq!(rx.try_iter().count(), MAX_QUEUED);
+        assert!(agent.deliver(frame(Exited::KIND)));
+        assert!(!agent.deliver(frame(Started::KIND)), "its end was the last");
+        assert!(!agent.deliver(Frame {
+            id: 6,
+            ..frame(Started::KIND)
+        }));
     }
 }

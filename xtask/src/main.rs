@@ -21,11 +21,13 @@ commands:
   demo     build what is missing, then run a container from the demo layers
   test     guest, then fmt, clippy, the Windows (WHP) type-check and the whole
            test suite (what CI runs)
-  bench [--nested]
+  bench [--nested] [--operate N]
            the standard comparison: `true`, 30 runs, uvm against QEMU microvm
            -> target/bench/{bench.json,bench.svg,table.txt}; with --nested on
            hardware KVM in the nested L1 -> target/bench/nested/; extra
-           arguments go to `uvm bench` (e.g. `cargo xtask bench --runs 5`)
+           arguments go to `uvm bench` (e.g. `cargo xtask bench --runs 5`);
+           --operate N: exec round trips, ps and memory with N running VMs
+           -> operate.txt
   nested [--memory MiB] [--cpus N] [--timeout SECS] [--silence SECS] [-- COMMAND ARGS...]
            boot an L1 VM with hardware KVM (QEMU's emulator with SVM, Debian's
            kernel with kvm_amd) and run COMMAND there, in this directory, with
@@ -392,25 +394,22 @@ fn bench(extra: &[String]) -> Result<()> {
         "target/bench"
     });
     std::fs::create_dir_all(&out)?;
-    let mut args: Vec<String> = [
-        "bench",
-        "--runs",
-        "30",
-        "--warmup",
-        "1",
-        "--against",
-        "qemu",
-    ]
-    .map(String::from)
-    .to_vec();
-    for (flag, file) in [("--json", "bench.json"), ("--plot", "bench.svg")] {
-        args.extend([
-            flag.to_string(),
-            out.join(file).to_string_lossy().into_owned(),
-        ]);
+    // `--operate N`: the cost of operating N running VMs, not boots.
+    let operate = extra.iter().any(|a| *a == "--operate");
+    let mut args: Vec<String> = ["bench", "--runs", "30", "--warmup", "1"]
+        .map(String::from)
+        .to_vec();
+    if !operate {
+        args.extend(["--against", "qemu"].map(String::from));
+        for (flag, file) in [("--json", "bench.json"), ("--plot", "bench.svg")] {
+            args.extend([
+                flag.to_string(),
+                out.join(file).to_string_lossy().into_owned(),
+            ]);
+        }
     }
     args.extend(extra.into_iter().cloned());
-    let table = out.join("table.txt");
+    let table = out.join(if operate { "operate.txt" } else { "table.txt" });
     if nested {
         return bench_nested(&uvm, &args, &out, &table);
     }

@@ -4,6 +4,7 @@
 //! interleaved run by run so that machine noise hits both alike.
 
 mod launch;
+mod operate;
 mod plot;
 mod report;
 
@@ -55,6 +56,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "P", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     parallel: u32,
+
+    /// Instead of boots: start N idle VMs in the background and time
+    /// `uvm exec -- COMMAND` on one of them (--runs times), `uvm ps` with all
+    /// N listed, and each idle VM's host memory.
+    #[arg(long, value_name = "N", conflicts_with_all = ["against", "parallel", "results", "baseline"],
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    operate: Option<u32>,
 
     /// Write every run and the summary as JSON.
     #[arg(long, value_name = "FILE")]
@@ -132,6 +140,9 @@ fn vm_flags(vm: &VmArgs) -> Vec<OsString> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(vms) = args.operate {
+        return operate::run(&args, &vm_with_defaults(&args.vm)?, vms, &command(&args));
+    }
     // Read before anything boots (and before --json may overwrite it).
     let baseline = args.baseline.as_deref().map(Results::load).transpose()?;
     let results = match &args.results {

@@ -69,6 +69,12 @@ pub fn wait(root: &Root, args: &VmsArgs) -> anyhow::Result<i32> {
     for key in &args.vms {
         let entry = root.find(key)?;
         entry.wait_ended()?;
+        if !entry.record.detached && !entry.dir.exists() {
+            bail!(
+                "utility VM {} ran in the foreground: its uvm run has exited with its status",
+                display_name(&entry)
+            );
+        }
         let record = entry.reread()?;
         match record.status(false) {
             Status::Exited(code) => {

@@ -371,3 +371,59 @@ fn poll_in(fd: RawFd) -> libc::pollfd {
         revents: 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    #[test]
+    fn messages_carry_descriptors_across() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (sender, mut receiver) = (Channel::new(a), Channel::new(b));
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        sender
+            .send(&Reply::Started { pid: 7 }, &[theirs.as_raw_fd()])
+            .unwrap();
+        sender.send(&Reply::Exited(Exited::Code(3)), &[]).unwrap();
+        drop(theirs);
+        assert_eq!(
+            receiver.recv::<Reply>().unwrap(),
+            Some(Reply::Started { pid: 7 })
+        );
+        let mut passed = UnixStream::from(receiver.take_fds(1).unwrap().remove(0));
+        passed.write_all(b"hi").unwrap();
+        let mut got = [0u8; 2];
+        ours.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        assert!(receiver.take_fds(1).is_err(), "one descriptor came");
+        assert_eq!(
+            receiver.recv::<Reply>().unwrap(),
+            Some(Reply::Exited(Exited::Code(3)))
+        );
+        drop(sender);
+        assert_eq!(receiver.recv::<Reply>().unwrap(), None);
+    }
+
+    #[test]
+    fn a_garbled_or_endless_message_is_an_error() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut receiver = Channel::new(b);
+        a.write_all(b"{\"kill\": 9}\nnot json\n").unwrap();
+        assert_eq!(receiver.recv::<Request>().unwrap(), Some(Request::Kill(9)));
+        assert!(receiver.recv::<Request>().is_err());
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..(MAX_MESSAGE / chunk.len() + 2) {
+                if a.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let err = receiver.recv::<Request>().unwrap_err();
+        assert!(err.to_string().contains("too long"), "{err}");
+        drop(receiver);
+        writer.join().unwrap();
+    }
+}

@@ -71,6 +71,7 @@ pub struct Entry {
 
 /// The state a VMM process holds for its VM while it runs. Its lock says
 /// the VM is alive.
+#[derive(Debug)]
 pub struct Instance {
     dir: PathBuf,
     record: Record,
@@ -393,5 +394,79 @@ fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(name: &str) -> (PathBuf, Root) {
+        let dir = std::env::temp_dir().join(format!("uvm-state-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = Root::open(&dir).unwrap();
+        (dir, root)
+    }
+
+    #[test]
+    fn a_vm_is_alive_while_its_instance_holds_the_lock() {
+        let (dir, root) = root("alive");
+        let instance = root.create(Some("web"), Config::default(), false).unwrap();
+        let id = instance.record().id.clone();
+        assert_eq!(id.len(), 2 * ID_BYTES);
+        let entry = root.find("web").unwrap();
+        assert!(entry.alive && !entry.ended());
+        assert_eq!(entry.status(), Status::Created);
+        // Nothing recorded an end: without its VMM the VM is dead.
+        drop(instance);
+        let entry = root.find(&id[..5]).unwrap();
+        assert_eq!((entry.alive, entry.status()), (false, Status::Dead));
+        entry.wait_ended().unwrap(); // does not wait for a dead VM
+        root.remove(&entry).unwrap();
+        assert!(root.list().unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn names_are_unique_and_keys_must_be_unambiguous() {
+        let (dir, root) = root("names");
+        let first = root.create(Some("web"), Config::default(), true).unwrap();
+        let taken = root.create(Some("web"), Config::default(), true);
+        assert!(matches!(taken, Err(Error::NameTaken(..))), "{taken:?}");
+        assert!(matches!(
+            root.create(Some("../x"), Config::default(), true),
+            Err(Error::BadName(_))
+        ));
+        let second = root.create(None, Config::default(), true).unwrap();
+        // The empty prefix matches both: ambiguous, never the first found.
+        assert!(matches!(root.find(""), Err(Error::Unknown { .. })));
+        let common = common_prefix(&first.record().id, &second.record().id);
+        if !common.is_empty() {
+            assert!(matches!(root.find(common), Err(Error::Ambiguous { .. })));
+        }
+        assert!(matches!(root.find("nope"), Err(Error::Unknown { .. })));
+        let running = root.find(&second.record().id).unwrap();
+        assert!(matches!(root.remove(&running), Err(Error::State { .. })));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn common_prefix<'a>(a: &'a str, b: &str) -> &'a str {
+        let n = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
+        &a[..n]
+    }
+
+    #[test]
+    fn an_ended_vm_keeps_its_record() {
+        let (dir, root) = root("ended");
+        let mut instance = root.create(None, Config::default(), true).unwrap();
+        instance.update(|r| r.set_running()).unwrap();
+        instance.update(|r| r.set_exited(3, None)).unwrap();
+        let id = instance.record().id.clone();
+        drop(instance);
+        let entry = root.find(&id).unwrap();
+        assert_eq!(entry.status(), Status::Exited(3));
+        std::fs::write(entry.dir.join(RECORD), "{not json").unwrap();
+        assert!(matches!(root.list(), Err(Error::Corrupt { .. })));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
