@@ -684,20 +684,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_session_whose_agent_hangs_up_ends_the_vm_with_an_error() {
+    /// A session for `program` started with its output discarded, and the
+    /// agent's end of its control stream (what the vsock device hands over
+    /// when the agent connects).
+    fn start_session(
+        program: &str,
+        tools: Option<u32>,
+    ) -> (HostPorts, Agent, UnixStream, Arc<Ending>, Worker) {
         let mut ports = HostPorts::new(None);
-        let session = Session::new(
-            Some(ProcessSpec {
-                argv: vec!["/bin/true".into()],
-                ..ProcessSpec::default()
-            }),
-            None,
-            &ports,
-        );
-        // What the vsock device does when the agent connects to the port:
-        // this end stands for the agent.
-        let mut agent = ports.connect(CONTROL_PORT).unwrap();
+        let main = ProcessSpec {
+            argv: vec![program.into()],
+            ..ProcessSpec::default()
+        };
+        let session = Session::new(Some(main), tools, &ports);
+        let agent = session.agent();
+        let guest = ports.connect(CONTROL_PORT).unwrap();
         let ending = Arc::new(Ending::default());
         let stdio = Stdio {
             stdin: std::fs::File::open("/dev/null").unwrap().into(),
@@ -705,6 +706,12 @@ mod tests {
             stderr: Box::new(io::sink()),
         };
         let worker = session.start(stdio, &ending).unwrap();
+        (ports, agent, guest, ending, worker)
+    }
+
+    #[test]
+    fn a_session_whose_agent_hangs_up_ends_the_vm_with_an_error() {
+        let (ports, _, mut agent, ending, worker) = start_session("/bin/true", None);
         // The agent reads the request, then its control stream closes
         // before any stdio connection or exit status.
         let request = protocol::receive(&mut agent).unwrap().unwrap();
@@ -724,21 +731,7 @@ mod tests {
 
     #[test]
     fn execs_get_their_own_ports_and_messages_and_end_with_the_session() {
-        let mut ports = HostPorts::new(None);
-        let main = ProcessSpec {
-            argv: vec!["/bin/sleep".into()],
-            ..ProcessSpec::default()
-        };
-        let session = Session::new(Some(main), Some(1), &ports);
-        let handle = session.agent();
-        let mut guest = ports.connect(CONTROL_PORT).unwrap();
-        let ending = Arc::new(Ending::default());
-        let stdio = Stdio {
-            stdin: std::fs::File::open("/dev/null").unwrap().into(),
-            stdout: Box::new(io::sink()),
-            stderr: Box::new(io::sink()),
-        };
-        let worker = session.start(stdio, &ending).unwrap();
+        let (mut ports, handle, mut guest, ending, worker) = start_session("/bin/sleep", Some(1));
         // The guest's side of the main process: its request, stdio, start.
         let run = protocol::receive(&mut guest).unwrap().unwrap();
         assert_eq!(run.decode::<Run>().unwrap().tools, Some(1));

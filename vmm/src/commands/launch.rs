@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use vmm::state::control::Server;
 use vmm::state::log::LogWriter;
-use vmm::state::{Config, Instance, Root};
+use vmm::state::{Config, Instance, Root, StateFiles};
 use vmm::sys::{self, Stdio};
 use vmm::vm::{Report, UtilityVm, VmConfig};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use vmm::state::log::Line;
-use vmm::state::Root;
+use vmm::state::{Root, StateFiles};
 
 /// How often a followed log is read again.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(50);

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Subcommand;
 use vmm::state::control::{Channel, Reply, Request};
-use vmm::state::{Entry, Root, Status};
+use vmm::state::{Entry, Root, StateFiles, Status};
 
 pub use self::launch::Launch;
 

@@ -256,18 +256,6 @@ impl Entry {
         self.record.status(self.alive)
     }
 
-    pub fn socket(&self) -> PathBuf {
-        self.dir.join(SOCKET)
-    }
-
-    pub fn log(&self) -> PathBuf {
-        self.dir.join(LOG)
-    }
-
-    pub fn vmm_log(&self) -> PathBuf {
-        self.dir.join(VMM_LOG)
-    }
-
     /// Waits until the VM's VMM process has ended.
     pub fn wait_ended(&self) -> Result<()> {
         let path = self.dir.join(LOCK);
@@ -289,22 +277,6 @@ impl Entry {
 impl Instance {
     pub fn record(&self) -> &Record {
         &self.record
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn socket(&self) -> PathBuf {
-        self.dir.join(SOCKET)
-    }
-
-    pub fn log(&self) -> PathBuf {
-        self.dir.join(LOG)
-    }
-
-    pub fn vmm_log(&self) -> PathBuf {
-        self.dir.join(VMM_LOG)
     }
 
     /// The lock, for a VMM process started in the background to take over.
@@ -331,6 +303,38 @@ impl Instance {
     /// last: until then the VM is alive).
     pub fn remove(self) -> Result<()> {
         std::fs::remove_dir_all(&self.dir).map_err(io_error(&self.dir))
+    }
+}
+
+/// The files in a VM's state directory.
+pub trait StateFiles {
+    fn dir(&self) -> &Path;
+
+    /// The control socket its VMM serves.
+    fn socket(&self) -> PathBuf {
+        self.dir().join(SOCKET)
+    }
+
+    /// The container's output (`run -d`).
+    fn log(&self) -> PathBuf {
+        self.dir().join(LOG)
+    }
+
+    /// uvm's own messages for a VM in the background.
+    fn vmm_log(&self) -> PathBuf {
+        self.dir().join(VMM_LOG)
+    }
+}
+
+impl StateFiles for Entry {
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl StateFiles for Instance {
+    fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 
