@@ -44,8 +44,9 @@ fn field<'a>(vm: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
 /// `started` it starts no process (`read` and `echo` are shell builtins):
 /// on PVM hosts processes that start at the same moment sometimes crash
 /// (README.md, "PVM hosts"), so the tests start theirs one at a time.
+/// (`read` fails on a writer's end of file: no empty line then.)
 const MAIN: &str =
-    "trap '' TERM; mkfifo /tmp/f; echo started; while :; do read x < /tmp/f; echo \"$x\"; done";
+    "trap '' TERM; mkfifo /tmp/f; echo started; while :; do read x < /tmp/f && echo \"$x\"; done";
 
 /// Runs a uvm exec or console; on PVM hosts only, a process that the guest
 /// killed with SIGSEGV as it started (uvm's status 139, the PVM bug above)
