@@ -120,6 +120,12 @@ fn scratch_keeps_data_across_runs_even_after_sigkill() {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line, "synced\n");
+    // While it runs, the scratch is its own: a second VM is refused before
+    // anything boots, naming the file and the VM holding it.
+    let second = run(&mut uvm_run(&[layer("base")], &args, "true"));
+    let holder = format!("in use by another VM (uvm process {})", child.id());
+    assert_fails_naming(&second, &holder);
+    assert_fails_naming(&second, scratch.to_str().unwrap());
     child.kill().unwrap(); // SIGKILL: no chance to flush anything more
     child.wait().unwrap();
     drop(watchdog);

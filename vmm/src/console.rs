@@ -7,6 +7,9 @@ use std::sync::{Arc, Mutex};
 
 /// How much console output is kept for an error report.
 const TAIL_BYTES: usize = 8 * 1024;
+/// A line the guest has not ended by this length is shown as it is: the
+/// guest decides when a newline comes, not how much uvm holds.
+const MAX_LINE: usize = 4 * 1024;
 
 #[derive(Default)]
 struct State {
@@ -49,7 +52,7 @@ impl Write for Console {
         if self.echo {
             // Whole lines at a time: one host write per line, not per byte.
             state.line.extend_from_slice(buf);
-            if buf.contains(&b'\n') {
+            if buf.contains(&b'\n') || state.line.len() >= MAX_LINE {
                 io::stderr().write_all(&state.line)?;
                 state.line.clear();
             }
@@ -77,5 +80,14 @@ mod tests {
         let tail = console.tail();
         assert_eq!(tail.len(), TAIL_BYTES);
         assert!(tail.ends_with("aend"));
+    }
+
+    #[test]
+    fn a_line_without_end_is_shown_before_it_grows_past_the_bound() {
+        let mut console = Console::new(true);
+        for _ in 0..100 {
+            console.write_all(&[b'x'; 1000]).unwrap();
+            assert!(console.lock().line.len() < MAX_LINE + 1000);
+        }
     }
 }

@@ -40,7 +40,37 @@ pub fn open_or_create(path: &Path, size: u64) -> Result<File, Error> {
             meta.len()
         )));
     }
+    // One VM at a time writes a scratch disk: two would corrupt its ext4.
+    // The lock lasts as long as the file is open (the VM's life).
+    if let Err(e) = file.try_lock() {
+        return Err(fail(match e {
+            std::fs::TryLockError::WouldBlock => match holder(&meta) {
+                Some(pid) => format!("in use by another VM (uvm process {pid})"),
+                None => "in use by another VM".into(),
+            },
+            std::fs::TryLockError::Error(e) => format!("locking it: {e}"),
+        }));
+    }
     Ok(file)
+}
+
+/// The process holding the lock on the file of `meta`, as /proc/locks says.
+#[cfg(target_os = "linux")]
+fn holder(meta: &std::fs::Metadata) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    // `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF`: pid, then
+    // major:minor:inode.
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let inode = fields.get(5)?.rsplit(':').next()?.parse::<u64>().ok()?;
+        (inode == meta.ino()).then(|| fields.get(4)?.parse().ok())?
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn holder(_: &std::fs::Metadata) -> Option<u32> {
+    None
 }
 
 fn create(path: &Path, size: u64) -> Result<(), String> {
@@ -104,6 +134,24 @@ mod tests {
     }
 
     #[test]
+    fn a_scratch_image_serves_one_vm_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("uvm-scratch-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("scratch.img");
+        std::fs::write(&path, vec![0u8; 2 << 20]).unwrap();
+        let first = open_or_create(&path, 0).unwrap();
+        let err = open_or_create(&path, 0).unwrap_err().to_string();
+        let holder = format!("in use by another VM (uvm process {})", std::process::id());
+        assert!(
+            err.contains(&holder) && err.contains("scratch.img"),
+            "{err}"
+        );
+        drop(first);
+        open_or_create(&path, 0).expect("free again once the first VM is gone");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn creates_a_sparse_formatted_image_once() {
         let dir = std::env::temp_dir().join(format!("uvm-scratch-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -112,6 +160,7 @@ mod tests {
         assert_eq!(file.metadata().unwrap().len(), 64 << 20);
         let magic = std::fs::read(&path).unwrap()[1024 + 56..1024 + 58].to_vec();
         assert_eq!(magic, [0x53, 0xef], "formatted ext4");
+        drop(file);
         std::fs::write(&path, vec![1u8; 2 << 20]).unwrap();
         open_or_create(&path, 64 << 20).unwrap();
         assert_eq!(
