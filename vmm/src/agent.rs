@@ -102,8 +102,9 @@ struct Shared {
     agent_connected: Mutex<Option<Instant>>,
 }
 
-/// A process to exec in the running VM.
-#[derive(Debug, Default)]
+/// A process to exec in the running VM (as `uvm exec` asks for it over the
+/// control socket, too).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExecSpec {
     pub argv: Vec<String>,
     pub env: Vec<String>,

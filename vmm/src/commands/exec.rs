@@ -8,9 +8,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use vmm::agent::{copy_output, forward_stdin};
+use vmm::agent::{copy_output, forward_stdin, ExecSpec};
 use vmm::signals;
-use vmm::state::control::{ExecRequest, Reply, Request};
+use vmm::state::control::{Reply, Request};
 use vmm::state::{Entry, Root};
 use vmm::sys;
 use vmm::vm::threads::Ending;
@@ -49,7 +49,7 @@ pub struct ConsoleArgs {
 
 pub fn exec(root: &Root, args: ExecArgs) -> anyhow::Result<i32> {
     let entry = running(root, &args.vm)?;
-    let request = ExecRequest {
+    let request = ExecSpec {
         argv: args.command,
         env: args.env,
         cwd: args.workdir,
@@ -67,7 +67,7 @@ pub fn console(root: &Root, args: ConsoleArgs) -> anyhow::Result<i32> {
     };
     // SAFETY: isatty only inspects the descriptor.
     let terminal = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
-    let request = ExecRequest {
+    let request = ExecSpec {
         argv,
         env: Vec::new(),
         cwd: None,
@@ -78,7 +78,7 @@ pub fn console(root: &Root, args: ConsoleArgs) -> anyhow::Result<i32> {
 }
 
 /// Starts `request` in the VM and carries its stdio until it ends.
-fn session(entry: &Entry, request: ExecRequest, interactive: bool) -> anyhow::Result<i32> {
+fn session(entry: &Entry, request: ExecSpec, interactive: bool) -> anyhow::Result<i32> {
     let tty = request.tty.is_some();
     // Blocked before any thread starts, so that the forwarder alone takes them.
     let blocked = signals::block().context("blocking signals")?;

@@ -40,7 +40,7 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 #[serde(rename_all = "snake_case")]
 pub enum Request {
     /// A process beside the container's.
-    Exec(ExecRequest),
+    Exec(ExecSpec),
     /// For the running exec: a signal, a new terminal size.
     Signal(i32),
     Resize(TtySize),
@@ -51,16 +51,6 @@ pub enum Request {
     Stop {
         timeout_secs: u64,
     },
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecRequest {
-    pub argv: Vec<String>,
-    pub env: Vec<String>,
-    pub cwd: Option<String>,
-    pub tty: Option<TtySize>,
-    /// In the utility VM itself, outside the container (`uvm console`).
-    pub in_vm: bool,
 }
 
 /// VMM → commands.
@@ -295,14 +285,7 @@ fn stop(agent: &Agent, vm: &Ending, timeout: Duration) {
     }
 }
 
-fn serve_exec(channel: Channel, request: ExecRequest, agent: &Agent, vm: &Arc<Ending>) {
-    let spec = ExecSpec {
-        argv: request.argv,
-        env: request.env,
-        cwd: request.cwd,
-        tty: request.tty,
-        in_vm: request.in_vm,
-    };
+fn serve_exec(channel: Channel, spec: ExecSpec, agent: &Agent, vm: &Arc<Ending>) {
     let (execution, streams) = match agent.exec(spec) {
         Ok(started) => started,
         Err(ExecError::Failed(failed)) => {
