@@ -4,12 +4,17 @@
 use std::io::{self, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use vm_memory::{ReadVolatile, VolatileSlice, WriteVolatile};
 
 /// Bytes of guest data we buffer for each connection when the host side is
 /// slow to read: the receive buffer we advertise to the guest.
 pub const BUF_ALLOC: u32 = 256 * 1024;
+/// How long a connection may wait for the guest to answer a host request,
+/// or for the host to take what a closing guest left (Firecracker's 2 s):
+/// after that it is reset, so it stops counting against the table.
+pub const PATIENCE: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -49,10 +54,13 @@ pub struct Connection {
     pub reset: bool,
     /// A credit update waits in the reply backlog.
     pub credit_update_queued: bool,
+    /// When the connection is reset if it has not moved on by then.
+    pub deadline: Option<Instant>,
 }
 
 impl Connection {
     pub fn new(stream: UnixStream, state: State) -> Self {
+        let deadline = (state == State::HostConnecting).then(|| Instant::now() + PATIENCE);
         Self {
             stream,
             state,
@@ -68,7 +76,14 @@ impl Connection {
             host_write_shut: false,
             reset: false,
             credit_update_queued: false,
+            deadline,
         }
+    }
+
+    /// The guest answered a host request.
+    pub fn establish(&mut self) {
+        self.state = State::Established;
+        self.deadline = None;
     }
 
     /// Every guest packet carries its current credit.
@@ -180,6 +195,12 @@ impl Connection {
     pub fn guest_shut_down(&mut self, send: bool, recv: bool) {
         self.guest_shutdown.send |= send;
         self.guest_shutdown.recv |= recv;
+    }
+
+    /// The guest is done with the connection: only guest data the host has
+    /// not taken keeps it open.
+    pub fn closing(&self) -> bool {
+        self.reset || (self.guest_shutdown.send && self.guest_shutdown.recv)
     }
 
     /// Both directions are over and every guest byte reached the host.

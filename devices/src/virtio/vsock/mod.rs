@@ -19,6 +19,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_queue::DescriptorChain;
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
     drain_queue, ActivateError, GuestMemory, IrqStatus, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
@@ -37,7 +38,8 @@ const MAX_PKT_DATA: u32 = 64 * 1024;
 
 /// Event-loop tokens; host streams use `STREAM_TOKEN + fd`.
 const LISTENER_TOKEN: u32 = 3;
-const STREAM_TOKEN: u32 = 4;
+const TIMER_TOKEN: u32 = 4;
+const STREAM_TOKEN: u32 = 5;
 
 pub struct Vsock {
     mem: GuestMemory,
@@ -49,6 +51,10 @@ pub struct Vsock {
     listener: Option<UnixListener>,
     /// Where scattered guest packets are gathered.
     tx_buf: Vec<u8>,
+    /// Fires at the muxer's next connection deadline.
+    timer: TimerFd,
+    /// The deadline `timer` is set for.
+    armed: Option<std::time::Instant>,
 }
 
 struct Active {
@@ -76,6 +82,8 @@ impl Vsock {
             muxer: muxer::Muxer::new(guest_cid, host),
             listener,
             tx_buf: Vec::new(),
+            timer: TimerFd::new()?,
+            armed: None,
         })
     }
 
@@ -118,8 +126,9 @@ impl Vsock {
             };
             let len = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, MAX_PKT_DATA) {
                 Ok(mut pkt) => match self.muxer.fill_packet(&mut pkt) {
-                    Some(len) => len,
-                    None => {
+                    muxer::Fill::Packet(len) => len,
+                    muxer::Fill::NoRoom => 0,
+                    muxer::Fill::Nothing => {
                         queue.go_to_previous_position();
                         break;
                     }
@@ -136,6 +145,27 @@ impl Vsock {
         }
         if used {
             active.irq.signal_used(queue, &self.mem);
+        }
+    }
+
+    /// Sets the timer for the muxer's next deadline, if that changed.
+    fn arm_timer(&mut self) {
+        let next = self.muxer.next_deadline();
+        if next == self.armed {
+            return;
+        }
+        let result = match next {
+            // A zero duration would disarm the timer: fire in 1 ns instead.
+            Some(at) => {
+                let left = at.saturating_duration_since(std::time::Instant::now());
+                self.timer
+                    .reset(left.max(std::time::Duration::from_nanos(1)), None)
+            }
+            None => self.timer.clear(),
+        };
+        match result {
+            Ok(()) => self.armed = next,
+            Err(e) => tracing::warn!("vsock: connection timer: {e}"),
         }
     }
 
@@ -275,6 +305,9 @@ impl MutEventSubscriber for Vsock {
                 tracing::error!("vsock: watching the hybrid socket: {e}");
             }
         }
+        if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER_TOKEN, EventSet::IN)) {
+            tracing::error!("vsock: watching the connection timer: {e}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -292,6 +325,15 @@ impl MutEventSubscriber for Vsock {
                     self.muxer.accept_host_clients(listener);
                 }
             }
+            TIMER_TOKEN => {
+                // Disarming also clears the expiry count (a read could
+                // block if the timer was set again since it fired).
+                if let Err(e) = self.timer.clear() {
+                    tracing::warn!("vsock: connection timer: {e}");
+                }
+                self.armed = None;
+                self.muxer.expire(std::time::Instant::now());
+            }
             token => {
                 let fd = (token - STREAM_TOKEN) as i32;
                 let readable = set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR);
@@ -301,5 +343,6 @@ impl MutEventSubscriber for Vsock {
         }
         self.process_rx();
         self.sync_registrations(ops);
+        self.arm_timer();
     }
 }

@@ -6,10 +6,11 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Instant;
 
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 
-use super::connection::{Connection, State, BUF_ALLOC};
+use super::connection::{Connection, State, BUF_ALLOC, PATIENCE};
 use super::host::{Handshake, HostPorts};
 
 pub const HOST_CID: u64 = 2;
@@ -31,9 +32,11 @@ const SHUTDOWN_SEND: u32 = 2;
 /// Connections (and hybrid handshakes) open at once; more are refused, so a
 /// guest cannot make the VMM hold unbounded sockets and buffers.
 pub const MAX_CONNECTIONS: usize = 256;
-/// Header-only packets waiting for guest receive buffers; beyond this a
-/// misbehaving guest's resets are dropped.
-const MAX_BACKLOG: usize = 4 * MAX_CONNECTIONS;
+/// Header-only packets waiting for guest receive buffers. A guest that
+/// posts none can earn replies without end (a reset per stray packet, a
+/// response per connect-and-reset): past this they are dropped, and no
+/// connection is taken that could not be answered.
+pub(super) const MAX_BACKLOG: usize = 4 * MAX_CONNECTIONS;
 /// Host-initiated connections use local ports from here up.
 const FIRST_HOST_PORT: u32 = 1 << 30;
 
@@ -51,6 +54,18 @@ struct Reply {
     key: Key,
     op: u16,
     flags: u32,
+}
+
+/// What [`Muxer::fill_packet`] did with a receive buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// A packet of this many bytes is in it.
+    Packet(u32),
+    /// Nothing to send now: the buffer stays the guest's.
+    Nothing,
+    /// Only data waits, and the buffer has no room for any: it goes back
+    /// empty rather than being offered again and again.
+    NoRoom,
 }
 
 /// Host streams the event loop must start or stop watching.
@@ -137,7 +152,7 @@ impl Muxer {
         conn.update_peer_credit(pkt.buf_alloc(), pkt.fwd_cnt());
         let result = match (pkt.op(), conn.state) {
             (op::RESPONSE, State::HostConnecting) => {
-                conn.state = State::Established;
+                conn.establish();
                 use std::io::Write;
                 (&conn.stream).write_all(format!("OK {}\n", key.local).as_bytes())
             }
@@ -147,7 +162,10 @@ impl Muxer {
             },
             (op::CREDIT_UPDATE, _) => Ok(()),
             (op::CREDIT_REQUEST, _) => {
-                self.reply(key, op::CREDIT_UPDATE, 0);
+                // One update in flight answers any number of requests.
+                if !conn.credit_update_queued {
+                    self.queue_credit_update(key);
+                }
                 Ok(())
             }
             (op::SHUTDOWN, _) => {
@@ -175,14 +193,18 @@ impl Muxer {
         !self.backlog.is_empty() || self.conns.values().any(Connection::can_send_to_guest)
     }
 
-    /// Writes the next packet for the guest into an empty receive buffer and
-    /// returns its length, or `None` if there is nothing to send.
-    pub fn fill_packet(&mut self, pkt: &mut VsockPacket<'_, ()>) -> Option<u32> {
+    /// Writes the next packet for the guest into an empty receive buffer.
+    pub fn fill_packet(&mut self, pkt: &mut VsockPacket<'_, ()>) -> Fill {
         if let Some(reply) = self.backlog.pop_front() {
             self.write_header(pkt, reply.key, reply.op, reply.flags, 0);
-            return Some(PKT_HEADER_SIZE as u32);
+            return Fill::Packet(PKT_HEADER_SIZE as u32);
         }
-        let data = *pkt.data_slice()?;
+        let Some(&data) = pkt.data_slice() else {
+            return match self.has_packet_for_guest() {
+                true => Fill::NoRoom,
+                false => Fill::Nothing,
+            };
+        };
         let ready: Vec<Key> = self
             .conns
             .iter()
@@ -190,17 +212,19 @@ impl Muxer {
             .map(|(k, _)| *k)
             .collect();
         for key in ready {
-            let conn = self.conns.get_mut(&key)?;
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
             match conn.read_for_guest(&data) {
                 Ok(0) => {
                     conn.host_eof = true;
                     self.write_header(pkt, key, op::SHUTDOWN, SHUTDOWN_SEND, 0);
                     self.settle(key);
-                    return Some(PKT_HEADER_SIZE as u32);
+                    return Fill::Packet(PKT_HEADER_SIZE as u32);
                 }
                 Ok(n) => {
                     self.write_header(pkt, key, op::RW, 0, n as u32);
-                    return Some((PKT_HEADER_SIZE + n) as u32);
+                    return Fill::Packet((PKT_HEADER_SIZE + n) as u32);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
@@ -210,7 +234,26 @@ impl Muxer {
                 }
             }
         }
-        None
+        Fill::Nothing
+    }
+
+    /// Resets every connection whose deadline has passed by `now`.
+    pub fn expire(&mut self, now: Instant) {
+        let expired: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            tracing::debug!(?key, "vsock: connection expired");
+            self.kill(key);
+        }
+    }
+
+    /// The earliest connection deadline, for the event loop's timer.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.conns.values().filter_map(|c| c.deadline).min()
     }
 
     /// The host stream `fd` became readable and/or writable.
@@ -242,7 +285,8 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => return tracing::warn!("vsock: accept on the hybrid socket: {e}"),
             };
-            if self.connection_count() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
+            let full = self.connection_count() >= MAX_CONNECTIONS || self.backlog_full();
+            if full || stream.set_nonblocking(true).is_err() {
                 continue; // dropping the stream refuses the client
             }
             let fd = stream.as_raw_fd();
@@ -291,9 +335,14 @@ impl Muxer {
     }
 
     fn accept_guest(&mut self, key: Key, pkt: &VsockPacket<'_, ()>) {
+        if self.backlog_full() {
+            // Neither a response nor a reset could be queued.
+            return tracing::debug!(?key, "vsock: guest connection dropped: backlog full");
+        }
         if self.connection_count() >= MAX_CONNECTIONS {
             tracing::debug!(?key, "vsock: too many connections");
-            return self.reply(key, op::RST, 0);
+            self.reply(key, op::RST, 0);
+            return;
         }
         let stream = self
             .host
@@ -303,7 +352,8 @@ impl Muxer {
             Ok(stream) => stream,
             Err(e) => {
                 tracing::debug!(?key, "vsock: guest connection refused: {e}");
-                return self.reply(key, op::RST, 0);
+                self.reply(key, op::RST, 0);
+                return;
             }
         };
         let fd = stream.as_raw_fd();
@@ -316,19 +366,27 @@ impl Muxer {
     }
 
     /// After any change to a connection: close it if both sides are done,
-    /// tell the guest about freed buffer space if it may be waiting.
+    /// give a closing one a deadline for the host to take the rest, tell the
+    /// guest about freed buffer space if it may be waiting.
     fn settle(&mut self, key: Key) {
-        let Some(conn) = self.conns.get(&key) else {
+        let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
         if conn.finished() {
             return self.kill(key);
         }
+        if conn.closing() && conn.deadline.is_none() {
+            conn.deadline = Some(Instant::now() + PATIENCE);
+        }
         if conn.credit_update_due() {
-            if let Some(conn) = self.conns.get_mut(&key) {
-                conn.credit_update_queued = true;
-            }
-            self.reply(key, op::CREDIT_UPDATE, 0);
+            self.queue_credit_update(key);
+        }
+    }
+
+    fn queue_credit_update(&mut self, key: Key) {
+        let queued = self.reply(key, op::CREDIT_UPDATE, 0);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.credit_update_queued = queued;
         }
     }
 
@@ -352,13 +410,17 @@ impl Muxer {
         }
     }
 
-    /// Queues a header-only packet. Only resets can pile up without bound
-    /// (one per stray guest packet): past the limit they are dropped. The
-    /// rest are bounded by the connection table.
-    fn reply(&mut self, key: Key, op: u16, flags: u32) {
-        if op != op::RST || self.backlog.len() < MAX_BACKLOG {
+    /// Queues a header-only packet, unless the backlog is full; says which.
+    fn reply(&mut self, key: Key, op: u16, flags: u32) -> bool {
+        let room = !self.backlog_full();
+        if room {
             self.backlog.push_back(Reply { key, op, flags });
         }
+        room
+    }
+
+    fn backlog_full(&self) -> bool {
+        self.backlog.len() >= MAX_BACKLOG
     }
 
     fn write_header(

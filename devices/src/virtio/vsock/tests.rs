@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
+use std::time::Duration;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
@@ -426,4 +427,146 @@ fn a_bogus_available_index_does_not_hang_the_device() {
     guest.rx.claim_available(guest.mem, 1000);
     guest.send(Hdr::guest(REQUEST, 5000, 9999), &[]); // a RST to deliver
     guest.vsock.process_rx();
+}
+
+const CREDIT_REQUEST: u16 = 7;
+const CREDIT_UPDATE: u16 = 6;
+
+/// Sends stray packets (each earns a reset) until the reply backlog is full.
+fn fill_backlog(guest: &mut Guest) {
+    for port in 0..muxer::MAX_BACKLOG as u32 + 10 {
+        guest.send(Hdr::guest(RW, 30_000 + port, SERVED_PORT), &[]);
+    }
+    assert_eq!(guest.vsock.muxer.backlog_len(), muxer::MAX_BACKLOG);
+}
+
+// Each CREDIT_REQUEST used to queue its own CREDIT_UPDATE: a guest that
+// posted no receive buffers grew the backlog without bound.
+#[test]
+fn credit_requests_earn_one_update_at_a_time() {
+    let mut guest = Guest::new();
+    let _host = guest.connect(5000);
+    for _ in 0..2000 {
+        guest.send(Hdr::guest(CREDIT_REQUEST, 5000, SERVED_PORT), &[]);
+    }
+    assert_eq!(guest.vsock.muxer.backlog_len(), 1);
+    assert_eq!(ops(&guest.receive(4)), [CREDIT_UPDATE]);
+    // Once delivered, the next request is answered again.
+    guest.send(Hdr::guest(CREDIT_REQUEST, 5000, SERVED_PORT), &[]);
+    assert_eq!(ops(&guest.receive(4)), [CREDIT_UPDATE]);
+}
+
+// A response per connect-and-reset was queued past the backlog's limit.
+#[test]
+fn a_full_backlog_takes_no_new_connection() {
+    let mut guest = Guest::new();
+    fill_backlog(&mut guest);
+    guest.send(Hdr::guest(REQUEST, 5000, SERVED_PORT), &[]);
+    assert_eq!(guest.vsock.muxer.backlog_len(), muxer::MAX_BACKLOG);
+    assert_eq!(guest.vsock.muxer.connection_count(), 0);
+    assert!(guest.served.try_recv().is_err(), "no host stream was made");
+}
+
+/// A host program's connection through the hybrid socket, up to the
+/// device's request to the guest.
+fn host_connects(guest: &mut Guest, guest_port: u32) -> UnixStream {
+    let dir = std::env::temp_dir().join(format!("uvm-vsock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("v{guest_port}.sock"));
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut client = UnixStream::connect(&path).unwrap();
+    client
+        .write_all(format!("CONNECT {guest_port}\n").as_bytes())
+        .unwrap();
+    guest.vsock.muxer.accept_host_clients(&listener);
+    let fd = *guest.vsock.muxer.registrations.added.last().unwrap();
+    guest.vsock.muxer.host_ready(fd, true, false);
+    std::fs::remove_file(&path).unwrap();
+    client
+}
+
+// A host-initiated connection the guest never answered held its slot in
+// the connection table forever.
+#[test]
+fn an_unanswered_host_connection_expires() {
+    let mut guest = Guest::new();
+    let mut client = host_connects(&mut guest, 7000);
+    assert_eq!(guest.vsock.muxer.connection_count(), 1);
+    let deadline = guest.vsock.muxer.next_deadline().expect("a deadline");
+    guest
+        .vsock
+        .muxer
+        .expire(deadline - Duration::from_millis(1));
+    assert_eq!(guest.vsock.muxer.connection_count(), 1, "not yet");
+    guest.vsock.muxer.expire(deadline);
+    assert_eq!(guest.vsock.muxer.connection_count(), 0);
+    assert_eq!(ops(&guest.receive(4)), [REQUEST, RST]);
+    // The event loop closes what the muxer let go.
+    guest.vsock.muxer.registrations.removed.clear();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "the client never got OK: {rest:?}");
+}
+
+#[test]
+fn an_answered_host_connection_keeps_no_deadline() {
+    let mut guest = Guest::new();
+    let mut client = host_connects(&mut guest, 7001);
+    let request = guest.receive(1);
+    assert_eq!(ops(&request), [REQUEST]);
+    let local = request[0].0.src_port;
+    guest.send(Hdr::guest(RESPONSE, 7001, local), &[]);
+    assert_eq!(guest.vsock.muxer.next_deadline(), None);
+    let mut ok = [0u8; 3];
+    client.read_exact(&mut ok).unwrap();
+    assert_eq!(&ok, b"OK ");
+}
+
+// A guest that closed with data the host never took kept its connection
+// forever.
+#[test]
+fn a_closed_connection_with_unsent_data_expires() {
+    let mut guest = Guest::new();
+    let host = guest.connect(5000);
+    let chunk = vec![1u8; 4096];
+    // More than the host socket buffers, less than the credit (256 KiB).
+    for _ in 0..60 {
+        guest.send(Hdr::guest(RW, 5000, SERVED_PORT), &chunk);
+    }
+    let close = Hdr {
+        flags: 3,
+        ..Hdr::guest(SHUTDOWN, 5000, SERVED_PORT)
+    };
+    guest.send(close, &[]);
+    assert_eq!(guest.vsock.muxer.connection_count(), 1, "data still waits");
+    let deadline = guest.vsock.muxer.next_deadline().expect("a deadline");
+    assert!(deadline <= std::time::Instant::now() + connection::PATIENCE);
+    guest.vsock.muxer.expire(deadline);
+    assert_eq!(guest.vsock.muxer.connection_count(), 0);
+    assert_eq!(ops(&guest.receive(8)).last(), Some(&RST));
+    drop(host);
+}
+
+// A receive chain whose data buffer is empty was put back and offered again
+// on every event, and the data behind it never went out.
+#[test]
+fn a_receive_buffer_without_room_for_data_is_given_back() {
+    let mut guest = Guest::new();
+    let mut host = guest.connect(5000);
+    host.write_all(b"data").unwrap();
+    let fd = guest.vsock.muxer.host_fd(5000).unwrap();
+    guest.vsock.muxer.host_ready(fd, true, false);
+    let write = VRING_DESC_F_WRITE as u16;
+    let empty = guest
+        .rx
+        .add_chain(guest.mem, &[(RX_AREA, 44, write), (RX_AREA + 64, 0, write)]);
+    let packets = guest.receive(1);
+    assert_eq!(ops(&packets), [RW]);
+    assert_eq!(packets[0].1, b"data");
+    assert!(
+        guest.rx.used_idx(guest.mem) >= 2,
+        "the empty chain {empty} was used too"
+    );
 }
