@@ -7,7 +7,7 @@ mod support;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use support::{assert_fails_naming, kvm_available, stderr, stdout, tempdir, uvm, Watchdog};
+use support::{assert_fails_naming, require_kvm, stderr, stdout, tempdir, uvm, Watchdog};
 
 /// A bench boots several VMs one after another.
 const BENCH_TIMEOUT: Duration = Duration::from_secs(1200);
@@ -50,10 +50,9 @@ const PER_VM: [&str; 7] = [
 // each, as few as still give a min, median, p90 and max. The command reads
 // its stdin: it must see the end of it under both VMMs.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn against_qemu_reports_every_phase_plots_and_gates() {
-    if !kvm_available("against_qemu_reports_every_phase_plots_and_gates") {
-        return;
-    }
+    require_kvm("against_qemu_reports_every_phase_plots_and_gates");
     let dir = tempdir("qemu");
     let (results, plot) = (dir.join("out.json"), dir.join("out.svg"));
     let out = bench(&[
@@ -157,10 +156,9 @@ fn against_qemu_reports_every_phase_plots_and_gates() {
 // Why boot: density is about real VMs sharing the host: two at once must
 // both get ready, and their memory must show.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn parallel_vms_report_all_ready_and_host_memory() {
-    if !kvm_available("parallel_vms_report_all_ready_and_host_memory") {
-        return;
-    }
+    require_kvm("parallel_vms_report_all_ready_and_host_memory");
     let dir = tempdir("parallel");
     let results = dir.join("out.json");
     let out = bench(&[

@@ -5,7 +5,7 @@ mod support;
 
 use std::fs;
 
-use support::{assert_fails_naming, guest_dir, kvm_available, run, stderr, tempdir, uvm};
+use support::{assert_fails_naming, guest_dir, require_kvm, run, stderr, tempdir, uvm};
 
 /// Boots `kernel` with `cpus` vCPUs and the console shown; checks that the
 /// agent came up and the VM ended with status 0.
@@ -21,52 +21,51 @@ fn boot(kernel: &str, cpus: &str) -> String {
 
 // Why boot: the ELF vmlinux through PVH is the default, fastest path.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn elf_vmlinux_one_cpu() {
-    if kvm_available("elf_vmlinux_one_cpu") {
-        boot("vmlinux", "1");
-    }
+    require_kvm("elf_vmlinux_one_cpu");
+    boot("vmlinux", "1");
 }
 
 // Why boot: the MP table, per-vCPU CPUID and AP start-up only show with 2 CPUs.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn elf_vmlinux_two_cpus() {
-    if kvm_available("elf_vmlinux_two_cpus") {
-        let log = boot("vmlinux", "2");
-        assert!(
-            log.contains("Brought up 1 node, 2 CPUs"),
-            "second CPU missing:\n{log}"
-        );
-    }
+    require_kvm("elf_vmlinux_two_cpus");
+    let log = boot("vmlinux", "2");
+    assert!(
+        log.contains("Brought up 1 node, 2 CPUs"),
+        "second CPU missing:\n{log}"
+    );
 }
 
 // Why boot: bzImage enters through the 64-bit Linux protocol (zero page,
 // page tables), a different path from PVH.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn bzimage_one_cpu() {
-    if kvm_available("bzimage_one_cpu") {
-        boot("bzImage", "1");
-    }
+    require_kvm("bzimage_one_cpu");
+    boot("bzImage", "1");
 }
 
 // Why boot: bzImage with an AP started from the MP table.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn bzimage_two_cpus() {
-    if kvm_available("bzimage_two_cpus") {
-        let log = boot("bzImage", "2");
-        assert!(
-            log.contains("Brought up 1 node, 2 CPUs"),
-            "second CPU missing:\n{log}"
-        );
-    }
+    require_kvm("bzimage_two_cpus");
+    let log = boot("bzImage", "2");
+    assert!(
+        log.contains("Brought up 1 node, 2 CPUs"),
+        "second CPU missing:\n{log}"
+    );
 }
 
 // Why boot: timings are stamped by the running guest agent and the process
 // it runs; the same run is the plainest `uvm run -- CMD`.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn timings_json_is_positive_and_ordered() {
-    if !kvm_available("timings_json_is_positive_and_ordered") {
-        return;
-    }
+    require_kvm("timings_json_is_positive_and_ordered");
     let out = run(uvm()
         .args(["run", "--timings", "--layer"])
         .arg(support::layer("base"))
@@ -178,10 +177,9 @@ fn host_kernel_log() -> String {
 // host's KVM, a wrong AMD topology leaf miscounts cores. Both host kinds:
 // kernel warnings anywhere; the template's effects on hardware KVM only.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn the_guest_kernel_log_is_clean() {
-    if !kvm_available("the_guest_kernel_log_is_clean") {
-        return;
-    }
+    require_kvm("the_guest_kernel_log_is_clean");
     let hardware = support::host_kind() == "hardware";
     let host_log_before = if hardware {
         host_kernel_log()

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use support::{
-    assert_fails_naming, kvm_available, layer, run, stderr, stdout, tempdir, uvm, Watchdog,
+    assert_fails_naming, layer, require_kvm, run, stderr, stdout, tempdir, uvm, Watchdog,
 };
 
 fn uvm_run(layers: &[PathBuf], args: &[&str], script: &str) -> Command {
@@ -30,10 +30,9 @@ fn checksum(path: &Path) -> Vec<u8> {
 // layer's change wins, its whiteout hides the base file, the mounts are
 // what they claim, and nothing a container does reaches the layer files.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn base_and_app_layers_stack_and_stay_unchanged() {
-    if !kvm_available("base_and_app_layers_stack_and_stay_unchanged") {
-        return;
-    }
+    require_kvm("base_and_app_layers_stack_and_stay_unchanged");
     let (base, app) = (layer("base"), layer("app"));
     let before = (checksum(&base), checksum(&app));
     let script = "cat /etc/hello.txt /etc/app.txt; \
@@ -74,10 +73,9 @@ fn base_and_app_layers_stack_and_stay_unchanged() {
 // Why boot: the agent's DAX mount (and its fallback) happen in the guest;
 // /proc/mounts there says what it got.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn layers_mount_read_only_with_dax_or_without_when_asked() {
-    if !kvm_available("layers_mount_read_only_with_dax_or_without_when_asked") {
-        return;
-    }
+    require_kvm("layers_mount_read_only_with_dax_or_without_when_asked");
     let script = "grep pmem /proc/mounts";
     let dax = run(&mut uvm_run(&[layer("base")], &[], script));
     assert!(dax.status.success(), "{}", stderr(&dax));
@@ -94,10 +92,9 @@ fn layers_mount_read_only_with_dax_or_without_when_asked() {
 // Why boot: persistence is the guest writing through virtio-blk into the
 // image. One run writes and syncs, then uvm is killed; the next reads back.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn scratch_keeps_data_across_runs_even_after_sigkill() {
-    if !kvm_available("scratch_keeps_data_across_runs_even_after_sigkill") {
-        return;
-    }
+    require_kvm("scratch_keeps_data_across_runs_even_after_sigkill");
     let dir = tempdir("scratch");
     let scratch = dir.join("scratch.img");
     let args = [
@@ -143,10 +140,9 @@ fn scratch_keeps_data_across_runs_even_after_sigkill() {
 
 // Why boot: eight pmem devices at once must all probe and stack.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn eight_layers_at_once() {
-    if !kvm_available("eight_layers_at_once") {
-        return;
-    }
+    require_kvm("eight_layers_at_once");
     let layers: Vec<PathBuf> = std::iter::repeat_n(layer("base"), 7)
         .chain([layer("app")])
         .collect();
@@ -231,4 +227,40 @@ fn layer_create_makes_a_padded_ext4_image() {
     assert_fails_naming(&missing, "/nonexistent");
     assert!(!dir.join("y.img").exists());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+// Why boot: only a guest store shows that a read-only slot drops writes.
+// The guest kernel refuses writes to a mounted /dev/pmemN (it is built
+// without BLK_DEV_WRITE_MOUNTED), so the write goes to the one pmem device
+// nobody mounted, the VM's tools image, straight through the pmem driver:
+// the guest sees its write succeed, reads the old bytes back, and the file
+// stays as it was.
+#[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
+fn a_guest_write_into_a_read_only_slot_is_dropped() {
+    require_kvm("a_guest_write_into_a_read_only_slot_is_dropped");
+    let dir = tempdir("read-only-slot");
+    let tools = dir.join("tools.img");
+    std::fs::copy(support::guest_dir().join("tools.img"), &tools).expect("copy the tools");
+    let before = checksum(&tools);
+    let script = "head -c 4096 /dev/pmem1 | md5sum; \
+                  yes X | head -c 4096 > /tmp/x; \
+                  dd if=/tmp/x of=/dev/pmem1 bs=4096 count=1 conv=fsync 2>/dev/null && echo written; \
+                  dd if=/tmp/x of=/dev/pmem0 bs=4096 count=1 2>/dev/null || echo mounted-refused; \
+                  echo 3 > /proc/sys/vm/drop_caches; head -c 4096 /dev/pmem1 | md5sum";
+    let mut cmd = uvm();
+    cmd.args(["run", "--layer"]).arg(layer("base"));
+    cmd.arg("--tools").arg(&tools);
+    let out = run(cmd.args(["--", "/bin/sh", "-c", script]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(&lines[1..3], ["written", "mounted-refused"], "{text}");
+    assert_eq!(
+        lines[0], lines[3],
+        "the guest read back its own write:\n{text}"
+    );
+    assert!(checksum(&tools) == before, "the tools image changed");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

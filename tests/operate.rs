@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{assert_fails_naming, kvm_available, layer, run, stderr, stdout, tempdir, uvm};
+use support::{assert_fails_naming, layer, require_kvm, run, stderr, stdout, tempdir, uvm};
 
 /// A uvm command under `root`.
 fn uvm_at(root: &Path, args: &[&str]) -> Command {
@@ -61,10 +61,9 @@ fn exec(cmd: &mut Command) -> Output {
 }
 
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn a_detached_vm_is_operated_like_a_container() {
-    if !kvm_available("a_detached_vm_is_operated_like_a_container") {
-        return;
-    }
+    require_kvm("a_detached_vm_is_operated_like_a_container");
     let dir = tempdir("operate");
     let root = dir.join("root");
     let scratch = dir.join("scratch.img");
@@ -221,10 +220,9 @@ fn a_detached_vm_is_operated_like_a_container() {
 }
 
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn a_vm_whose_vmm_died_is_dead_and_a_foreground_one_is_listed() {
-    if !kvm_available("a_vm_whose_vmm_died_is_dead_and_a_foreground_one_is_listed") {
-        return;
-    }
+    require_kvm("a_vm_whose_vmm_died_is_dead_and_a_foreground_one_is_listed");
     let root = tempdir("operate-dead").join("root");
     // A foreground run, listed while it runs, and a detached one that fails
     // to start as the foreground would, leaving nothing: both boot at once.

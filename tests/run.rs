@@ -10,7 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{kvm_available, layer, run, stderr, stdout, uvm, Watchdog};
+use support::{layer, require_kvm, run, stderr, stdout, uvm, Watchdog};
 
 /// `uvm run` of `command` in a container on the demo base layer (busybox).
 fn uvm_run(args: &[&str], command: &[&str]) -> Command {
@@ -42,10 +42,9 @@ fn read_stderr(child: &mut Child) -> String {
 // shows they stay apart and in order, arrive as written, and that the exit
 // code comes back.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn streams_stdout_and_stderr_separately_as_written() {
-    if !kvm_available("streams_stdout_and_stderr_separately_as_written") {
-        return;
-    }
+    require_kvm("streams_stdout_and_stderr_separately_as_written");
     let script = "echo out1; echo err1 >&2; sleep 3; echo out2; echo err2 >&2; exit 7";
     let mut child = spawn_piped(&mut uvm_run(&[], &["/bin/sh", "-c", script]), Stdio::null());
     let _watchdog = Watchdog::default(&child);
@@ -70,48 +69,47 @@ fn streams_stdout_and_stderr_separately_as_written() {
 // Why boot: the exit status of a process killed by a signal (a child of the
 // container's PID 1, which a signal from its own namespace cannot kill).
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn killed_process_exits_128_plus_signal() {
-    if kvm_available("killed_process_exits_128_plus_signal") {
-        let out = run(&mut uvm_run(
-            &[],
-            &["/bin/sh", "-c", "/bin/sh -c 'kill -9 $$'; exit $?"],
-        ));
-        assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
-    }
+    require_kvm("killed_process_exits_128_plus_signal");
+    let out = run(&mut uvm_run(
+        &[],
+        &["/bin/sh", "-c", "/bin/sh -c 'kill -9 $$'; exit $?"],
+    ));
+    assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
 }
 
 // Why boot: environment and working directory are applied by the agent.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn env_and_workdir_take_effect() {
-    if kvm_available("env_and_workdir_take_effect") {
-        let mut cmd = uvm_run(
-            &["-e", "GREETING=hello world", "-w", "/tmp"],
-            &["/bin/sh", "-c", "echo \"$GREETING\"; pwd"],
-        );
-        let out = run(&mut cmd);
-        assert!(out.status.success(), "{}", stderr(&out));
-        assert_eq!(stdout(&out), "hello world\n/tmp\n");
-    }
+    require_kvm("env_and_workdir_take_effect");
+    let mut cmd = uvm_run(
+        &["-e", "GREETING=hello world", "-w", "/tmp"],
+        &["/bin/sh", "-c", "echo \"$GREETING\"; pwd"],
+    );
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello world\n/tmp\n");
 }
 
 // Why boot: the agent reports a command it cannot start.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn missing_command_exits_127_naming_it() {
-    if kvm_available("missing_command_exits_127_naming_it") {
-        let out = run(&mut uvm_run(&[], &["/no/such/command"]));
-        assert_eq!(out.status.code(), Some(127));
-        let err = stderr(&out);
-        assert!(err.contains("/no/such/command"), "{err}");
-        assert!(err.contains("No such file"), "{err}");
-    }
+    require_kvm("missing_command_exits_127_naming_it");
+    let out = run(&mut uvm_run(&[], &["/no/such/command"]));
+    assert_eq!(out.status.code(), Some(127));
+    let err = stderr(&out);
+    assert!(err.contains("/no/such/command"), "{err}");
+    assert!(err.contains("No such file"), "{err}");
 }
 
 // Why boot: stdin EOF and flow control in both directions under load.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn stdin_round_trips_64_mib_through_cat() {
-    if !kvm_available("stdin_round_trips_64_mib_through_cat") {
-        return;
-    }
+    require_kvm("stdin_round_trips_64_mib_through_cat");
     let data: Vec<u8> = (0..64u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
@@ -165,36 +163,35 @@ fn terminate_after_ready(script: &str) -> (Option<i32>, Duration) {
 // namespace, so it needs a handler, as under docker), and uvm must still end
 // the VM.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn sigterm_is_forwarded_to_the_process() {
-    if kvm_available("sigterm_is_forwarded_to_the_process") {
-        let script = "trap 'exit 143' TERM; echo ready; sleep 600 & wait";
-        let (code, _) = terminate_after_ready(script);
-        assert_eq!(code, Some(128 + libc::SIGTERM));
-    }
+    require_kvm("sigterm_is_forwarded_to_the_process");
+    let script = "trap 'exit 143' TERM; echo ready; sleep 600 & wait";
+    let (code, _) = terminate_after_ready(script);
+    assert_eq!(code, Some(128 + libc::SIGTERM));
 }
 
 // Why boot: a process that ignores the forwarded signal is killed after the
 // grace period, like `docker stop` does.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn a_process_ignoring_sigterm_is_killed_after_the_grace_period() {
-    if kvm_available("a_process_ignoring_sigterm_is_killed_after_the_grace_period") {
-        let (code, took) = terminate_after_ready("echo ready; exec sleep 600");
-        assert_eq!(code, Some(128 + libc::SIGKILL));
-        assert!(
-            took >= Duration::from_secs(9),
-            "killed before the grace period: {took:?}"
-        );
-    }
+    require_kvm("a_process_ignoring_sigterm_is_killed_after_the_grace_period");
+    let (code, took) = terminate_after_ready("echo ready; exec sleep 600");
+    assert_eq!(code, Some(128 + libc::SIGKILL));
+    assert!(
+        took >= Duration::from_secs(9),
+        "killed before the grace period: {took:?}"
+    );
 }
 
 // Why boot: hybrid vsock in both directions needs a guest kernel on the other
 // end. The same boot shows that a guest opening more connections than the
 // device allows gets refusals, not a stuck or unbounded VMM.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn hybrid_vsock_both_ways_and_connection_limit() {
-    if !kvm_available("hybrid_vsock_both_ways_and_connection_limit") {
-        return;
-    }
+    require_kvm("hybrid_vsock_both_ways_and_connection_limit");
     let dir = std::env::temp_dir().join(format!("uvm-hybrid-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let uds = dir.join("vsock.sock");
@@ -286,10 +283,9 @@ fn bad_run_flags_are_refused_naming_them() {
 // Why boot: -t gives the process a guest pseudo-terminal of the host
 // terminal's size, and uvm puts the host terminal back as it found it.
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn tty_runs_on_a_guest_terminal_and_restores_the_host_one() {
-    if !kvm_available("tty_runs_on_a_guest_terminal_and_restores_the_host_one") {
-        return;
-    }
+    require_kvm("tty_runs_on_a_guest_terminal_and_restores_the_host_one");
     let (master, slave) = open_pty(33, 101);
     let before = termios(&slave);
     let mut child = uvm_run(&["-t"], &["/bin/sh", "-c", "tty; stty size"])

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use guest::protocol::{Exited, Root};
-use support::{guest_dir, kvm_available, layer};
+use support::{guest_dir, layer, require_kvm};
 use vmm::hypervisor::kvm::KvmHypervisor;
 use vmm::process::{Outcome, ProcessSpec};
 use vmm::sys::Stdio;
@@ -18,16 +18,14 @@ use vmm::vm::{Exit, Running, UtilityVm, VmConfig, VsockConfig, DEFAULT_GUEST_CID
 /// Names of the threads a VM starts (vCPUs are `vcpu0`, `vcpu1`, …).
 const VM_THREADS: [&str; 6] = ["events", "agent", "stdout", "stderr", "stdin", "signals"];
 
-/// For a test that boots, if it can: one VM at a time (the tests look at
-/// the whole process), with a guard against hangs.
+/// For a test that boots: one VM at a time (the tests look at the whole
+/// process), with a guard against hangs.
 /// The guard goes (and joins its thread) before the lock is let go.
-fn exclusive(test: &'static str) -> Option<(HangGuard, MutexGuard<'static, ()>)> {
+fn exclusive(test: &'static str) -> (HangGuard, MutexGuard<'static, ()>) {
     static LOCK: Mutex<()> = Mutex::new(());
-    if !kvm_available(test) {
-        return None;
-    }
+    require_kvm(test);
     let one = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    Some((HangGuard::new(test), one))
+    (HangGuard::new(test), one)
 }
 
 /// Output collected in memory.
@@ -88,7 +86,9 @@ fn start(config: &VmConfig) -> (Running<KvmHypervisor>, Collected, Collected) {
     };
     let open = || KvmHypervisor::for_host(config.host);
     let vm = UtilityVm::build(open, config, Instant::now()).expect("build");
-    (vm.start(stdio).expect("start"), stdout, stderr)
+    let running = vm.start(stdio).expect("start");
+    running.release().expect("release");
+    (running, stdout, stderr)
 }
 
 /// Fails the test (by aborting the process, since the test's own thread is
@@ -162,11 +162,9 @@ fn mappings_of(ranges: &[(u64, u64)], file: &std::path::Path) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn two_vms_in_turn_leave_no_thread_and_no_mapping_behind() {
-    let Some(_exclusive) = exclusive("two_vms_in_turn_leave_no_thread_and_no_mapping_behind")
-    else {
-        return;
-    };
+    let _exclusive = exclusive("two_vms_in_turn_leave_no_thread_and_no_mapping_behind");
     let threads_before = thread_names().len();
     assert_eq!(vm_threads(), Vec::<String>::new(), "no VM yet");
     for round in 0..2 {
@@ -208,10 +206,9 @@ fn two_vms_in_turn_leave_no_thread_and_no_mapping_behind() {
 }
 
 #[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn a_paused_guest_stops_and_resumes_where_it_was() {
-    let Some(_exclusive) = exclusive("a_paused_guest_stops_and_resumes_where_it_was") else {
-        return;
-    };
+    let _exclusive = exclusive("a_paused_guest_stops_and_resumes_where_it_was");
     let script = "i=0; while [ $i -lt 30 ]; do cat /proc/uptime; i=$((i+1)); usleep 20000; done; \
                   echo done";
     let (running, stdout, stderr) = start(&config(128, script));

@@ -18,7 +18,7 @@ use guest::protocol::{
 };
 
 use crate::process::{Outcome, ProcessSpec};
-use crate::vm::threads::{Ending, Worker};
+use crate::vm::threads::{Ending, ThreadKind, Worker};
 use crate::vm::{Error, Exit};
 
 /// Message id of the main process's run request; execs count up from it.
@@ -401,7 +401,7 @@ impl Session {
     /// end without one. The thread ends once the vsock device is gone.
     pub fn start(self, stdio: Stdio, ending: &Arc<Ending>) -> Result<Worker, Error> {
         let reporter = ending.clone();
-        Worker::spawn("agent", ending, move || {
+        Worker::spawn("agent", ThreadKind::Agent, ending, move || {
             let mut held = Held::default();
             let exit = match self.serve(stdio, &reporter, &mut held) {
                 Ok(exit) => exit,
@@ -463,7 +463,8 @@ impl Session {
             forward_stdin(from, to_guest);
             None
         };
-        held.stdin = Some(Worker::spawn("stdin", ending, forward).map_err(spawned)?);
+        held.stdin =
+            Some(Worker::spawn("stdin", ThreadKind::Agent, ending, forward).map_err(spawned)?);
         Ok(())
     }
 }
@@ -481,6 +482,14 @@ struct Held {
 
 /// Reads the control stream until the main process's outcome, handing
 /// messages about execs to them.
+/// Reads an agent's control stream as a session does, with no VM or
+/// device behind it: the entry of the fuzz target for what a hostile agent
+/// sends (fuzz/fuzz_targets/agent_host.rs).
+pub fn read_control_stream(control: &mut impl Read) -> io::Result<Outcome> {
+    let ports = HostPorts::new(None);
+    dispatch(&Agent::new(ports.handle()), control, &Ending::default())
+}
+
 fn dispatch(agent: &Agent, control: &mut impl Read, ending: &Ending) -> io::Result<Outcome> {
     let mut main = MainProcess::default();
     loop {
@@ -558,7 +567,7 @@ fn copy(
     to: Box<dyn Write + Send>,
     ending: &Arc<Ending>,
 ) -> Result<Worker, Error> {
-    Worker::spawn(name, ending, move || {
+    Worker::spawn(name, ThreadKind::Agent, ending, move || {
         copy_output(from, to);
         None
     })

@@ -114,6 +114,11 @@ struct RunArgs {
     #[arg(long)]
     no_tools: bool,
 
+    /// Run the VMM's threads without their seccomp filters (for debugging;
+    /// `UVM_SECCOMP=log` keeps them but only logs forbidden calls).
+    #[arg(long)]
+    no_seccomp: bool,
+
     /// The guest's vsock context ID.
     #[arg(long, value_name = "CID", default_value_t = DEFAULT_GUEST_CID,
           value_parser = clap::value_parser!(u64).range(3..u64::from(u32::MAX)))]
@@ -250,6 +255,10 @@ fn run(
         .flatten();
     #[cfg(target_os = "linux")]
     {
+        if !args.no_seccomp {
+            use vmm::sys::seccomp;
+            seccomp::enable(seccomp::Mode::from_env()).context("compiling the seccomp filters")?;
+        }
         let launch = commands::Launch::new(root, args.name.clone(), args.detach)?;
         launch.run(&config, start, finish)
     }

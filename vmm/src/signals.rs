@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::Arc;
 
-use crate::vm::threads::{Ending, Worker};
+use crate::vm::threads::{Ending, ThreadKind, Worker};
 use crate::vm::Error;
 
 /// Ctrl-C, termination, hang-up, Ctrl-\ and the terminal's size changes.
@@ -52,7 +52,7 @@ impl Blocked {
         mut handle: impl FnMut(i32) + Send + 'static,
         ending: &Arc<Ending>,
     ) -> Result<Forwarder, Error> {
-        let worker = Worker::spawn("signals", ending, move || loop {
+        let worker = Worker::spawn("signals", ThreadKind::Main, ending, move || loop {
             let mut signal = 0;
             // SAFETY: the set is initialised and `signal` is valid storage.
             if unsafe { libc::sigwait(&self.0, &mut signal) } != 0 {

@@ -125,6 +125,7 @@ fn serve(
         )?),
         None => None,
     };
+    running.release()?;
     if running.wait_started().is_ok() {
         instance.update(|record| record.set_running())?;
         started();

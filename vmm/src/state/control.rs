@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::agent::{Agent, ExecError, ExecSpec, Execution};
-use crate::vm::threads::{Ending, Worker};
+use crate::vm::threads::{Ending, ThreadKind, Worker};
 use crate::vm::{Error, Exit};
 
 /// Longest message: more than any request needs.
@@ -193,7 +193,7 @@ impl Server {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::Devices)?;
         let stopped = stop.try_clone().map_err(Error::Devices)?;
         let vm = ending.clone();
-        let worker = Worker::spawn("control", ending, move || {
+        let worker = Worker::spawn("control", ThreadKind::Control, ending, move || {
             accept_clients(&listener, &stopped, &agent, &vm);
             None
         })?;
@@ -238,7 +238,7 @@ fn accept_clients(listener: &UnixListener, stop: &EventFd, agent: &Agent, vm: &A
             continue;
         }
         let (agent, ending) = (agent.clone(), vm.clone());
-        match Worker::spawn("control-client", vm, move || {
+        match Worker::spawn("control-client", ThreadKind::Control, vm, move || {
             serve_client(channel, &agent, &ending);
             None
         }) {
@@ -309,7 +309,7 @@ fn serve_exec(channel: Channel, spec: ExecSpec, agent: &Agent, vm: &Arc<Ending>)
     let ended = Arc::new(AtomicBool::new(false));
     let relay = channel.try_clone().and_then(|from| {
         let (execution, ended) = (execution.clone(), ended.clone());
-        Worker::spawn("control-exec", vm, move || {
+        Worker::spawn("control-exec", ThreadKind::Control, vm, move || {
             relay_requests(from, &execution, &ended);
             None
         })

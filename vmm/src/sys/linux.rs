@@ -22,7 +22,9 @@ use crate::signals::{self, Forwarder};
 use crate::terminal::RawMode;
 use crate::vm::board::DeviceEnv;
 use crate::vm::layout::Slot;
-use crate::vm::threads::{Ending, Worker};
+use crate::vm::threads::{Ending, ThreadKind, Worker};
+
+pub use super::seccomp::{confine, confined};
 use crate::vm::{Error, Exit, VmConfig};
 
 /// The agent talks over vsock: the layout has a vsock device.
@@ -129,7 +131,7 @@ impl DeviceLoop {
             stop,
             stopped,
         } = self;
-        let worker = Worker::spawn("events", ending, move || {
+        let worker = Worker::spawn("events", ThreadKind::Devices, ending, move || {
             while !stopped.load(Ordering::SeqCst) {
                 if let Err(e) = manager.run() {
                     return Some(Exit::Vmm(format!("the device event loop failed: {e:?}")));

@@ -6,6 +6,8 @@
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]
+pub mod seccomp;
+#[cfg(target_os = "linux")]
 pub use linux::*;
 
 #[cfg(not(target_os = "linux"))]

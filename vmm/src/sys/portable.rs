@@ -15,7 +15,7 @@ use crate::hypervisor::{self, Vm};
 use crate::process::Outcome;
 use crate::vm::board::DeviceEnv;
 use crate::vm::layout::Slot;
-use crate::vm::threads::Ending;
+use crate::vm::threads::{Ending, ThreadKind};
 use crate::vm::{Error, Exit, VmConfig, DEFAULT_GUEST_CID};
 
 /// No vsock device: the layout has none.
@@ -30,6 +30,15 @@ pub type HostHypervisor = crate::hypervisor::whp::WhpHypervisor;
 #[cfg(windows)]
 pub fn open_hypervisor(config: &VmConfig) -> hypervisor::Result<HostHypervisor> {
     HostHypervisor::new(config.cpus.into())
+}
+
+/// No thread filters on these hosts (seccomp is Linux's).
+pub fn confine(_kind: ThreadKind, _inherited: Option<ThreadKind>) -> std::io::Result<()> {
+    Ok(())
+}
+
+pub fn confined() -> Option<ThreadKind> {
+    None
 }
 
 pub fn monotonic() -> Option<Duration> {

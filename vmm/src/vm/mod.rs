@@ -26,7 +26,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use self::board::{pio_bus, Buses, DeviceEnv};
 use self::layout::Layout;
-use self::threads::Ending;
+use self::threads::{Ending, ThreadKind};
 use self::vcpu::Vcpus;
 use crate::console::Console;
 use crate::hypervisor::{self, Hypervisor, Vcpu, Vm};
@@ -121,6 +121,8 @@ pub enum Error {
     Unsupported(&'static str),
     #[error("pausing the VM: {0}")]
     Pause(String),
+    #[error("the main thread's seccomp filter: {0}")]
+    Confine(std::io::Error),
     #[error(transparent)]
     Layer(#[from] layer::Error),
     #[error(transparent)]
@@ -215,6 +217,7 @@ where
     F: FnOnce() -> hypervisor::Result<H> + Send,
 {
     let running = UtilityVm::build(open, config, start)?.start(stdio)?;
+    running.release()?;
     running.wait();
     Ok(running.shutdown())
 }
@@ -325,8 +328,9 @@ where
         })
     }
 
-    /// Runs the VM: the device event loop, the agent link, then the vCPUs.
-    /// The process's stdio is `stdio`.
+    /// Starts the VM's threads: the device event loop, the agent link, then
+    /// the vCPUs, held until [`Running::release`]. The process's stdio is
+    /// `stdio`.
     pub fn start(self, stdio: Stdio) -> Result<Running<H>, Error> {
         let guest_memory = self.guest_memory();
         // Everything belongs to `Running` before anything starts, so that a
@@ -397,6 +401,16 @@ impl<H: Hypervisor> Running<H> {
     /// How the VM ended, if it has (without waiting).
     pub fn ended(&self) -> Option<Exit> {
         self.ending.get()
+    }
+
+    /// Confines the calling (main) thread, then lets the vCPUs into the
+    /// guest: every thread's filter is in place before its first
+    /// instruction. Threads the caller needs unconfined (they would inherit
+    /// its filter) start before this.
+    pub fn release(&self) -> Result<(), Error> {
+        sys::confine(ThreadKind::Main, sys::confined()).map_err(Error::Confine)?;
+        self.resume();
+        Ok(())
     }
 
     /// Takes every vCPU out of the guest and parks it; devices keep

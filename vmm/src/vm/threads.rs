@@ -75,6 +75,42 @@ impl Ending {
     }
 }
 
+/// What a VMM thread does, which decides the system calls it may make
+/// (its seccomp filter on Linux: `sys::confine`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// Runs one vCPU and answers its port and MMIO exits.
+    Vcpu,
+    /// The device event loop: virtio queues, host sockets, the block file.
+    Devices,
+    /// The agent session and the stdio copiers it starts.
+    Agent,
+    /// The control socket: its listener, clients and their execs.
+    Control,
+    /// The main thread (once the VM runs) and the signal thread.
+    Main,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 5] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Devices,
+        ThreadKind::Agent,
+        ThreadKind::Control,
+        ThreadKind::Main,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Devices => "devices",
+            ThreadKind::Agent => "agent",
+            ThreadKind::Control => "control",
+            ThreadKind::Main => "main",
+        }
+    }
+}
+
 /// A running VM thread, joined by whoever holds this (at the latest when
 /// it drops this: tell the thread to stop first).
 pub struct Worker {
@@ -83,20 +119,28 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts `body` on a thread called `name`. What it returns is how it
-    /// ended: `Some(exit)` ends the VM for that reason, `None` means it
-    /// stopped because it was told to. A panic ends the VM too.
+    /// Starts `body` on a thread called `name`, confined to what a thread
+    /// of `kind` may do. What it returns is how it ended: `Some(exit)` ends
+    /// the VM for that reason, `None` means it stopped because it was told
+    /// to. A panic ends the VM too, and so does a filter that cannot be
+    /// installed (the body does not run).
     pub fn spawn(
         name: impl Into<String>,
+        kind: ThreadKind,
         ending: &std::sync::Arc<Ending>,
         body: impl FnOnce() -> Option<Exit> + Send + 'static,
     ) -> Result<Self, Error> {
         let name = name.into();
         let ending = ending.clone();
         let thread = name.clone();
+        let inherited = crate::sys::confined();
         let handle = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
+                if let Err(e) = crate::sys::confine(kind, inherited) {
+                    let why = format!("the {thread} thread's {} filter: {e}", kind.name());
+                    return ending.end(Exit::Vmm(why));
+                }
                 let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
                 match ended {
                     Ok(None) => tracing::debug!("thread {thread}: stopped"),
@@ -175,10 +219,11 @@ mod tests {
     #[test]
     fn a_worker_reports_how_it_ended() {
         let ending = Arc::new(Ending::default());
-        let stopped = Worker::spawn("quiet", &ending, || None).unwrap();
+        let stopped = Worker::spawn("quiet", ThreadKind::Main, &ending, || None).unwrap();
         stopped.join();
         assert_eq!(ending.get(), None, "stopping as asked does not end the VM");
-        let panicked = Worker::spawn("boom", &ending, || panic!("device bug")).unwrap();
+        let panicked =
+            Worker::spawn("boom", ThreadKind::Main, &ending, || panic!("device bug")).unwrap();
         assert_eq!(panicked.name(), "boom");
         panicked.join();
         assert_eq!(ending.wait(), Exit::Vmm("the boom thread panicked".into()));

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::threads::{Ending, Worker};
+use super::threads::{Ending, ThreadKind, Worker};
 use super::{Error, Exit};
 use crate::hypervisor::{IoHandler, Kick, Vcpu, VcpuExit};
 use crate::lock;
@@ -84,8 +84,9 @@ pub struct Vcpus {
 }
 
 impl Vcpus {
-    /// Starts one thread per vCPU, answering guest I/O with `io`. `entered`
-    /// is set when vCPU 0 first enters the guest.
+    /// Starts one thread per vCPU, answering guest I/O with `io`, each
+    /// parked until [`Self::resume`]. `entered` is set when vCPU 0 first
+    /// enters the guest.
     pub fn start<V: Vcpu>(
         vcpus: Vec<V>,
         io: Arc<dyn IoHandler + Send + Sync>,
@@ -93,8 +94,9 @@ impl Vcpus {
         entered: &Arc<OnceLock<Instant>>,
     ) -> Result<Self, Error> {
         let control = Arc::new(Control {
+            // Held (parked) until the VM is released.
             state: Mutex::new(State {
-                want: Want::Run,
+                want: Want::Pause,
                 parked: 0,
                 live: 0,
             }),
@@ -113,9 +115,12 @@ impl Vcpus {
             let (io, entered) = (io.clone(), entered.clone());
             let body = move || run(vcpu, id, &*io, &exited.0, &entered);
             // On failure the body is dropped unrun, and with it `exited`.
-            started
-                .workers
-                .push(Worker::spawn(format!("vcpu{id}"), ending, body)?);
+            started.workers.push(Worker::spawn(
+                format!("vcpu{id}"),
+                ThreadKind::Vcpu,
+                ending,
+                body,
+            )?);
         }
         Ok(started)
     }
@@ -176,12 +181,13 @@ fn run<V: Vcpu>(
     control: &Control,
     entered: &OnceLock<Instant>,
 ) -> Option<Exit> {
-    if id == 0 {
-        let _ = entered.set(Instant::now());
-    }
+    let mut first = id == 0;
     let reason = loop {
         if !control.proceed() {
             return None;
+        }
+        if std::mem::take(&mut first) {
+            let _ = entered.set(Instant::now());
         }
         match vcpu.run(io) {
             Ok(VcpuExit::Io | VcpuExit::Interrupted) => {}

@@ -1,0 +1,73 @@
+//! What the fuzz targets share: guest memory filled from the input, with
+//! split virtqueues at fixed places in it, so an input is whatever a
+//! hostile driver could write: descriptors, rings, indexes and buffers.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use devices::virtio::{GuestMemory, IrqStatus};
+use devices::Interrupt;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Guest memory for one input: small, so that inputs cover most of it.
+pub const MEM_SIZE: usize = 64 * 1024;
+/// Queues this small reach the ring's wrap-around with short inputs.
+pub const QUEUE_SIZE: u16 = 16;
+/// Queue `i` sits at `i * QUEUE_AREA`: descriptors, available, used ring.
+const QUEUE_AREA: u64 = 0x400;
+
+/// Guest memory holding `input` from address 0.
+pub fn memory(input: &[u8]) -> GuestMemory {
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
+    let len = input.len().min(MEM_SIZE);
+    mem.write_slice(&input[..len], GuestAddress(0))
+        .expect("fits");
+    mem
+}
+
+/// Queue `index`, ready, with its rings where the input put them.
+pub fn queue(index: u64, event_idx: bool) -> Queue {
+    let base = index * QUEUE_AREA;
+    let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
+    queue.set_size(QUEUE_SIZE);
+    queue.set_desc_table_address(Some(base as u32), Some(0));
+    queue.set_avail_ring_address(Some((base + 0x100) as u32), Some(0));
+    queue.set_used_ring_address(Some((base + 0x200) as u32), Some(0));
+    queue.set_event_idx(event_idx);
+    queue.set_ready(true);
+    queue
+}
+
+/// An interrupt line that goes nowhere.
+pub struct NoInterrupt;
+
+impl Interrupt for NoInterrupt {
+    fn trigger(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub fn irq() -> Arc<IrqStatus> {
+    Arc::new(IrqStatus::new(Arc::new(NoInterrupt)))
+}
+
+/// A 64 KiB disk for block targets: one unlinked file per process, a new
+/// descriptor of it per input.
+pub fn disk() -> File {
+    static DISK: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+    let disk = DISK.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("uvm-fuzz-disk-{}", std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("fuzz disk");
+        std::fs::remove_file(&path).expect("unlink the fuzz disk");
+        file.set_len(64 * 1024).expect("size the fuzz disk");
+        file
+    });
+    disk.try_clone().expect("a descriptor of the fuzz disk")
+}

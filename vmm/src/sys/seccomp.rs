@@ -1,0 +1,361 @@
+//! seccomp filters, one per kind of VMM thread (Firecracker's model): a
+//! thread may make only the system calls its work needs, and any other
+//! call kills the whole VMM with SIGSYS. The filters are data, reviewed
+//! like code: each group says which thread needs it and why.
+//!
+//! A thread installs its filter before it does its work (vCPUs before the
+//! guest's first instruction, the main thread when it releases them); a
+//! thread started by another inherits the starter's filter too, so every
+//! thread is started by one of its own kind or before its starter is
+//! confined. `uvm run --no-seccomp` turns them off; with
+//! `UVM_SECCOMP=log` a forbidden call is only logged by the kernel (the
+//! audit lines in dmesg name the thread and the call), to find what a new
+//! feature needs.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::OnceLock;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use crate::vm::threads::ThreadKind;
+
+/// The compiled filters, once [`enable`] has run; no filters before.
+static FILTERS: OnceLock<Filters> = OnceLock::new();
+
+thread_local! {
+    /// The filter this thread runs under (its own, or its starter's).
+    static CONFINED: Cell<Option<ThreadKind>> = const { Cell::new(None) };
+}
+
+struct Filters {
+    programs: HashMap<ThreadKind, BpfProgram>,
+    /// Debug builds: the kind whose threads make a forbidden call right
+    /// after they are confined (`UVM_SECCOMP_TRIGGER`), for the tests.
+    trigger: Option<ThreadKind>,
+}
+
+/// What a forbidden call does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Kill,
+    /// Allowed, and logged by the kernel.
+    Log,
+}
+
+impl Mode {
+    /// `UVM_SECCOMP=log` asks for [`Mode::Log`].
+    pub fn from_env() -> Self {
+        match std::env::var("UVM_SECCOMP").as_deref() {
+            Ok("log") => Mode::Log,
+            _ => Mode::Kill,
+        }
+    }
+}
+
+/// Compiles every filter and turns confinement on for this process: each
+/// VMM thread started from now on, and the main thread when it releases
+/// the vCPUs, runs under its kind's filter.
+pub fn enable(mode: Mode) -> io::Result<()> {
+    let mismatch = match mode {
+        Mode::Kill => SeccompAction::KillProcess,
+        Mode::Log => SeccompAction::Log,
+    };
+    let mut programs = HashMap::new();
+    for kind in ThreadKind::ALL {
+        programs.insert(
+            kind,
+            compile(kind, mismatch.clone()).map_err(io::Error::other)?,
+        );
+    }
+    let filters = Filters {
+        programs,
+        trigger: trigger(),
+    };
+    FILTERS
+        .set(filters)
+        .map_err(|_| io::Error::other("seccomp filters enabled twice"))
+}
+
+/// The kind of filter the calling thread runs under, for the threads it
+/// starts (they inherit it).
+pub fn confined() -> Option<ThreadKind> {
+    CONFINED.get()
+}
+
+/// Confines the calling thread, which inherited `inherited`'s filter from
+/// its starter, to `kind`'s system calls. Nothing to do when filters are
+/// off or the inherited filter is this kind's.
+pub fn confine(kind: ThreadKind, inherited: Option<ThreadKind>) -> io::Result<()> {
+    CONFINED.set(inherited);
+    let Some(filters) = FILTERS.get() else {
+        return Ok(());
+    };
+    if inherited != Some(kind) {
+        seccompiler::apply_filter(&filters.programs[&kind]).map_err(io::Error::other)?;
+        CONFINED.set(Some(kind));
+    }
+    if filters.trigger == Some(kind) {
+        forbidden_call();
+    }
+    Ok(())
+}
+
+#[cfg(debug_assertions)]
+fn trigger() -> Option<ThreadKind> {
+    let name = std::env::var("UVM_SECCOMP_TRIGGER").ok()?;
+    ThreadKind::ALL.into_iter().find(|k| k.name() == name)
+}
+
+#[cfg(not(debug_assertions))]
+fn trigger() -> Option<ThreadKind> {
+    None
+}
+
+/// A call no filter allows: with filters on, the VMM dies here.
+fn forbidden_call() {
+    // SAFETY: acct(NULL) takes no memory; it only switches process
+    // accounting off, and the filter stops it before it runs.
+    unsafe { libc::syscall(libc::SYS_acct, std::ptr::null::<libc::c_char>()) };
+}
+
+fn compile(kind: ThreadKind, mismatch: SeccompAction) -> seccompiler::Result<BpfProgram> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let mut unconditional = Vec::new();
+    for (calls, conditions) in allowed(kind) {
+        for &call in calls {
+            let entry = rules.entry(call).or_default();
+            match conditions {
+                Conditions::Any => unconditional.push(call),
+                Conditions::Ioctls(requests) => {
+                    for &request in requests {
+                        entry.push(ioctl_rule(request)?);
+                    }
+                }
+            }
+        }
+    }
+    // No rules means any arguments.
+    for call in unconditional {
+        rules.insert(call, Vec::new());
+    }
+    let arch = TargetArch::try_from(std::env::consts::ARCH)?;
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)?;
+    Ok(filter.try_into()?)
+}
+
+fn ioctl_rule(request: u64) -> seccompiler::Result<SeccompRule> {
+    let request = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)?;
+    Ok(SeccompRule::new(vec![request])?)
+}
+
+/// Which arguments a group's calls may have.
+enum Conditions {
+    Any,
+    /// `ioctl` with one of these requests.
+    Ioctls(&'static [u64]),
+}
+
+type Group = (&'static [i64], Conditions);
+
+use libc::*;
+
+/// ioctl request numbers (asm-generic/ioctl.h encoding, KVMIO = 0xAE).
+mod ioctl {
+    const fn io(ty: u64, nr: u64) -> u64 {
+        (ty << 8) | nr
+    }
+    const fn ior(ty: u64, nr: u64, size: u64) -> u64 {
+        (2 << 30) | (size << 16) | (ty << 8) | nr
+    }
+    pub const KVM_RUN: u64 = io(0xAE, 0x80);
+    /// `struct kvm_regs` is 144 bytes.
+    pub const KVM_GET_REGS: u64 = ior(0xAE, 0x81, 144);
+    pub const TCGETS: u64 = 0x5401;
+    pub const TCSETS: u64 = 0x5402;
+    pub const TIOCGWINSZ: u64 = 0x5413;
+    pub const FIONBIO: u64 = 0x5421;
+}
+
+/// Every thread: Rust's runtime (allocation, locks, thread exit, panics
+/// and their messages), logging to stderr, closing what it drops.
+const RUNTIME: &[i64] = &[
+    SYS_brk,
+    SYS_mmap,
+    SYS_munmap,
+    SYS_mremap,
+    SYS_mprotect,
+    SYS_madvise,
+    SYS_futex,
+    SYS_sched_yield,
+    SYS_rt_sigprocmask,
+    SYS_rt_sigreturn,
+    SYS_sigaltstack,
+    SYS_getrandom,
+    SYS_clock_gettime,
+    SYS_clock_nanosleep,
+    SYS_nanosleep,
+    SYS_gettid,
+    SYS_getpid,
+    // Kicking a vCPU, abort(): glibc uses tgkill, musl tkill.
+    SYS_tgkill,
+    SYS_tkill,
+    SYS_write,
+    SYS_writev,
+    SYS_close,
+    SYS_exit,
+    SYS_exit_group,
+];
+
+/// Starting threads (glibc's and musl's way) and naming them.
+const SPAWN: &[i64] = &[
+    SYS_clone,
+    SYS_clone3,
+    SYS_set_robust_list,
+    SYS_rseq,
+    SYS_prctl,
+    SYS_sched_getaffinity,
+    SYS_openat,
+];
+
+/// Stream I/O on Unix sockets and pipes.
+const STREAMS: &[i64] = &[
+    SYS_read,
+    SYS_readv,
+    SYS_recvfrom,
+    SYS_recvmsg,
+    SYS_sendto,
+    SYS_sendmsg,
+    SYS_shutdown,
+    SYS_poll,
+    SYS_ppoll,
+    SYS_fcntl,
+    SYS_setsockopt,
+    SYS_getsockopt,
+];
+
+fn allowed(kind: ThreadKind) -> Vec<Group> {
+    let mut groups: Vec<Group> = vec![(RUNTIME, Conditions::Any)];
+    groups.extend(match kind {
+        ThreadKind::Vcpu => vec![
+            // Running the vCPU; its registers for a fault's report.
+            (
+                &[SYS_ioctl][..],
+                Conditions::Ioctls(&[ioctl::KVM_RUN, ioctl::KVM_GET_REGS]),
+            ),
+            // Queue notifications and interrupts are eventfd writes;
+            // activating vsock serves what the guest queued already.
+            (STREAMS, Conditions::Any),
+            (&[SYS_socketpair, SYS_socket, SYS_connect], Conditions::Any),
+            (&[SYS_ioctl][..], Conditions::Ioctls(&[ioctl::FIONBIO])),
+            (&[SYS_epoll_ctl], Conditions::Any),
+        ],
+        ThreadKind::Devices => vec![
+            // The event loop and its timer.
+            (
+                &[
+                    SYS_epoll_wait,
+                    SYS_epoll_pwait,
+                    SYS_epoll_ctl,
+                    SYS_timerfd_settime,
+                ][..],
+                Conditions::Any,
+            ),
+            (STREAMS, Conditions::Any),
+            // vsock: host ports (socket pairs for ports served inside the
+            // VMM, `{uds}_{port}` connections), hybrid-socket clients.
+            (
+                &[SYS_socketpair, SYS_socket, SYS_connect, SYS_accept4][..],
+                Conditions::Any,
+            ),
+            (&[SYS_ioctl][..], Conditions::Ioctls(&[ioctl::FIONBIO])),
+            // virtio-blk on the scratch file.
+            (
+                &[
+                    SYS_pread64,
+                    SYS_pwrite64,
+                    SYS_preadv,
+                    SYS_pwritev,
+                    SYS_lseek,
+                    SYS_fsync,
+                    SYS_fdatasync,
+                ][..],
+                Conditions::Any,
+            ),
+        ],
+        ThreadKind::Agent => vec![
+            (SPAWN, Conditions::Any),
+            (STREAMS, Conditions::Any),
+            (&[SYS_dup, SYS_dup3][..], Conditions::Any),
+        ],
+        ThreadKind::Control => vec![
+            (SPAWN, Conditions::Any),
+            (STREAMS, Conditions::Any),
+            (&[SYS_accept4, SYS_dup, SYS_dup3][..], Conditions::Any),
+            (&[SYS_ioctl][..], Conditions::Ioctls(&[ioctl::FIONBIO])),
+        ],
+        ThreadKind::Main => vec![
+            (STREAMS, Conditions::Any),
+            // Forwarded signals; a terminal's size for SIGWINCH and the
+            // host terminal restored at the end.
+            (
+                &[SYS_rt_sigtimedwait, SYS_rt_sigaction, SYS_kill][..],
+                Conditions::Any,
+            ),
+            (
+                &[SYS_ioctl][..],
+                Conditions::Ioctls(&[ioctl::TCGETS, ioctl::TCSETS, ioctl::TIOCGWINSZ]),
+            ),
+            // The VM's state directory: the record rewritten (atomically),
+            // removed at the end; the scratch lock let go.
+            (
+                &[
+                    SYS_open,
+                    SYS_openat,
+                    SYS_stat,
+                    SYS_lstat,
+                    SYS_fstat,
+                    SYS_newfstatat,
+                    SYS_statx,
+                    SYS_lseek,
+                    SYS_fsync,
+                    SYS_rename,
+                    SYS_renameat,
+                    SYS_unlink,
+                    SYS_unlinkat,
+                    SYS_rmdir,
+                    SYS_getdents64,
+                    SYS_flock,
+                    SYS_fchmod,
+                ][..],
+                Conditions::Any,
+            ),
+        ],
+    });
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles() {
+        for kind in ThreadKind::ALL {
+            let program = compile(kind, SeccompAction::KillProcess).unwrap();
+            assert!(!program.is_empty(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(ioctl::KVM_RUN, 0xae80);
+        assert_eq!(ioctl::KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(ioctl::FIONBIO, libc::FIONBIO);
+        assert_eq!(ioctl::TIOCGWINSZ, libc::TIOCGWINSZ);
+    }
+}
