@@ -1,5 +1,8 @@
-//! virtio-pmem requests: any descriptor chains on the request queue.
+//! virtio-pmem requests: any descriptor chains on the request queue,
+//! served by the event loop as in the VMM.
 #![no_main]
+
+use std::sync::{Arc, Mutex};
 
 use devices::virtio::pmem::Pmem;
 use devices::virtio::{RequestDevice, VirtioDevice};
@@ -11,8 +14,10 @@ fuzz_target!(|data: &[u8]| {
         start: 1 << 32,
         len: 2 << 20,
     };
-    let mut device = RequestDevice::new(uvm_fuzz::memory(data), pmem).expect("device");
+    let device = RequestDevice::new(uvm_fuzz::memory(data), pmem).expect("device");
+    let device = Arc::new(Mutex::new(device));
+    let mut events = uvm_fuzz::event_loop(device.clone());
     let queue = uvm_fuzz::queue(0, flags & 2 != 0);
-    let _ = device.activate(vec![queue], uvm_fuzz::irq());
-    device.queue_notified(0);
+    let _ = device.lock().unwrap().activate(vec![queue], uvm_fuzz::irq());
+    uvm_fuzz::serve(&mut events);
 });

@@ -1,7 +1,8 @@
 //! The virtio-mmio transport: register reads and writes in any order and
 //! of any width (the guest driver's whole interface to a device), with a
 //! block device behind it whose queues, once the driver sets them up and
-//! says DRIVER_OK, are wherever the writes put them.
+//! says DRIVER_OK, are wherever the writes put them (served by the event
+//! loop, as in the VMM).
 #![no_main]
 
 use std::sync::{Arc, Mutex};
@@ -18,9 +19,11 @@ const OP_LEN: usize = 7;
 fuzz_target!(|data: &[u8]| {
     let mem = uvm_fuzz::memory(data);
     let block = Block::new(uvm_fuzz::disk(), false, "fuzz").expect("block device");
-    let device = RequestDevice::new(mem.clone(), block).expect("device");
-    let mut transport =
-        MmioTransport::new(Arc::new(Mutex::new(device)), mem, Arc::new(uvm_fuzz::NoInterrupt));
+    let device = Arc::new(Mutex::new(
+        RequestDevice::new(mem.clone(), block).expect("device"),
+    ));
+    let mut events = uvm_fuzz::event_loop(device.clone());
+    let mut transport = MmioTransport::new(device, mem, Arc::new(uvm_fuzz::NoInterrupt));
     for op in data.chunks_exact(OP_LEN) {
         let width = [1, 2, 4, 8][usize::from(op[0] >> 1) & 3];
         let offset = u64::from(u16::from_le_bytes([op[1], op[2]]) % 0x200);
@@ -32,4 +35,6 @@ fuzz_target!(|data: &[u8]| {
             transport.write(offset, &value[..width]);
         }
     }
+    // What the driver's DRIVER_OK and notifications asked the device for.
+    uvm_fuzz::serve(&mut events);
 });

@@ -8,10 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use devices::virtio::vsock::{HostPorts, Vsock};
 use devices::virtio::VirtioDevice;
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
-
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Guest port numbers the inputs can name cheaply.
 const SERVED: [u32; 3] = [0, 1, 1024];
@@ -25,10 +22,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let vsock = Vsock::new(uvm_fuzz::memory(data), 3, ports, None).expect("vsock");
     let vsock = Arc::new(Mutex::new(vsock));
-    let mut events = EventManager::<Subscriber>::new().expect("event manager");
-    events.add_subscriber(vsock.clone());
+    let mut events = uvm_fuzz::event_loop(vsock.clone());
     let queues = (0..3).map(|i| uvm_fuzz::queue(i, flags & 2 != 0)).collect();
     let _ = vsock.lock().unwrap().activate(queues, uvm_fuzz::irq());
+    uvm_fuzz::serve(&mut events);
     // The host side answers every connection the guest made, then the
     // guest kicks both queues.
     let mut hosts = Vec::new();
@@ -39,9 +36,7 @@ fuzz_target!(|data: &[u8]| {
     for queue in [0, 1] {
         let _ = vsock.lock().unwrap().queue_events()[queue].write(1);
     }
-    for _ in 0..4 {
-        let _ = events.run_with_timeout(0);
-    }
+    uvm_fuzz::serve(&mut events);
     drop(hosts);
-    let _ = events.run_with_timeout(0);
+    uvm_fuzz::serve(&mut events);
 });

@@ -3,15 +3,16 @@
 //! hostile driver could write: descriptors, rings, indexes and buffers.
 
 use std::fs::File;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use devices::virtio::{GuestMemory, IrqStatus};
 use devices::Interrupt;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Guest memory for one input: small, so that inputs cover most of it.
-pub const MEM_SIZE: usize = 64 * 1024;
+pub const MEM_SIZE: usize = 16 * 1024;
 /// Queues this small reach the ring's wrap-around with short inputs.
 pub const QUEUE_SIZE: u16 = 16;
 /// Queue `i` sits at `i * QUEUE_AREA`: descriptors, available, used ring.
@@ -70,4 +71,22 @@ pub fn disk() -> File {
         file
     });
     disk.try_clone().expect("a descriptor of the fuzz disk")
+}
+
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// An event loop serving `device`, as the VMM's event thread does.
+pub fn event_loop(device: Subscriber) -> EventManager<Subscriber> {
+    let mut events = EventManager::<Subscriber>::new().expect("event manager");
+    events.add_subscriber(device);
+    events
+}
+
+/// Serves whatever is ready, a few rounds (each can make more ready).
+pub fn serve(events: &mut EventManager<Subscriber>) {
+    for _ in 0..4 {
+        if events.run_with_timeout(0).unwrap_or(0) == 0 {
+            return;
+        }
+    }
 }

@@ -20,8 +20,8 @@ commands:
   demo-layers  busybox base, app and test layers -> target/guest/layers/*.img
   guest    kernel + initrd + demo layers
   demo     build what is missing, then run a container from the demo layers
-  test     guest, then fmt, clippy, the Windows (WHP) type-check and the whole
-           test suite (what CI runs)
+  test     guest, then fmt, clippy, the Windows (WHP) type-check, the whole
+           test suite and every fuzz target for 20 s (what CI runs)
   bench [--nested] [--operate N]
            the standard comparison: `true`, 30 runs, uvm against QEMU microvm
            -> target/bench/{bench.json,bench.svg,table.txt}; with --nested on
@@ -320,7 +320,10 @@ fn test() -> Result<()> {
     uvm()?;
     // --show-output: each boot test says which kind of KVM host it ran on.
     run(cargo().args(["test", "--workspace", "--", "--show-output"]))?;
-    nested_tests()
+    nested_tests()?;
+    // Every fuzz target for a short time: what the seeds and CI-length
+    // runs reach must not crash, hang or grow.
+    fuzz::fuzz(fuzz::CI_SECONDS, None)
 }
 
 /// The integration tests once more on hardware KVM, inside the nested L1

@@ -210,7 +210,15 @@ impl<H: RequestHandler> VirtioDevice for RequestDevice<H> {
         &self.events
     }
 
+    /// On Linux the event thread serves the queue (this runs on a vCPU
+    /// thread, whose seccomp filter allows no file I/O); elsewhere there is
+    /// no event thread.
     fn queue_notified(&mut self, _queue: usize) {
+        #[cfg(target_os = "linux")]
+        if let Err(e) = self.events[0].write(1) {
+            tracing::warn!("{}: queue notify: {e}", H::NAME);
+        }
+        #[cfg(not(target_os = "linux"))]
         self.process_queue();
     }
 
@@ -226,7 +234,8 @@ impl<H: RequestHandler> VirtioDevice for RequestDevice<H> {
         match queues.pop() {
             Some(queue) if queue.ready() => {
                 self.active = Some((queue, irq));
-                self.process_queue();
+                // Anything the driver queued before it said DRIVER_OK.
+                self.queue_notified(0);
                 Ok(())
             }
             _ => Err(ActivateError::BadQueue(0)),

@@ -207,11 +207,15 @@ const RUNTIME: &[i64] = &[
     SYS_write,
     SYS_writev,
     SYS_close,
+    // Debug builds check that a dropped descriptor is open (F_GETFD).
+    SYS_fcntl,
     SYS_exit,
     SYS_exit_group,
 ];
 
-/// Starting threads (glibc's and musl's way) and naming them.
+/// Starting threads (glibc's and musl's way) and naming them; a new
+/// thread's first allocation may read /sys/devices/system/cpu/online
+/// (glibc's malloc arenas).
 const SPAWN: &[i64] = &[
     SYS_clone,
     SYS_clone3,
@@ -222,40 +226,24 @@ const SPAWN: &[i64] = &[
     SYS_openat,
 ];
 
-/// Stream I/O on Unix sockets and pipes.
-const STREAMS: &[i64] = &[
-    SYS_read,
-    SYS_readv,
-    SYS_recvfrom,
-    SYS_recvmsg,
-    SYS_sendto,
-    SYS_sendmsg,
-    SYS_shutdown,
-    SYS_poll,
-    SYS_ppoll,
-    SYS_fcntl,
-    SYS_setsockopt,
-    SYS_getsockopt,
-];
+/// Reading and writing Unix streams (std reads and writes sockets with
+/// recvfrom/sendto) and pipes.
+const STREAMS: &[i64] = &[SYS_read, SYS_recvfrom, SYS_sendto, SYS_shutdown];
 
 fn allowed(kind: ThreadKind) -> Vec<Group> {
     let mut groups: Vec<Group> = vec![(RUNTIME, Conditions::Any)];
     groups.extend(match kind {
-        ThreadKind::Vcpu => vec![
+        // The guest's port and MMIO accesses are answered in memory; queue
+        // notifications and interrupts are eventfd writes (RUNTIME), and
+        // device work a driver asks for (even at activation) is served on
+        // the event thread.
+        ThreadKind::Vcpu => vec![(
+            &[SYS_ioctl][..],
             // Running the vCPU; its registers for a fault's report.
-            (
-                &[SYS_ioctl][..],
-                Conditions::Ioctls(&[ioctl::KVM_RUN, ioctl::KVM_GET_REGS]),
-            ),
-            // Queue notifications and interrupts are eventfd writes;
-            // activating vsock serves what the guest queued already.
-            (STREAMS, Conditions::Any),
-            (&[SYS_socketpair, SYS_socket, SYS_connect], Conditions::Any),
-            (&[SYS_ioctl][..], Conditions::Ioctls(&[ioctl::FIONBIO])),
-            (&[SYS_epoll_ctl], Conditions::Any),
-        ],
+            Conditions::Ioctls(&[ioctl::KVM_RUN, ioctl::KVM_GET_REGS]),
+        )],
         ThreadKind::Devices => vec![
-            // The event loop and its timer.
+            // The event loop and the vsock connection timer.
             (
                 &[
                     SYS_epoll_wait,
@@ -265,9 +253,9 @@ fn allowed(kind: ThreadKind) -> Vec<Group> {
                 ][..],
                 Conditions::Any,
             ),
+            // vsock: host streams, socket pairs for the ports served inside
+            // the VMM, `{uds}_{port}` connections, hybrid-socket clients.
             (STREAMS, Conditions::Any),
-            // vsock: host ports (socket pairs for ports served inside the
-            // VMM, `{uds}_{port}` connections), hybrid-socket clients.
             (
                 &[SYS_socketpair, SYS_socket, SYS_connect, SYS_accept4][..],
                 Conditions::Any,
@@ -287,31 +275,44 @@ fn allowed(kind: ThreadKind) -> Vec<Group> {
                 Conditions::Any,
             ),
         ],
+        // The control stream and the stdio streams; stdin forwarding waits
+        // with poll.
         ThreadKind::Agent => vec![
             (SPAWN, Conditions::Any),
             (STREAMS, Conditions::Any),
-            (&[SYS_dup, SYS_dup3][..], Conditions::Any),
+            (&[SYS_poll, SYS_ppoll][..], Conditions::Any),
         ],
+        // Clients of the control socket (accepted with a timeout), their
+        // requests and the stream sockets passed back with SCM_RIGHTS.
         ThreadKind::Control => vec![
             (SPAWN, Conditions::Any),
             (STREAMS, Conditions::Any),
-            (&[SYS_accept4, SYS_dup, SYS_dup3][..], Conditions::Any),
+            (
+                &[
+                    SYS_accept4,
+                    SYS_poll,
+                    SYS_ppoll,
+                    SYS_recvmsg,
+                    SYS_sendmsg,
+                    SYS_setsockopt,
+                ][..],
+                Conditions::Any,
+            ),
             (&[SYS_ioctl][..], Conditions::Ioctls(&[ioctl::FIONBIO])),
         ],
         ThreadKind::Main => vec![
+            // Forwarded signals, sent to the agent on its control stream;
+            // a terminal's size for SIGWINCH and the host terminal restored
+            // at the end.
             (STREAMS, Conditions::Any),
-            // Forwarded signals; a terminal's size for SIGWINCH and the
-            // host terminal restored at the end.
-            (
-                &[SYS_rt_sigtimedwait, SYS_rt_sigaction, SYS_kill][..],
-                Conditions::Any,
-            ),
+            (&[SYS_rt_sigtimedwait][..], Conditions::Any),
             (
                 &[SYS_ioctl][..],
                 Conditions::Ioctls(&[ioctl::TCGETS, ioctl::TCSETS, ioctl::TIOCGWINSZ]),
             ),
             // The VM's state directory: the record rewritten (atomically),
-            // removed at the end; the scratch lock let go.
+            // removed at the end; the VMM's memory read from smaps for the
+            // report. glibc and musl spell some of these differently.
             (
                 &[
                     SYS_open,
@@ -322,7 +323,6 @@ fn allowed(kind: ThreadKind) -> Vec<Group> {
                     SYS_newfstatat,
                     SYS_statx,
                     SYS_lseek,
-                    SYS_fsync,
                     SYS_rename,
                     SYS_renameat,
                     SYS_unlink,
@@ -330,7 +330,6 @@ fn allowed(kind: ThreadKind) -> Vec<Group> {
                     SYS_rmdir,
                     SYS_getdents64,
                     SYS_flock,
-                    SYS_fchmod,
                 ][..],
                 Conditions::Any,
             ),

@@ -280,9 +280,10 @@ impl VirtioDevice for Vsock {
             return Err(ActivateError::BadQueue(bad));
         }
         self.active = Some(Active { queues, irq });
-        // Anything the guest queued before we were watching.
-        self.process_tx();
-        self.process_rx();
+        // Anything the guest queued before we were watching is served on
+        // the event thread: activation runs on a vCPU thread, whose seccomp
+        // filter allows no socket I/O.
+        self.queue_notified(TX);
         Ok(())
     }
 
