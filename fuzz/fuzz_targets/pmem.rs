@@ -2,22 +2,13 @@
 //! served by the event loop as in the VMM.
 #![no_main]
 
-use std::sync::{Arc, Mutex};
-
 use devices::virtio::pmem::Pmem;
-use devices::virtio::{RequestDevice, VirtioDevice};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let flags = data.first().copied().unwrap_or(0);
     let pmem = Pmem {
         start: 1 << 32,
         len: 2 << 20,
     };
-    let device = RequestDevice::new(uvm_fuzz::memory(data), pmem).expect("device");
-    let device = Arc::new(Mutex::new(device));
-    let mut events = uvm_fuzz::event_loop(device.clone());
-    let queue = uvm_fuzz::queue(0, flags & 2 != 0);
-    let _ = device.lock().unwrap().activate(vec![queue], uvm_fuzz::irq());
-    uvm_fuzz::serve(&mut events);
+    uvm_fuzz::serve_requests(pmem, data);
 });

@@ -53,12 +53,18 @@ pub fn irq() -> Arc<IrqStatus> {
     Arc::new(IrqStatus::new(Arc::new(NoInterrupt)))
 }
 
-/// A 64 KiB disk for block targets: one unlinked file per process, a new
+/// A 64 KiB disk for block targets: one unlinked file per process (in
+/// memory where /dev/shm exists, so that flushes cost nothing), a new
 /// descriptor of it per input.
 pub fn disk() -> File {
     static DISK: std::sync::OnceLock<File> = std::sync::OnceLock::new();
     let disk = DISK.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("uvm-fuzz-disk-{}", std::process::id()));
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = match shm.is_dir() {
+            true => shm.to_owned(),
+            false => std::env::temp_dir(),
+        };
+        let path = dir.join(format!("uvm-fuzz-disk-{}", std::process::id()));
         let file = File::options()
             .read(true)
             .write(true)
@@ -89,4 +95,21 @@ pub fn serve(events: &mut EventManager<Subscriber>) {
             return;
         }
     }
+}
+
+/// A single-queue device (block, pmem) with the driver's queue in `data`:
+/// activated, then served by the event loop as in the VMM.
+pub fn serve_requests<H: devices::virtio::RequestHandler + 'static>(handler: H, data: &[u8]) {
+    use devices::virtio::{RequestDevice, VirtioDevice};
+    let event_idx = data.first().is_some_and(|flags| flags & 2 != 0);
+    let device = RequestDevice::new(memory(data), handler).expect("device");
+    let device = Arc::new(Mutex::new(device));
+    let mut events = event_loop(device.clone());
+    // Activation asks the event loop to serve what the driver queued.
+    let _ = lock(&device).activate(vec![queue(0, event_idx)], irq());
+    serve(&mut events);
+}
+
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -40,6 +40,13 @@ pub fn main(args: &[String]) -> Result<()> {
     fuzz(seconds, only.as_deref())
 }
 
+/// fmt and clippy of the fuzz crate, which the workspace's leave out.
+pub fn check() -> Result<()> {
+    install_cargo_fuzz()?;
+    run(cargo_fuzz_crate().args(["fmt", "--check"]))?;
+    run(cargo_fuzz_crate().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+}
+
 /// Builds every target, then runs `only` (or all) for `seconds` each.
 pub fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
     install_cargo_fuzz()?;
@@ -132,11 +139,17 @@ fn targets() -> Result<Vec<String>> {
         .collect())
 }
 
-fn cargo_fuzz() -> Command {
+/// cargo in fuzz/ (libfuzzer-sys wants RUSTC_BOOTSTRAP for its flags).
+fn cargo_fuzz_crate() -> Command {
     let mut cmd = crate::cargo();
-    cmd.arg("fuzz")
-        .current_dir(root().join("fuzz"))
+    cmd.current_dir(root().join("fuzz"))
         .env("RUSTC_BOOTSTRAP", "1");
+    cmd
+}
+
+fn cargo_fuzz() -> Command {
+    let mut cmd = cargo_fuzz_crate();
+    cmd.arg("fuzz");
     cmd
 }
 

@@ -323,6 +323,7 @@ fn test() -> Result<()> {
     nested_tests()?;
     // Every fuzz target for a short time: what the seeds and CI-length
     // runs reach must not crash, hang or grow.
+    fuzz::check()?;
     fuzz::fuzz(fuzz::CI_SECONDS, None)
 }
 
