@@ -196,7 +196,12 @@ fn two_vms_in_turn_leave_no_thread_and_no_mapping_behind() {
             stderr.text()
         );
         assert_eq!(vm_threads(), Vec::<String>::new(), "round {round}");
-        assert_eq!(thread_names().len(), threads_before, "round {round}");
+        // At most as many as before: a thread of the test that ran before
+        // this one may still have been ending when they were counted.
+        assert!(
+            thread_names().len() <= threads_before,
+            "round {round}: threads left behind"
+        );
         assert_eq!(
             mappings_of(&memory, &layer("base")),
             Vec::<String>::new(),
