@@ -33,6 +33,10 @@ pub struct Process {
     pub stdout_port: u32,
     /// Absent with a tty.
     pub stderr_port: Option<u32>,
+    /// `user`, `uid`, `user:group` or `uid:gid`, looked up in the
+    /// container's /etc/passwd and /etc/group; absent: root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// Host → agent: start the VM's one container process (its main process).
@@ -270,6 +274,7 @@ mod tests {
                 stdin_port: 1025,
                 stdout_port: 1026,
                 stderr_port: Some(1027),
+                user: Some("app".into()),
             },
             root: Some(Root {
                 layers: 2,

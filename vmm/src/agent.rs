@@ -193,6 +193,7 @@ impl Agent {
                 stdin_port: ports.stdin,
                 stdout_port: ports.stdout,
                 stderr_port: spec.tty.is_none().then_some(ports.stderr),
+                user: None,
             },
             in_vm: spec.in_vm,
         };

@@ -7,6 +7,9 @@ mod bench;
 // Running VMs between commands: state directories, control sockets, flock.
 #[cfg(target_os = "linux")]
 mod commands;
+// The image store: flock, mkfs.ext4 and debugfs for layer conversion.
+#[cfg(target_os = "linux")]
+mod images;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -50,6 +53,19 @@ enum Command {
     /// Container image layers.
     #[command(subcommand)]
     Layer(LayerCommand),
+    /// Container images: import, list, inspect, remove, prune.
+    #[cfg(target_os = "linux")]
+    #[command(subcommand)]
+    Image(images::ImageCommand),
+    /// List the images in the store (`uvm image ls`).
+    #[cfg(target_os = "linux")]
+    Images,
+    /// Remove images (`uvm image rm`).
+    #[cfg(target_os = "linux")]
+    Rmi {
+        #[arg(value_name = "IMAGE", required = true)]
+        references: Vec<String>,
+    },
     /// Boot utility VMs one after another (or several at once) and report
     /// how long each phase took, optionally side by side with QEMU microvm.
     #[cfg(target_os = "linux")]
@@ -61,10 +77,11 @@ enum Command {
 
 #[derive(Subcommand)]
 enum LayerCommand {
-    /// Make an ext4 layer image (for --layer) from a directory. Overlayfs
-    /// whiteouts in it (0:0 character devices) hide files of lower layers.
+    /// Make an ext4 layer image (for --layer) from a directory (overlayfs
+    /// whiteouts in it, 0:0 character devices, hide files of lower layers)
+    /// or from an OCI layer tar (gzip, zstd or plain; its whiteouts too).
     Create {
-        /// The directory whose content the layer holds.
+        /// The directory or tar file whose content the layer holds.
         #[arg(long, value_name = "DIR")]
         from: PathBuf,
         /// The image file to write.
@@ -97,7 +114,7 @@ struct RunArgs {
 
     /// Run in the background: print the VM's ID once COMMAND started; its
     /// output goes to the VM's log (`uvm logs`).
-    #[arg(short = 'd', long, requires = "command")]
+    #[arg(short = 'd', long)]
     detach: bool,
 
     /// A name for the VM, for the commands that take an ID.
@@ -132,12 +149,31 @@ struct RunArgs {
 
     /// The writable layer: a raw ext4 image, created sparse and formatted if
     /// missing. Without it the writable layer is a tmpfs in the guest.
-    #[arg(long, value_name = "FILE", requires = "layers")]
+    #[arg(long, value_name = "FILE")]
     scratch: Option<PathBuf>,
 
     /// Size of a scratch image uvm creates (K, M, G, T suffixes).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = vmm::scratch::parse_size)]
     scratch_size: u64,
+
+    /// Override the image's Entrypoint (and, like docker, drop its Cmd).
+    #[arg(long, value_name = "CMD", requires = "image")]
+    entrypoint: Option<String>,
+
+    /// Run COMMAND as `user`, `uid`, `user:group` or `uid:gid` (names from
+    /// the container's /etc/passwd and /etc/group) [default: the image's
+    /// User, else root].
+    #[arg(short = 'u', long, value_name = "USER")]
+    user: Option<String>,
+
+    /// An image from the store (`uvm images`) to run: its layers, and its
+    /// config for what runs. COMMAND then follows it, without `--`.
+    #[arg(value_name = "IMAGE", conflicts_with = "layers")]
+    image: Option<String>,
+
+    /// With IMAGE: the command replacing its Cmd.
+    #[arg(value_name = "ARG", allow_hyphen_values = true, requires = "image")]
+    image_command: Vec<String>,
 
     /// The command to run in the guest, and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
@@ -191,10 +227,10 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
-    /// The container root for these layers, if there are any.
-    fn root(&self, scratch: bool) -> Option<Root> {
-        (!self.layers.is_empty()).then_some(Root {
-            layers: self.layers.len() as u32,
+    /// The container root for `layers` layers, if there are any.
+    fn root(&self, layers: usize, scratch: bool) -> Option<Root> {
+        (layers > 0).then_some(Root {
+            layers: layers as u32,
             dax: !self.no_dax,
             scratch,
             layer_disks: false,
@@ -221,6 +257,12 @@ fn main() {
         Command::Run(args) => run(*args, cli.root, start, started_at),
         Command::Layer(LayerCommand::Create { from, output }) => create_layer(&from, &output),
         #[cfg(target_os = "linux")]
+        Command::Image(command) => images::run(command),
+        #[cfg(target_os = "linux")]
+        Command::Images => images::run(images::ImageCommand::Ls),
+        #[cfg(target_os = "linux")]
+        Command::Rmi { references } => images::run(images::ImageCommand::Rm { references }),
+        #[cfg(target_os = "linux")]
         Command::Bench(args) => bench::run(*args),
         #[cfg(target_os = "linux")]
         Command::Operate(command) => commands::run(command, cli.root),
@@ -242,7 +284,7 @@ fn run(
     start: Instant,
     started_at: Option<Duration>,
 ) -> anyhow::Result<i32> {
-    let config = vm_config(&args)?;
+    let (config, _image) = vm_config(&args)?;
     let finish = |report: &Report| {
         if args.timings {
             eprintln!("{}", timings_json(report, started_at));
@@ -250,7 +292,7 @@ fn run(
         exit_code(report, args.console)
     };
     // Raw while the VM runs, restored when this goes.
-    let _raw = (args.tty && !args.command.is_empty() && !args.detach)
+    let _raw = (args.tty && config.process.is_some() && !args.detach)
         .then(sys::raw_terminal)
         .flatten();
     #[cfg(target_os = "linux")]
@@ -273,16 +315,28 @@ fn run(
     }
 }
 
-fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+/// What keeps an image in the store while a VM runs it.
+type Hold = Option<Box<dyn std::any::Any>>;
+
+/// The VM `uvm run` asks for, and the hold on its image.
+fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
     let vm = &args.vm;
-    let process = (!args.command.is_empty()).then(|| ProcessSpec {
-        argv: args.command.clone(),
-        env: vm.env.clone(),
-        cwd: vm.workdir.clone(),
+    let (container, hold) = container(args)?;
+    if args.detach && container.argv.is_empty() {
+        bail!("-d needs a COMMAND (or an IMAGE that names one)");
+    }
+    if args.scratch.is_some() && container.layers.is_empty() {
+        bail!("--scratch needs layers to go over (--layer or IMAGE)");
+    }
+    let process = (!container.argv.is_empty()).then(|| ProcessSpec {
+        root: vm.root(container.layers.len(), args.scratch.is_some()),
+        argv: container.argv,
+        env: container.env,
+        cwd: container.workdir,
+        user: container.user,
         tty: args.tty.then(terminal_size),
-        root: vm.root(args.scratch.is_some()),
     });
-    Ok(VmConfig {
+    let config = VmConfig {
         kernel: artifact(args.kernel.clone(), "vmlinux", "--kernel")?,
         initrd: artifact(vm.initrd.clone(), "initrd.img", "--initrd")?,
         extra_cmdline: vm.cmdline.clone(),
@@ -294,11 +348,73 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             guest_cid: args.cid,
             uds: args.vsock_uds.clone(),
         },
-        layers: vm.layers.clone(),
+        layers: container.layers,
         tools: tools(args.tools.clone(), args.no_tools)?,
         scratch: args.scratch.clone().map(|path| (path, args.scratch_size)),
         process,
-    })
+    };
+    Ok((config, hold))
+}
+
+/// What the container runs, on which layers.
+#[derive(Default)]
+struct Container {
+    argv: Vec<String>,
+    env: Vec<String>,
+    workdir: Option<String>,
+    user: Option<String>,
+    layers: Vec<std::path::PathBuf>,
+}
+
+/// `--layer … -- COMMAND` as given, or IMAGE with its config and flags.
+fn container(args: &RunArgs) -> anyhow::Result<(Container, Hold)> {
+    let vm = &args.vm;
+    let Some(reference) = &args.image else {
+        let given = Container {
+            argv: args.command.clone(),
+            env: vm.env.clone(),
+            workdir: vm.workdir.clone(),
+            user: args.user.clone(),
+            layers: vm.layers.clone(),
+        };
+        return Ok((given, None));
+    };
+    if !args.command.is_empty() {
+        bail!("with IMAGE, COMMAND follows it without `--`");
+    }
+    image_container(args, reference)
+}
+
+#[cfg(target_os = "linux")]
+fn image_container(args: &RunArgs, reference: &str) -> anyhow::Result<(Container, Hold)> {
+    use uvm_image::config::Overrides;
+    let image = images::store()?.find(reference)?;
+    let run = uvm_image::RunConfig::new(
+        &image.config,
+        &Overrides {
+            command: &args.image_command,
+            entrypoint: args.entrypoint.as_deref(),
+            env: &args.vm.env,
+            workdir: args.vm.workdir.as_deref(),
+            user: args.user.as_deref(),
+        },
+    );
+    if run.argv.is_empty() {
+        bail!("image {reference} names no command (no Entrypoint or Cmd): give one after it");
+    }
+    let container = Container {
+        argv: run.argv,
+        env: run.env,
+        workdir: run.workdir,
+        user: run.user,
+        layers: image.layers.clone(),
+    };
+    Ok((container, Some(Box::new(image))))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn image_container(_: &RunArgs, _: &str) -> anyhow::Result<(Container, Hold)> {
+    bail!("images need a Linux host (the image store converts layers with e2fsprogs)")
 }
 
 /// `--tools`, else the default tools image if it was built.
@@ -313,13 +429,20 @@ fn tools(given: Option<PathBuf>, none: bool) -> anyhow::Result<Option<PathBuf>> 
     Ok(path.exists().then_some(path))
 }
 
+#[cfg(target_os = "linux")]
 fn create_layer(from: &Path, output: &Path) -> anyhow::Result<i32> {
-    if cfg!(not(target_os = "linux")) {
-        bail!("uvm layer create needs a Linux host (mkfs.ext4, overlayfs whiteouts)");
-    }
-    let size = vmm::layer::create(from, output)?;
+    use uvm_image::convert;
+    let size = match from.is_dir() {
+        true => convert::from_dir(from, output)?,
+        false => convert::from_tar_file(from, &output.with_extension("uvm-staging"), output)?,
+    };
     eprintln!("uvm: {} ({} MiB)", output.display(), size >> 20);
     Ok(0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn create_layer(_: &Path, _: &Path) -> anyhow::Result<i32> {
+    bail!("uvm layer create needs a Linux host (e2fsprogs)")
 }
 
 /// The host terminal's size, for a guest pseudo-terminal.
@@ -439,6 +562,28 @@ mod tests {
             console: Console::new(false),
             vmm_rss_kib: None,
         }
+    }
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["uvm", "run"].iter().chain(argv)).unwrap();
+        match cli.command {
+            Command::Run(args) => *args,
+            _ => unreachable!("parsed as run"),
+        }
+    }
+
+    #[test]
+    fn flags_after_an_image_belong_to_its_command() {
+        let args = run_args(&["-e", "A=1", "img:1", "sh", "-c", "echo hi", "-e", "x"]);
+        assert_eq!(args.image.as_deref(), Some("img:1"));
+        assert_eq!(args.image_command, ["sh", "-c", "echo hi", "-e", "x"]);
+        assert_eq!(args.vm.env, ["A=1"]);
+        let layers = run_args(&["--layer", "l.img", "--", "sh", "-c", "x"]);
+        assert_eq!(
+            (layers.image, layers.command),
+            (None, vec!["sh".into(), "-c".into(), "x".into()])
+        );
+        assert!(Cli::try_parse_from(["uvm", "run", "--layer", "l", "img"]).is_err());
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub struct ProcessSpec {
     /// `KEY=VALUE` entries.
     pub env: Vec<String>,
     pub cwd: Option<String>,
+    /// Who it runs as (see [`Process::user`]).
+    pub user: Option<String>,
     /// Run on a guest pseudo-terminal of this size.
     pub tty: Option<TtySize>,
     /// The container root, if the process runs in one.
@@ -27,6 +29,7 @@ impl ProcessSpec {
                 env: self.env.clone(),
                 cwd: self.cwd.clone(),
                 tty: self.tty,
+                user: self.user.clone(),
                 ..Process::default()
             },
             root: self.root,
@@ -67,13 +70,14 @@ mod tests {
             argv: vec!["/bin/sh".into()],
             env: vec!["A=1".into()],
             cwd: Some("/tmp".into()),
+            user: Some("1000:50".into()),
             tty: Some(TtySize { rows: 5, cols: 9 }),
             root: Some(Root::default()),
         };
         let Run { process, root, .. } = spec.request();
         assert_eq!(
-            (process.argv, process.env, process.cwd),
-            (spec.argv, spec.env, spec.cwd)
+            (process.argv, process.env, process.cwd, process.user),
+            (spec.argv, spec.env, spec.cwd, spec.user)
         );
         assert_eq!((process.tty, root), (spec.tty, spec.root));
         assert_eq!(

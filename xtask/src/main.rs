@@ -304,8 +304,9 @@ fn demo() -> Result<()> {
 fn test() -> Result<()> {
     check_kvm()?;
     guest()?;
-    // The bench tests boot QEMU microvm next to uvm.
-    apt_install(&["qemu-system-x86"])?;
+    // The bench tests boot QEMU microvm next to uvm; the image tests
+    // build their images with umoci and skopeo.
+    apt_install(&["qemu-system-x86", "umoci", "skopeo"])?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",

@@ -7,6 +7,8 @@ mod process;
 mod root;
 #[cfg(target_os = "linux")]
 mod supervisor;
+#[cfg(target_os = "linux")]
+mod user;
 
 #[cfg(target_os = "linux")]
 use std::ffi::CStr;

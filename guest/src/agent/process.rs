@@ -12,6 +12,7 @@ use guest::vsock;
 
 use crate::check;
 use crate::root::{self, Container};
+use crate::user;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -176,9 +177,16 @@ fn command(process: &Process, place: Place) -> io::Result<Command> {
         let e = format!("working directory {cwd}: not a directory");
         return Err(io::Error::new(io::ErrorKind::PermissionDenied, e));
     }
+    let ids = process
+        .user
+        .as_deref()
+        .map(|spec| user::resolve(spec, prefix))
+        .transpose()?;
+    let home = ids.as_ref().and_then(|ids| ids.home.as_deref());
     let mut cmd = Command::new(program);
     cmd.args(args).env_clear();
-    cmd.env("PATH", DEFAULT_PATH).env("HOME", "/root");
+    cmd.env("PATH", DEFAULT_PATH)
+        .env("HOME", home.unwrap_or("/root"));
     if process.tty.is_some() {
         cmd.env("TERM", "xterm");
     }
@@ -204,6 +212,11 @@ fn command(process: &Process, place: Place) -> io::Result<Command> {
             // fchdir, chroot, chdir: async-signal-safe), on the child alone.
             unsafe { cmd.pre_exec(move || joined.enter(&cwd_c)) };
         }
+    }
+    if let Some(ids) = ids {
+        // SAFETY: only system calls run (setgroups, setgid, setuid:
+        // async-signal-safe), on the child alone, after it entered its root.
+        unsafe { cmd.pre_exec(move || user::become_ids(&ids)) };
     }
     Ok(cmd)
 }

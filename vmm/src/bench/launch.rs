@@ -274,7 +274,7 @@ impl Launcher {
 
     /// The run request, for the kernel command line.
     fn run_arg(&self) -> String {
-        let root = self.vm.root(false).map(|root| Root {
+        let root = self.vm.root(self.vm.layers.len(), false).map(|root| Root {
             layer_disks: true,
             dax: false,
             ..root
@@ -284,6 +284,7 @@ impl Launcher {
             env: self.vm.env.clone(),
             cwd: self.vm.workdir.clone(),
             tty: None,
+            user: None,
             root,
         };
         protocol::to_cmdline(&process.request())

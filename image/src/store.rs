@@ -1,0 +1,528 @@
+//! The image store: content-addressed, shared by every image in it.
+//!
+//! ```text
+//! ROOT/lock               shared by imports, exclusive for rmi and prune
+//! ROOT/names.json         name → image ID (the config's digest)
+//! ROOT/images/HEX.json    an image's config, byte for byte
+//! ROOT/images/HEX.lock    shared while a VM runs the image
+//! ROOT/layers/HEX.ext4    a layer converted once, keyed by its diff_id
+//! ROOT/layers/HEX.lock    held while the layer is converted
+//! ROOT/tmp/               work in progress, renamed into place when done
+//! ```
+//! Everything appears by rename, so a killed import leaves nothing but
+//! files in tmp/, which the next rmi or prune removes.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use oci_spec::image::ImageConfiguration;
+
+use crate::archive::{self, LayerBlob, Pending};
+use crate::digest::{verify, Digest, Hashing};
+use crate::{convert, io, Error, Reference, Result};
+
+pub struct Store {
+    root: PathBuf,
+}
+
+/// An image found in the store, held (not removable) while this lives.
+pub struct Image {
+    pub id: Digest,
+    pub config: ImageConfiguration,
+    /// The converted layers, bottom first.
+    pub layers: Vec<PathBuf>,
+    _hold: File,
+}
+
+/// A line of `uvm images`.
+pub struct Summary {
+    pub id: Digest,
+    pub names: Vec<String>,
+    pub layers: usize,
+    /// Bytes of its converted layers.
+    pub size: u64,
+    pub created: Option<String>,
+}
+
+/// What an import did, layer by layer.
+pub enum Progress<'a> {
+    Reused {
+        index: usize,
+        of: usize,
+        diff_id: &'a Digest,
+    },
+    Converted {
+        index: usize,
+        of: usize,
+        diff_id: &'a Digest,
+        bytes: u64,
+        seconds: f64,
+    },
+}
+
+/// What rmi and prune removed.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub names: Vec<String>,
+    pub images: Vec<Digest>,
+    pub layers: Vec<Digest>,
+}
+
+type Names = BTreeMap<String, String>;
+
+impl Store {
+    /// `$UVM_STORE`, else /var/lib/uvm for root, else
+    /// `$XDG_DATA_HOME/uvm` or ~/.local/share/uvm.
+    pub fn default_root() -> Option<PathBuf> {
+        if let Some(dir) = std::env::var_os("UVM_STORE") {
+            return Some(dir.into());
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return Some("/var/lib/uvm".into());
+        }
+        let data = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))?;
+        Some(data.join("uvm"))
+    }
+
+    pub fn open(root: &Path) -> Result<Self> {
+        for dir in ["images", "layers", "tmp"] {
+            let dir = root.join(dir);
+            std::fs::create_dir_all(&dir).map_err(io(format!("image store {}", dir.display())))?;
+        }
+        Ok(Self {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Imports the image at `source` (OCI layout, OCI archive or docker
+    /// archive), naming it `name` or what the source calls it.
+    pub fn import(
+        &self,
+        source: &Path,
+        name: Option<&str>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(Digest, Option<Reference>)> {
+        let name = name.map(Reference::parse).transpose()?;
+        let _shared = self.lock(false)?;
+        let scratch = self.tmp_path("import");
+        let tag = name.as_ref().and_then(|n| match &n.version {
+            crate::reference::Version::Tag(tag) => Some(tag.as_str()),
+            crate::reference::Version::Digest(_) => None,
+        });
+        let added = std::fs::create_dir(&scratch)
+            .map_err(io(scratch.display()))
+            .and_then(|()| archive::read(source, tag, &scratch))
+            .and_then(|pending| {
+                let name = name.or_else(|| pending.name.clone());
+                self.add(pending, name.as_ref(), progress)
+                    .map(|id| (id, name))
+            });
+        let _ = std::fs::remove_dir_all(&scratch);
+        added
+    }
+
+    /// Stores a read image: its layers converted (those not stored yet),
+    /// then its config, then its name.
+    fn add(
+        &self,
+        pending: Pending,
+        name: Option<&Reference>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Digest> {
+        let of = pending.layers.len();
+        for (index, blob) in pending.layers.iter().enumerate() {
+            let started = Instant::now();
+            match self.ensure_layer(blob)? {
+                None => progress(Progress::Reused {
+                    index,
+                    of,
+                    diff_id: &blob.diff_id,
+                }),
+                Some(bytes) => progress(Progress::Converted {
+                    index,
+                    of,
+                    diff_id: &blob.diff_id,
+                    bytes,
+                    seconds: started.elapsed().as_secs_f64(),
+                }),
+            }
+        }
+        let id = pending.config_digest;
+        let config = self.image_path(&id);
+        if !config.exists() {
+            self.write_atomic(&config, &pending.config)?;
+        }
+        if let Some(name) = name {
+            self.update_names(|names| {
+                names.insert(name.to_string(), id.to_string());
+            })?;
+        }
+        Ok(id)
+    }
+
+    /// Converts a layer unless it is stored; the uncompressed bytes read if
+    /// it converted it. Its lock makes a concurrent import of the same
+    /// layer wait and then find it.
+    fn ensure_layer(&self, blob: &LayerBlob) -> Result<Option<u64>> {
+        let stored = self.layer_path(&blob.diff_id);
+        let _converting = lock_file(&stored.with_extension("lock"), true)?;
+        if stored.exists() {
+            return Ok(None);
+        }
+        let what = match &blob.digest {
+            Some(digest) => format!("layer blob {digest} ({})", blob.path.display()),
+            None => format!("layer {} ({})", blob.diff_id, blob.path.display()),
+        };
+        let out = self.tmp_path("layer");
+        let converted = self.convert(blob, &what, &out).and_then(|bytes| {
+            std::fs::rename(&out, &stored).map_err(io(stored.display()))?;
+            Ok(bytes)
+        });
+        if converted.is_err() {
+            let _ = std::fs::remove_file(&out);
+        }
+        converted.map(Some)
+    }
+
+    /// Converts a layer blob into `out`, checking its digests: the blob's
+    /// own and the config's diff_id. Returns the uncompressed bytes.
+    fn convert(&self, blob: &LayerBlob, what: &str, out: &Path) -> Result<u64> {
+        let file = File::open(&blob.path).map_err(io(what))?;
+        let mut compressed = Hashing::new(BufReader::new(file));
+        let (diff_id, bytes) = {
+            let tar = convert::decompress(BufReader::new(&mut compressed)).map_err(io(what))?;
+            let mut layer = Hashing::new(tar);
+            convert::from_tar(&mut layer, what, &self.tmp_path("staging"), out)?;
+            layer.finish().map_err(io(what))?
+        };
+        let (blob_digest, _) = compressed.finish().map_err(io(what))?;
+        if let Some(expected) = &blob.digest {
+            verify(what, expected, &blob_digest)?;
+        }
+        verify(
+            format!("{what}: the config's diff_id"),
+            &blob.diff_id,
+            &diff_id,
+        )?;
+        Ok(bytes)
+    }
+
+    /// The image `reference` names (a name, an ID or an ID prefix), held
+    /// until the returned value goes.
+    pub fn find(&self, reference: &str) -> Result<Image> {
+        let id = self.resolve(reference)?;
+        let hold = lock_file(&self.image_path(&id).with_extension("lock"), false)?;
+        let config = self.config(&id)?;
+        let layers = self.layers_of(&config, &id)?;
+        for layer in &layers {
+            if !layer.exists() {
+                return Err(Error::bad(
+                    format!("image {reference}"),
+                    format!("its layer {} is missing from the store", layer.display()),
+                ));
+            }
+        }
+        Ok(Image {
+            id,
+            config,
+            layers,
+            _hold: hold,
+        })
+    }
+
+    /// The images, newest name first.
+    pub fn list(&self) -> Result<Vec<Summary>> {
+        let names = self.names()?;
+        let mut out = Vec::new();
+        for id in self.image_ids()? {
+            let config = self.config(&id)?;
+            let layers = self.layers_of(&config, &id)?;
+            let size = layers
+                .iter()
+                .filter_map(|l| std::fs::metadata(l).ok())
+                .map(|m| m.len())
+                .sum();
+            let id_text = id.to_string();
+            out.push(Summary {
+                names: names
+                    .iter()
+                    .filter(|(_, v)| **v == id_text)
+                    .map(|(k, _)| k.clone())
+                    .collect(),
+                layers: layers.len(),
+                size,
+                created: config.created().clone(),
+                id,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The config of the image `reference` names, as stored.
+    pub fn inspect(&self, reference: &str) -> Result<(Digest, Vec<String>, ImageConfiguration)> {
+        let id = self.resolve(reference)?;
+        let names = self.names()?;
+        let id_text = id.to_string();
+        let named = names
+            .into_iter()
+            .filter(|(_, v)| *v == id_text)
+            .map(|(k, _)| k)
+            .collect();
+        Ok((id.clone(), named, self.config(&id)?))
+    }
+
+    /// `uvm rmi`: a name goes; the image with its last name (or named by
+    /// ID), unless a VM runs it; then every layer no image uses.
+    pub fn remove(&self, reference: &str) -> Result<Removed> {
+        let _exclusive = self.lock(true)?;
+        let id = self.resolve(reference)?;
+        let id_text = id.to_string();
+        let by_name = Reference::parse(reference).ok().map(|r| r.to_string());
+        let mut removed = Removed::default();
+        let names = self.names()?;
+        let mine: Vec<String> = names
+            .iter()
+            .filter(|(_, v)| **v == id_text)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let dropping: Vec<String> = match &by_name {
+            Some(name) if mine.contains(name) => vec![name.clone()],
+            _ => mine.clone(),
+        };
+        if dropping.len() == mine.len() {
+            self.remove_image(&id, reference)?;
+            removed.images.push(id);
+        }
+        self.update_names(|names| names.retain(|k, _| !dropping.contains(k)))?;
+        removed.names = dropping;
+        removed.layers = self.collect_layers()?;
+        Ok(removed)
+    }
+
+    /// `uvm image prune`: images without a name that no VM runs, layers no
+    /// image uses, and what killed imports left in tmp/.
+    pub fn prune(&self) -> Result<Removed> {
+        let _exclusive = self.lock(true)?;
+        let names = self.names()?;
+        let mut removed = Removed::default();
+        for id in self.image_ids()? {
+            let id_text = id.to_string();
+            if !names.values().any(|v| *v == id_text) && self.remove_image(&id, &id_text).is_ok() {
+                removed.images.push(id);
+            }
+        }
+        removed.layers = self.collect_layers()?;
+        Ok(removed)
+    }
+
+    /// Removes an image's config unless a VM holds it.
+    fn remove_image(&self, id: &Digest, reference: &str) -> Result<()> {
+        let lock_path = self.image_path(id).with_extension("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            return Err(Error::bad(
+                format!("image {reference}"),
+                "in use by a running VM (stop it first)",
+            ));
+        }
+        std::fs::remove_file(self.image_path(id)).map_err(io(format!("image {reference}")))?;
+        let _ = std::fs::remove_file(lock_path);
+        Ok(())
+    }
+
+    /// Removes the layers no image uses and stale work in tmp/; the
+    /// caller holds the store exclusively (no import runs).
+    fn collect_layers(&self) -> Result<Vec<Digest>> {
+        let mut used = std::collections::BTreeSet::new();
+        for id in self.image_ids()? {
+            used.extend(self.diff_ids(&self.config(&id)?, &id)?);
+        }
+        let mut removed = Vec::new();
+        for (digest, path) in self.entries("layers", "ext4")? {
+            if !used.contains(&digest) {
+                std::fs::remove_file(&path).map_err(io(path.display()))?;
+                let _ = std::fs::remove_file(path.with_extension("lock"));
+                removed.push(digest);
+            }
+        }
+        let tmp = self.root.join("tmp");
+        for entry in std::fs::read_dir(&tmp)
+            .map_err(io(tmp.display()))?
+            .flatten()
+        {
+            let _ = std::fs::remove_dir_all(entry.path())
+                .or_else(|_| std::fs::remove_file(entry.path()));
+        }
+        Ok(removed)
+    }
+
+    fn resolve(&self, reference: &str) -> Result<Digest> {
+        let names = self.names()?;
+        if let Some(id) = Reference::parse(reference)
+            .ok()
+            .and_then(|r| names.get(&r.to_string()))
+        {
+            return Digest::parse(id);
+        }
+        let prefix = reference.strip_prefix("sha256:").unwrap_or(reference);
+        let hex = prefix.len() >= 4 && prefix.bytes().all(|b| b.is_ascii_hexdigit());
+        let matches: Vec<Digest> = match hex {
+            true => self
+                .image_ids()?
+                .into_iter()
+                .filter(|id| id.hex().starts_with(prefix))
+                .collect(),
+            false => Vec::new(),
+        };
+        match matches.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(Error::bad(
+                format!("image {reference}"),
+                format!(
+                    "not in the store {} (`uvm images` lists them)",
+                    self.root.display()
+                ),
+            )),
+            _ => Err(Error::bad(
+                format!("image {reference}"),
+                "an ID prefix of several images",
+            )),
+        }
+    }
+
+    fn config(&self, id: &Digest) -> Result<ImageConfiguration> {
+        let path = self.image_path(id);
+        let bytes = std::fs::read(&path).map_err(io(format!("image {id}")))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::bad(path.display(), format!("corrupt image config: {e}")))
+    }
+
+    fn diff_ids(&self, config: &ImageConfiguration, id: &Digest) -> Result<Vec<Digest>> {
+        config
+            .rootfs()
+            .diff_ids()
+            .iter()
+            .map(|d| Digest::parse(d).map_err(|e| Error::bad(format!("image {id}"), e.to_string())))
+            .collect()
+    }
+
+    fn layers_of(&self, config: &ImageConfiguration, id: &Digest) -> Result<Vec<PathBuf>> {
+        Ok(self
+            .diff_ids(config, id)?
+            .iter()
+            .map(|d| self.layer_path(d))
+            .collect())
+    }
+
+    fn image_ids(&self) -> Result<Vec<Digest>> {
+        Ok(self
+            .entries("images", "json")?
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect())
+    }
+
+    /// The `HEX.ext` files of a store directory.
+    fn entries(&self, dir: &str, ext: &str) -> Result<Vec<(Digest, PathBuf)>> {
+        let dir = self.root.join(dir);
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io(dir.display()))? {
+            let path = entry.map_err(io(dir.display()))?.path();
+            if path.extension().is_some_and(|e| e == ext) {
+                let hex = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(Digest::from_hex);
+                if let Some(digest) = hex {
+                    out.push((digest, path));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn names(&self) -> Result<Names> {
+        let path = self.root.join("names.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::bad(path.display(), format!("corrupt image names: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Names::new()),
+            Err(e) => Err(io(path.display())(e)),
+        }
+    }
+
+    /// Read, change and atomically replace names.json, one writer at a time.
+    fn update_names(&self, change: impl FnOnce(&mut Names)) -> Result<()> {
+        let _writing = lock_file(&self.root.join("names.lock"), true)?;
+        let mut names = self.names()?;
+        change(&mut names);
+        let bytes = serde_json::to_vec_pretty(&names).expect("a map of strings serializes");
+        self.write_atomic(&self.root.join("names.json"), &bytes)
+    }
+
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let tmp = self.tmp_path("write");
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
+            .map_err(io(path.display()))
+    }
+
+    fn lock(&self, exclusive: bool) -> Result<File> {
+        lock_file(&self.root.join("lock"), exclusive)
+    }
+
+    /// A fresh name in tmp/.
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("tmp")
+            .join(format!("{what}-{}-{n}", std::process::id()))
+    }
+
+    fn image_path(&self, id: &Digest) -> PathBuf {
+        self.root.join("images").join(format!("{}.json", id.hex()))
+    }
+
+    fn layer_path(&self, diff_id: &Digest) -> PathBuf {
+        self.root
+            .join("layers")
+            .join(format!("{}.ext4", diff_id.hex()))
+    }
+}
+
+/// Opens (creating) and flocks `path`, waiting for other holders.
+fn lock_file(path: &Path, exclusive: bool) -> Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io(path.display()))?;
+    match exclusive {
+        true => file.lock(),
+        false => file.lock_shared(),
+    }
+    .map_err(io(format!("locking {}", path.display())))?;
+    Ok(file)
+}

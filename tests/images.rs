@@ -1,0 +1,364 @@
+//! Container images (issue 13): built with Debian's real tools (umoci,
+//! skopeo) from a busybox rootfs, saved as an OCI layout, an OCI archive
+//! (zstd layers) and a docker archive, imported into a store and run with
+//! their config. Only the run tests boot, one per format.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use support::{assert_fails_naming, run, stderr, stdout, tempdir, uvm};
+
+/// The test image's default command shows who, where and with what it runs,
+/// and what its two upper layers deleted (/data/a) and replaced (/keep).
+const CMD: &str = "id -u; id -G; pwd; echo A=$A B=$B; ls /data /keep";
+
+/// The test image in its three formats, built once per test binary.
+struct Images {
+    dir: PathBuf,
+    layout: PathBuf,
+    oci_archive: PathBuf,
+    docker_archive: PathBuf,
+}
+
+fn sh(script: &str, args: &[&Path]) {
+    let out = run(Command::new("/bin/sh")
+        .arg("-ec")
+        .arg(script)
+        .arg("sh")
+        .args(args));
+    assert!(
+        out.status.success(),
+        "{script}\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+fn images() -> &'static Images {
+    static IMAGES: OnceLock<Images> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let dir = tempdir("images");
+        let images = Images {
+            layout: dir.join("oci"),
+            oci_archive: dir.join("image.oci.tar"),
+            docker_archive: dir.join("image.docker.tar"),
+            dir,
+        };
+        build(&images);
+        images
+    })
+}
+
+/// A busybox base layer (umoci repack, gzip) with an account for `app`,
+/// then a layer from a tar written by hand: a whiteout of /data/a and an
+/// opaque /keep holding only y.
+fn build(images: &Images) {
+    let d = &images.dir;
+    sh(
+        r#"d=$1; rm -rf "$d/oci" "$d/bundle" "$d/upper"
+        umoci init --layout "$d/oci"
+        umoci new --image "$d/oci:1"
+        umoci unpack --image "$d/oci:1" "$d/bundle"
+        r="$d/bundle/rootfs"; mkdir -p "$r/bin" "$r/etc" "$r/data" "$r/keep" "$r/home/app" "$r/tmp"
+        cp /bin/busybox "$r/bin/busybox"
+        for a in sh echo id ls pwd cat true env; do ln -s busybox "$r/bin/$a"; done
+        printf 'root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n' > "$r/etc/passwd"
+        printf 'root:x:0:\napp:x:1000:\nstaff:x:50:app\n' > "$r/etc/group"
+        echo a > "$r/data/a"; echo b > "$r/data/b"; echo x > "$r/keep/x"
+        chown 1000:1000 "$r/home/app"
+        umoci repack --image "$d/oci:1" "$d/bundle"
+        mkdir -p "$d/upper/data" "$d/upper/keep"
+        : > "$d/upper/data/.wh.a"; : > "$d/upper/keep/.wh..wh..opq"; echo y > "$d/upper/keep/y"
+        tar -C "$d/upper" -cf "$d/upper.tar" data keep
+        umoci raw add-layer --image "$d/oci:1" "$d/upper.tar"
+        umoci config --image "$d/oci:1" --config.cmd /bin/sh --config.cmd -c --config.cmd "$2" \
+            --config.env A=1 --config.env B=2 --config.workingdir /home/app --config.user app
+        skopeo copy -q --dest-compress-format zstd "oci:$d/oci:1" "oci-archive:$d/image.oci.tar:1"
+        skopeo copy -q "oci:$d/oci:1" "docker-archive:$d/image.docker.tar:localhost/docker-img:1"
+        "#,
+        &[d, Path::new(CMD)],
+    );
+}
+
+fn store(name: &str) -> PathBuf {
+    let dir = tempdir(&format!("store-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn in_store(store: &Path, args: &[&str]) -> std::process::Output {
+    run(uvm().env("UVM_STORE", store).args(args))
+}
+
+fn import(store: &Path, source: &Path, name: Option<&str>) -> String {
+    let mut cmd = uvm();
+    cmd.env("UVM_STORE", store)
+        .arg("image")
+        .arg("import")
+        .arg(source);
+    if let Some(name) = name {
+        cmd.args(["--name", name]);
+    }
+    let out = run(&mut cmd);
+    assert!(
+        out.status.success(),
+        "import {}: {}",
+        source.display(),
+        stderr(&out)
+    );
+    stderr(&out)
+}
+
+/// The files of a store directory.
+fn files(store: &Path, dir: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(store.join(dir))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn layers(store: &Path) -> usize {
+    files(store, "layers")
+        .iter()
+        .filter(|n| n.ends_with(".ext4"))
+        .count()
+}
+
+#[test]
+fn the_three_formats_import_and_share_their_layers() {
+    let images = images();
+    let store = store("formats");
+    let first = import(&store, &images.layout, Some("localhost/layout:1"));
+    assert_eq!(first.matches("converted").count(), 2, "{first}");
+    // The zstd copy has the same uncompressed layers: none converted again.
+    let again = import(&store, &images.oci_archive, Some("localhost/zstd:1"));
+    assert_eq!(again.matches("already stored").count(), 2, "{again}");
+    import(&store, &images.docker_archive, None);
+    assert_eq!(layers(&store), 2);
+    let list = stdout(&in_store(&store, &["images"]));
+    for name in [
+        "localhost/layout:1",
+        "localhost/zstd:1",
+        "localhost/docker-img:1",
+    ] {
+        assert!(list.contains(name), "{list}");
+    }
+    let inspect = in_store(&store, &["image", "inspect", "localhost/docker-img:1"]);
+    let config: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(config["config"]["config"]["User"], "app");
+
+    // A name goes, the image and layers others use stay.
+    assert!(in_store(&store, &["rmi", "localhost/layout:1"])
+        .status
+        .success());
+    assert_eq!(layers(&store), 2);
+    for name in ["localhost/zstd:1", "localhost/docker-img:1"] {
+        assert!(in_store(&store, &["rmi", name]).status.success());
+    }
+    assert_eq!(layers(&store), 0, "the last image took its layers");
+    assert!(files(&store, "images").is_empty());
+    assert_fails_naming(
+        &in_store(&store, &["rmi", "localhost/zstd:1"]),
+        "image localhost/zstd:1: not in the store",
+    );
+}
+
+#[test]
+fn an_unprivileged_import_keeps_the_layers_owners() {
+    let images = images();
+    let store = store("unprivileged");
+    std::fs::create_dir_all(&store).unwrap();
+    sh(
+        r#"chown 65534:65534 "$1"; chmod 755 "$(dirname "$1")""#,
+        &[&store],
+    );
+    let out = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_uvm"))
+        .env("UVM_STORE", &store)
+        .arg("image")
+        .arg("import")
+        .arg(&images.docker_archive));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let base = std::fs::read_dir(store.join("layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ext4"))
+        .find(|p| debugfs_stat(p, "/home/app").contains("User:  1000"));
+    assert!(base.is_some(), "no layer has /home/app owned by 1000");
+    let base = base.unwrap();
+    assert!(debugfs_stat(&base, "/bin/busybox").contains("User:     0"));
+}
+
+fn debugfs_stat(image: &Path, path: &str) -> String {
+    let out = run(Command::new("debugfs")
+        .args(["-R", &format!("stat {path}")])
+        .arg(image));
+    stdout(&out)
+}
+
+/// A copy of the OCI layout with its (only) gzip layer blob changed by `spoil`.
+fn spoiled_layout(name: &str, spoil: impl Fn(&mut Vec<u8>)) -> PathBuf {
+    let copy = tempdir(name).join("oci");
+    let _ = std::fs::remove_dir_all(&copy);
+    sh(r#"cp -a "$1" "$2""#, &[&images().layout, &copy]);
+    let blobs = copy.join("blobs/sha256");
+    let biggest = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&biggest).unwrap();
+    spoil(&mut bytes);
+    std::fs::write(&biggest, bytes).unwrap();
+    copy
+}
+
+fn assert_nothing_half_written(store: &Path) {
+    assert_eq!(layers(store), 0, "{:?}", files(store, "layers"));
+    assert!(files(store, "images").is_empty());
+    assert!(files(store, "tmp").is_empty(), "{:?}", files(store, "tmp"));
+}
+
+#[test]
+fn bad_images_are_refused_naming_what_is_wrong_and_leave_nothing() {
+    let store = store("bad");
+    let corrupt = spoiled_layout("corrupt", |b| {
+        let at = b.len() / 2;
+        b[at] ^= 0xff;
+    });
+    let out = in_store(
+        &store,
+        &["image", "import", corrupt.to_str().unwrap(), "--name", "x"],
+    );
+    assert_fails_naming(&out, "layer blob sha256:");
+    assert_nothing_half_written(&store);
+
+    let truncated = spoiled_layout("truncated", |b| b.truncate(b.len() / 2));
+    let out = in_store(
+        &store,
+        &[
+            "image",
+            "import",
+            truncated.to_str().unwrap(),
+            "--name",
+            "x",
+        ],
+    );
+    assert_fails_naming(&out, "layer blob sha256:");
+    assert_nothing_half_written(&store);
+
+    // A docker archive whose manifest lists one layer of the config's two.
+    let dir = tempdir("mismatch");
+    sh(
+        r#"rm -rf "$2/x"; mkdir -p "$2/x"; tar -C "$2/x" -xf "$1"
+        sed -i 's/"Layers":\["\([^"]*\)",[^]]*\]/"Layers":["\1"]/' "$2/x/manifest.json"
+        tar -C "$2/x" -cf "$2/mismatch.tar" ."#,
+        &[&images().docker_archive, &dir],
+    );
+    let out = in_store(
+        &store,
+        &[
+            "image",
+            "import",
+            dir.join("mismatch.tar").to_str().unwrap(),
+        ],
+    );
+    assert_fails_naming(
+        &out,
+        "the manifest has 1 layers but the config's rootfs has 2 diff_ids",
+    );
+    assert_nothing_half_written(&store);
+
+    let not_image = in_store(&store, &["image", "import", "/etc/hostname"]);
+    assert_fails_naming(&not_image, "/etc/hostname: reading it as a tar archive");
+    let missing = in_store(&store, &["image", "import", "/no/such/image"]);
+    assert_fails_naming(&missing, "/no/such/image: No such file");
+    let unknown = in_store(&store, &["run", "no-such-image:1"]);
+    assert_fails_naming(&unknown, "image no-such-image:1: not in the store");
+    assert_nothing_half_written(&store);
+}
+
+#[test]
+fn a_full_disk_during_conversion_leaves_nothing() {
+    let images = images();
+    let dir = tempdir("full");
+    // A 2 MiB tmpfs as the store, in a mount namespace of the test's own
+    // (a user namespace too, so that it needs no root).
+    let script = r#"mkdir -p "$1"; mount -t tmpfs -o size=2m tmpfs "$1"
+        UVM_STORE="$1" "$2" image import "$3" --name localhost/full:1 && exit 9
+        find "$1/layers" "$1/images" "$1/tmp" -type f ! -name '*.lock'; exit 0"#;
+    let out = run(Command::new("unshare")
+        .args(["-rm", "/bin/sh", "-c", script, "sh"])
+        .arg(dir.join("store"))
+        .arg(env!("CARGO_BIN_EXE_uvm"))
+        .arg(&images.docker_archive));
+    assert!(
+        out.status.success(),
+        "the import did not fail: {}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "", "left in the store");
+    let err = stderr(&out);
+    assert!(
+        err.contains("No space left on device") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+/// `uvm run` of an image from a store holding `source` as `name`.
+fn run_image(name: &str, source: &Path, args: &[&str]) -> std::process::Output {
+    support::require_kvm(name);
+    let store = store(name);
+    import(&store, source, Some(name));
+    let mut cmd = uvm();
+    cmd.env("UVM_STORE", &store).arg("run");
+    cmd.args(args.iter().take_while(|a| **a != "IMAGE"));
+    cmd.arg(name);
+    cmd.args(args.iter().skip_while(|a| **a != "IMAGE").skip(1));
+    run(&mut cmd)
+}
+
+const LISTING: &str = "/data:\nb\n/keep:\ny\n";
+
+#[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
+fn an_oci_layout_runs_with_its_config() {
+    let out = run_image("localhost/layout-run:1", &images().layout, &["IMAGE"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("1000\n1000 50\n/home/app\nA=1 B=2\n{LISTING}")
+    );
+}
+
+#[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
+fn an_oci_archive_runs_with_flags_over_its_config() {
+    let args = ["-u", "4242:77", "-e", "B=3", "-w", "/tmp", "IMAGE"];
+    let out = run_image("localhost/archive-run:1", &images().oci_archive, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("4242\n77\n/tmp\nA=1 B=3\n{LISTING}"));
+}
+
+#[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
+fn a_docker_archive_runs_the_command_given() {
+    let out = run_image(
+        "localhost/docker-run:1",
+        &images().docker_archive,
+        &["IMAGE", "/bin/echo", "hi"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hi\n");
+}
