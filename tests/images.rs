@@ -362,3 +362,88 @@ fn a_docker_archive_runs_the_command_given() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "hi\n");
 }
+
+/// Debian's docker-registry (the CNCF distribution registry) on a loopback
+/// port, stopped when dropped.
+struct LocalRegistry {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl LocalRegistry {
+    fn start(dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.join("registry.yml");
+        let storage = dir.join("registry");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let registry = Self { child, port };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return registry;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("the registry did not listen on port {port}");
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_pull_from_a_registry_converts_once_and_reuses_every_layer() {
+    let dir = tempdir("registry");
+    let registry = LocalRegistry::start(&dir);
+    let name = format!("localhost:{}/test:1", registry.port);
+    let layout = format!("oci:{}:1", images().layout.display());
+    sh(
+        r#"skopeo copy -q --dest-tls-verify=false "$1" "docker://$2""#,
+        &[Path::new(&layout), Path::new(&name)],
+    );
+    let store = store("pull");
+    let first = in_store(&store, &["pull", &name]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(
+        stderr(&first).matches("converted").count(),
+        2,
+        "{}",
+        stderr(&first)
+    );
+    let again = in_store(&store, &["pull", &name]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(
+        stderr(&again).matches("already stored").count(),
+        2,
+        "{}",
+        stderr(&again)
+    );
+    assert!(stdout(&in_store(&store, &["images"])).contains(&name));
+    let missing = in_store(
+        &store,
+        &["pull", &format!("localhost:{}/test:2", registry.port)],
+    );
+    assert_fails_naming(&missing, "manifests/2: not found in the registry");
+    assert!(files(&store, "tmp").is_empty());
+}

@@ -41,6 +41,8 @@ pub struct LayerBlob {
     /// The blob's own digest where the source names one (OCI); docker
     /// archives name only the uncompressed diff_id.
     pub digest: Option<Digest>,
+    /// Its size, where the source says it.
+    pub size: Option<u64>,
     pub diff_id: Digest,
 }
 
@@ -132,7 +134,7 @@ fn read_json(path: &Path, what: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| Error::bad(what, format!("not valid JSON: {e}")))
 }
 
@@ -168,6 +170,21 @@ fn oci_layout(dir: &Path, what: &str, tag: Option<&str>) -> Result<Pending> {
     });
     let manifest = resolve_manifest(&layout, chosen, 0)?;
     let (config, config_digest) = layout.blob(manifest.config())?;
+    let blob_path = |digest: &Digest| layout.blob_path(digest);
+    let mut pending = from_manifest(&manifest, config, config_digest, what, blob_path)?;
+    pending.name = name;
+    Ok(pending)
+}
+
+/// An image of `manifest` and its `config`, whose layer blobs are (or will
+/// be) at `blob_path(digest)`.
+pub(crate) fn from_manifest(
+    manifest: &ImageManifest,
+    config: Vec<u8>,
+    config_digest: Digest,
+    what: &str,
+    blob_path: impl Fn(&Digest) -> PathBuf,
+) -> Result<Pending> {
     let parsed = parse_config(&config, what)?;
     let diff_ids = diff_ids(&parsed, what)?;
     if manifest.layers().len() != diff_ids.len() {
@@ -180,7 +197,8 @@ fn oci_layout(dir: &Path, what: &str, tag: Option<&str>) -> Result<Pending> {
         .map(|(layer, diff_id)| {
             let digest = Digest::parse(layer.digest().as_ref())?;
             Ok(LayerBlob {
-                path: layout.blob_path(&digest),
+                path: blob_path(&digest),
+                size: Some(layer.size()),
                 digest: Some(digest),
                 diff_id,
             })
@@ -191,7 +209,7 @@ fn oci_layout(dir: &Path, what: &str, tag: Option<&str>) -> Result<Pending> {
         config_digest,
         parsed,
         layers,
-        name,
+        name: None,
     })
 }
 
@@ -223,7 +241,7 @@ fn choose_entry<'a>(
     }
 }
 
-fn is_index(media: &str) -> bool {
+pub(crate) fn is_index(media: &str) -> bool {
     media == "application/vnd.oci.image.index.v1+json"
         || media == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
@@ -324,6 +342,7 @@ fn docker_archive(dir: &Path, what: &str) -> Result<Pending> {
             Ok(LayerBlob {
                 path: member(path)?,
                 digest: None,
+                size: None,
                 diff_id,
             })
         })

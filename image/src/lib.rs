@@ -13,6 +13,7 @@ pub mod config;
 pub mod convert;
 pub mod digest;
 pub mod reference;
+pub mod registry;
 pub mod store;
 
 pub use config::RunConfig;

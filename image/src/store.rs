@@ -19,10 +19,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-use oci_spec::image::ImageConfiguration;
+use oci_spec::image::{ImageConfiguration, ImageManifest};
 
 use crate::archive::{self, LayerBlob, Pending};
 use crate::digest::{verify, Digest, Hashing};
+use crate::registry::{Access, Registry};
 use crate::{convert, io, Error, Reference, Result};
 
 pub struct Store {
@@ -50,6 +51,12 @@ pub struct Summary {
 
 /// What an import did, layer by layer.
 pub enum Progress<'a> {
+    Downloading {
+        index: usize,
+        of: usize,
+        done: u64,
+        total: u64,
+    },
     Reused {
         index: usize,
         of: usize,
@@ -130,6 +137,59 @@ impl Store {
             });
         let _ = std::fs::remove_dir_all(&scratch);
         added
+    }
+
+    /// Pulls `reference` from its registry: the manifest and config, then
+    /// the layers not stored yet, converted as they are imported.
+    pub fn pull(
+        &self,
+        reference: &Reference,
+        access: &Access,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Digest> {
+        let _shared = self.lock(false)?;
+        let what = reference.to_string();
+        let mut registry = Registry::new(reference, access);
+        let (manifest, _) = registry.manifest(&reference.version)?;
+        let manifest: ImageManifest = archive::parse(&manifest, &what)?;
+        let config_digest = Digest::parse(manifest.config().digest().as_ref())?;
+        let config = registry.json_blob(&config_digest)?;
+        let scratch = self.tmp_path("pull");
+        let blob_path = |digest: &Digest| scratch.join(digest.hex());
+        let pending = archive::from_manifest(&manifest, config, config_digest, &what, blob_path)?;
+        let pulled = std::fs::create_dir(&scratch)
+            .map_err(io(scratch.display()))
+            .and_then(|()| self.download_missing(&mut registry, &pending, progress))
+            .and_then(|()| self.add(pending, Some(reference), progress));
+        let _ = std::fs::remove_dir_all(&scratch);
+        pulled
+    }
+
+    /// Downloads the blobs of the layers the store lacks.
+    fn download_missing(
+        &self,
+        registry: &mut Registry,
+        pending: &Pending,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<()> {
+        let of = pending.layers.len();
+        for (index, blob) in pending.layers.iter().enumerate() {
+            let (Some(digest), Some(total)) = (&blob.digest, blob.size) else {
+                continue;
+            };
+            if self.layer_path(&blob.diff_id).exists() {
+                continue;
+            }
+            registry.download(digest, total, &blob.path, &mut |done| {
+                progress(Progress::Downloading {
+                    index,
+                    of,
+                    done,
+                    total,
+                })
+            })?;
+        }
+        Ok(())
     }
 
     /// Stores a read image: its layers converted (those not stored yet),

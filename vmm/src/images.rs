@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
+use uvm_image::registry::Access;
 use uvm_image::store::{Progress, Removed};
-use uvm_image::Store;
+use uvm_image::{Reference, Store};
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -66,9 +67,45 @@ fn import(store: &Store, source: &std::path::Path, name: Option<&str>) -> anyhow
     Ok(0)
 }
 
+/// `uvm pull`: a progress bar per layer downloading, then the import's lines.
+pub fn pull(reference: &str, access: &Access) -> anyhow::Result<i32> {
+    let store = store()?;
+    let reference = Reference::parse(reference)?;
+    let bars = indicatif::MultiProgress::new();
+    let mut downloading: Vec<Option<indicatif::ProgressBar>> = Vec::new();
+    let style = indicatif::ProgressStyle::with_template(
+        "layer {prefix}: {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+    )
+    .expect("a valid template");
+    let id = store.pull(&reference, access, &mut |progress| match progress {
+        Progress::Downloading {
+            index,
+            of,
+            done,
+            total,
+        } => {
+            downloading.resize(downloading.len().max(index + 1), None);
+            let bar = downloading[index].get_or_insert_with(|| {
+                let bar = bars.add(indicatif::ProgressBar::new(total));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("{}/{of}", index + 1));
+                bar
+            });
+            bar.set_position(done);
+            if done == total {
+                bar.finish();
+            }
+        }
+        other => show_progress(other),
+    })?;
+    println!("{reference} {id}");
+    Ok(0)
+}
+
 /// One line per layer on stderr, as it is done.
 pub fn show_progress(progress: Progress) {
     match progress {
+        Progress::Downloading { .. } => {}
         Progress::Reused { index, of, diff_id } => {
             eprintln!(
                 "layer {}/{of} {}: already stored",

@@ -57,6 +57,24 @@ enum Command {
     #[cfg(target_os = "linux")]
     #[command(subcommand)]
     Image(images::ImageCommand),
+    /// Pull an image from a registry into the store.
+    #[cfg(target_os = "linux")]
+    Pull {
+        /// The image, e.g. `busybox`, `localhost:5000/app:1`.
+        #[arg(value_name = "IMAGE")]
+        reference: String,
+        /// Plain HTTP to this registry (always for localhost).
+        #[arg(long)]
+        insecure: bool,
+        /// `USER:PASSWORD` for the registry [default: $UVM_REGISTRY_CREDS].
+        #[arg(
+            long,
+            value_name = "USER:PASSWORD",
+            env = "UVM_REGISTRY_CREDS",
+            hide_env_values = true
+        )]
+        creds: Option<String>,
+    },
     /// List the images in the store (`uvm image ls`).
     #[cfg(target_os = "linux")]
     Images,
@@ -258,6 +276,18 @@ fn main() {
         Command::Layer(LayerCommand::Create { from, output }) => create_layer(&from, &output),
         #[cfg(target_os = "linux")]
         Command::Image(command) => images::run(command),
+        #[cfg(target_os = "linux")]
+        Command::Pull {
+            reference,
+            insecure,
+            creds,
+        } => images::pull(
+            &reference,
+            &uvm_image::registry::Access {
+                insecure,
+                credentials: creds,
+            },
+        ),
         #[cfg(target_os = "linux")]
         Command::Images => images::run(images::ImageCommand::Ls),
         #[cfg(target_os = "linux")]

@@ -305,8 +305,9 @@ fn test() -> Result<()> {
     check_kvm()?;
     guest()?;
     // The bench tests boot QEMU microvm next to uvm; the image tests
-    // build their images with umoci and skopeo.
-    apt_install(&["qemu-system-x86", "umoci", "skopeo"])?;
+    // build their images with umoci and skopeo and pull them from a
+    // registry on loopback.
+    apt_install(&["qemu-system-x86", "umoci", "skopeo", "docker-registry"])?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
