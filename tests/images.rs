@@ -174,12 +174,11 @@ fn the_three_formats_import_and_share_their_layers() {
 #[test]
 fn an_unprivileged_import_keeps_the_layers_owners() {
     let images = images();
-    let store = store("unprivileged");
+    // The caller's store, in a directory of the test's own.
+    let dir = tempdir("unprivileged");
+    let store = dir.join("store");
     std::fs::create_dir_all(&store).unwrap();
-    sh(
-        r#"chown 65534:65534 "$1"; chmod 755 "$(dirname "$1")""#,
-        &[&store],
-    );
+    sh(r#"chmod 755 "$1"; chown 65534:65534 "$1/store""#, &[&dir]);
     let out = run(Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(env!("CARGO_BIN_EXE_uvm"))

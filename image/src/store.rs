@@ -313,13 +313,8 @@ impl Store {
                 .filter_map(|l| std::fs::metadata(l).ok())
                 .map(|m| m.len())
                 .sum();
-            let id_text = id.to_string();
             out.push(Summary {
-                names: names
-                    .iter()
-                    .filter(|(_, v)| **v == id_text)
-                    .map(|(k, _)| k.clone())
-                    .collect(),
+                names: names_of(&names, &id),
                 layers: layers.len(),
                 size,
                 created: config.created().clone(),
@@ -332,13 +327,7 @@ impl Store {
     /// The config of the image `reference` names, as stored.
     pub fn inspect(&self, reference: &str) -> Result<(Digest, Vec<String>, ImageConfiguration)> {
         let id = self.resolve(reference)?;
-        let names = self.names()?;
-        let id_text = id.to_string();
-        let named = names
-            .into_iter()
-            .filter(|(_, v)| *v == id_text)
-            .map(|(k, _)| k)
-            .collect();
+        let named = names_of(&self.names()?, &id);
         Ok((id.clone(), named, self.config(&id)?))
     }
 
@@ -347,15 +336,9 @@ impl Store {
     pub fn remove(&self, reference: &str) -> Result<Removed> {
         let _exclusive = self.lock(true)?;
         let id = self.resolve(reference)?;
-        let id_text = id.to_string();
         let by_name = Reference::parse(reference).ok().map(|r| r.to_string());
         let mut removed = Removed::default();
-        let names = self.names()?;
-        let mine: Vec<String> = names
-            .iter()
-            .filter(|(_, v)| **v == id_text)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let mine = names_of(&self.names()?, &id);
         let dropping: Vec<String> = match &by_name {
             Some(name) if mine.contains(name) => vec![name.clone()],
             _ => mine.clone(),
@@ -377,8 +360,8 @@ impl Store {
         let names = self.names()?;
         let mut removed = Removed::default();
         for id in self.image_ids()? {
-            let id_text = id.to_string();
-            if !names.values().any(|v| *v == id_text) && self.remove_image(&id, &id_text).is_ok() {
+            let unnamed = names_of(&names, &id).is_empty();
+            if unnamed && self.remove_image(&id, &id.to_string()).is_ok() {
                 removed.images.push(id);
             }
         }
@@ -389,13 +372,7 @@ impl Store {
     /// Removes an image's config unless a VM holds it.
     fn remove_image(&self, id: &Digest, reference: &str) -> Result<()> {
         let lock_path = self.image_path(id).with_extension("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(lock_path.display()))?;
-        if lock.try_lock().is_err() {
+        if open_lock(&lock_path)?.try_lock().is_err() {
             return Err(Error::bad(
                 format!("image {reference}"),
                 "in use by a running VM (stop it first)",
@@ -571,18 +548,32 @@ impl Store {
     }
 }
 
+/// The names of the image `id`.
+fn names_of(names: &Names, id: &Digest) -> Vec<String> {
+    let id = id.to_string();
+    names
+        .iter()
+        .filter(|(_, v)| **v == id)
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// Opens (creating) and flocks `path`, waiting for other holders.
 fn lock_file(path: &Path, exclusive: bool) -> Result<File> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(io(path.display()))?;
+    let file = open_lock(path)?;
     match exclusive {
         true => file.lock(),
         false => file.lock_shared(),
     }
     .map_err(io(format!("locking {}", path.display())))?;
     Ok(file)
+}
+
+fn open_lock(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io(path.display()))
 }
