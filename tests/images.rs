@@ -317,18 +317,23 @@ fn a_full_disk_during_conversion_leaves_nothing() {
 
 /// `uvm run` of an image from a store holding `source` as `name`.
 fn run_image(name: &str, source: &Path, args: &[&str]) -> std::process::Output {
+    import_and_run(&store(name), name, source, args)
+}
+
+/// Imports `source` as `name` into `store` and runs it there, `args`
+/// around the word IMAGE.
+fn import_and_run(store: &Path, name: &str, source: &Path, args: &[&str]) -> std::process::Output {
     support::require_kvm(name);
-    let store = store(name);
-    import(&store, source, Some(name));
+    import(store, source, Some(name));
     let mut cmd = uvm();
-    cmd.env("UVM_STORE", &store).arg("run");
+    cmd.env("UVM_STORE", store).arg("run");
     cmd.args(args.iter().take_while(|a| **a != "IMAGE"));
     cmd.arg(name);
     cmd.args(args.iter().skip_while(|a| **a != "IMAGE").skip(1));
     run(&mut cmd)
 }
 
-const LISTING: &str = "/data:\nb\n/keep:\ny\n";
+const LISTING: &str = "/data:\nb\n\n/keep:\ny\n";
 
 #[test]
 #[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
@@ -445,4 +450,45 @@ fn a_pull_from_a_registry_converts_once_and_reuses_every_layer() {
     );
     assert_fails_naming(&missing, "manifests/2: not found in the registry");
     assert!(files(&store, "tmp").is_empty());
+}
+
+/// The test image with 38 more layers (40 in all): layer 3 of them makes
+/// /m/old, layer 20 deletes /l/5, layer 22 makes /m opaque with /m/new.
+fn many_layers() -> PathBuf {
+    let d = &images().dir;
+    let many = d.join("many");
+    if !many.exists() {
+        sh(
+            r#"d=$1; rm -rf "$d/many.tmp"; cp -a "$d/oci" "$d/many.tmp"
+            for i in $(seq 1 38); do
+                rm -rf "$d/l"; mkdir -p "$d/l/l"; echo $i > "$d/l/l/$i"
+                case $i in
+                    3) mkdir -p "$d/l/m/old"; echo o > "$d/l/m/old/f";;
+                    20) : > "$d/l/l/.wh.5";;
+                    22) mkdir -p "$d/l/m"; : > "$d/l/m/.wh..wh..opq"; echo n > "$d/l/m/new";;
+                esac
+                tar -C "$d/l" -cf "$d/l.tar" l $(test -d "$d/l/m" && echo m)
+                umoci raw add-layer --image "$d/many.tmp:1" "$d/l.tar"
+            done
+            umoci config --image "$d/many.tmp:1" --config.cmd /bin/sh --config.cmd -c \
+                --config.cmd 'ls /l | wc -l; cat /l/38; ls /m'
+            mv "$d/many.tmp" "$d/many""#,
+            &[d],
+        );
+    }
+    many
+}
+
+#[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
+fn a_40_layer_image_runs_its_bottom_layers_merged() {
+    let store = store("many-run");
+    let out = import_and_run(&store, "localhost/many:1", &many_layers(), &["IMAGE"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "37\n38\nnew\n");
+    assert_eq!(
+        layers(&store),
+        16,
+        "25 bottom layers merged, 15 on their own"
+    );
 }

@@ -35,6 +35,12 @@ pub struct Pending {
     pub name: Option<Reference>,
 }
 
+impl Pending {
+    pub fn diff_ids(&self) -> Vec<Digest> {
+        self.layers.iter().map(|l| l.diff_id.clone()).collect()
+    }
+}
+
 /// One layer's blob: a tar, possibly gzip or zstd compressed.
 pub struct LayerBlob {
     pub path: PathBuf,

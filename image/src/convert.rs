@@ -54,17 +54,51 @@ pub fn from_tar_file(tar: &Path, work: &Path, out: &Path) -> Result<u64> {
 /// (named `what` in errors), staging content under `work`, which must not
 /// exist and is removed again. Returns the image size.
 pub fn from_tar(layer: impl Read, what: &str, work: &Path, out: &Path) -> Result<u64> {
-    std::fs::create_dir(work).map_err(io(work.display()))?;
-    let made = Tree::new(work.join("root"))
-        .and_then(|mut tree| {
-            tree.unpack(layer, what)?;
-            tree.build(work, out)
-        })
-        .inspect_err(|_| {
+    let mut stack = Stack::new(work)?;
+    stack.add(layer, what)?;
+    stack.build(out)
+}
+
+/// Layers merged into one image as overlayfs would stack them, bottom
+/// first: an upper layer's whiteouts and opaque directories remove what
+/// the layers below it put there. Content is staged under `work`, which
+/// goes with the value.
+pub struct Stack {
+    tree: Tree,
+    work: PathBuf,
+}
+
+impl Stack {
+    /// `work` must not exist.
+    pub fn new(work: &Path) -> Result<Self> {
+        std::fs::create_dir(work).map_err(io(work.display()))?;
+        let stack = Self {
+            tree: Tree::empty(work.join("root")),
+            work: work.to_owned(),
+        };
+        std::fs::create_dir(&stack.tree.root).map_err(io(stack.tree.root.display()))?;
+        Ok(stack)
+    }
+
+    /// The next layer up, an uncompressed tar stream named `what` in errors.
+    pub fn add(&mut self, layer: impl Read, what: &str) -> Result<()> {
+        self.tree.unpack(layer, what)?;
+        self.tree.layer += 1;
+        Ok(())
+    }
+
+    /// Writes the image; returns its size.
+    pub fn build(self, out: &Path) -> Result<u64> {
+        self.tree.build(&self.work, out).inspect_err(|_| {
             let _ = std::fs::remove_file(out);
-        });
-    let _ = std::fs::remove_dir_all(work);
-    made
+        })
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
 }
 
 /// Makes a layer image from a directory as it is (owners, modes and
@@ -76,6 +110,10 @@ pub fn from_dir(dir: &Path, out: &Path) -> Result<u64> {
 
 /// What the tar says about a path, applied to the image after mkfs.
 struct Meta {
+    /// The layer of the stack it came from.
+    layer: usize,
+    /// A hard link: its inode's metadata is its target's.
+    link: bool,
     /// File type and permission bits.
     mode: u32,
     uid: u64,
@@ -102,15 +140,16 @@ struct Tree {
     /// Bytes of content blocks and entries, to size the image.
     content: u64,
     entries: u64,
+    /// The layer being unpacked, counted from the bottom of the stack.
+    layer: usize,
     buf: Vec<u8>,
 }
 
 impl Tree {
-    fn new(root: PathBuf) -> Result<Self> {
-        std::fs::create_dir(&root).map_err(io(root.display()))?;
+    fn empty(root: PathBuf) -> Self {
         let mut meta = BTreeMap::new();
-        meta.insert(PathBuf::new(), dir_meta());
-        Ok(Self {
+        meta.insert(PathBuf::new(), dir_meta(0));
+        Self {
             root,
             meta,
             nodes: BTreeMap::new(),
@@ -118,8 +157,9 @@ impl Tree {
             opaque: BTreeSet::new(),
             content: 0,
             entries: 0,
+            layer: 0,
             buf: vec![0; 16 * BLOCK],
-        })
+        }
     }
 
     fn unpack(&mut self, layer: impl Read, what: &str) -> Result<()> {
@@ -155,15 +195,21 @@ impl Tree {
         let file_name = rel.file_name().map(|n| n.to_string_lossy().into_owned());
         let parent = rel.parent().unwrap_or(Path::new("")).to_owned();
         self.make_parents(&parent)?;
+        // The bottom layer of a stack keeps its whiteouts for the layers
+        // below it in the VM; an upper one applies them to the stack.
+        let bottom = self.layer == 0;
         match file_name.as_deref() {
-            Some(OPAQUE) => {
+            Some(OPAQUE) if bottom => {
                 self.opaque.insert(parent);
                 return Ok(());
             }
+            Some(OPAQUE) => return self.remove_older(&parent).map_err(|e| e.to_string()),
             Some(n) if n.starts_with(WHITEOUT) => {
                 let hidden = parent.join(&n[WHITEOUT.len()..]);
                 self.clear(&hidden).map_err(|e| e.to_string())?;
-                self.nodes.insert(hidden, Node::Whiteout);
+                if bottom {
+                    self.nodes.insert(hidden, Node::Whiteout);
+                }
                 return Ok(());
             }
             _ => {}
@@ -221,8 +267,7 @@ impl Tree {
                 }
                 self.clear(&rel).map_err(io_err)?;
                 std::fs::hard_link(&source, &staged).map_err(io_err)?;
-                // Owner and mode are the target's: one inode.
-                return Ok(());
+                S_IFREG
             }
             tar::EntryType::Char => {
                 let (major, minor) = device()?;
@@ -247,6 +292,8 @@ impl Tree {
         let field = |v: io::Result<u64>| v.map_err(|e| e.to_string());
         let perms = field(header.mode().map(u64::from))? as u32 & 0o7777;
         let meta = Meta {
+            layer: self.layer,
+            link: kind == tar::EntryType::Link,
             mode: file_type | perms,
             uid: field(header.uid())?,
             gid: field(header.gid())?,
@@ -287,9 +334,39 @@ impl Tree {
                 }
                 Err(_) => {
                     std::fs::create_dir(&staged).map_err(|e| e.to_string())?;
-                    self.meta.entry(at.clone()).or_insert_with(dir_meta);
+                    let layer = self.layer;
+                    self.meta
+                        .entry(at.clone())
+                        .or_insert_with(|| dir_meta(layer));
                     self.entries += 1;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// An opaque directory in an upper layer: what lower layers put under
+    /// `dir` goes, what this layer put there (before the marker) stays.
+    fn remove_older(&mut self, dir: &Path) -> io::Result<()> {
+        let under = |p: &&PathBuf| p.starts_with(dir) && p.as_path() != dir;
+        let older: Vec<PathBuf> = self
+            .meta
+            .range(dir.to_path_buf()..)
+            .map(|(p, m)| (p, m.layer))
+            .take_while(|(p, _)| p.starts_with(dir))
+            .filter(|(p, layer)| under(p) && *layer < self.layer)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let whiteouts: Vec<PathBuf> = self.nodes.keys().filter(under).cloned().collect();
+        // Deepest first; a directory this layer added to stays.
+        for path in older.iter().rev().chain(&whiteouts) {
+            let newer_inside = self
+                .meta
+                .range(path.clone()..)
+                .take_while(|(p, _)| p.starts_with(path))
+                .any(|(p, m)| p != path && m.layer == self.layer);
+            if !newer_inside {
+                self.clear(path)?;
             }
         }
         Ok(())
@@ -367,7 +444,7 @@ impl Tree {
             }
             s.push(b'\n');
         }
-        for (rel, meta) in &self.meta {
+        for (rel, meta) in self.meta.iter().filter(|(_, m)| !m.link) {
             let fields = [
                 ("mode", format!("0{:o}", meta.mode)),
                 ("uid", meta.uid.to_string()),
@@ -407,8 +484,10 @@ impl Tree {
     }
 }
 
-fn dir_meta() -> Meta {
+fn dir_meta(layer: usize) -> Meta {
     Meta {
+        layer,
+        link: false,
         mode: S_IFDIR | 0o755,
         uid: 0,
         gid: 0,
@@ -760,6 +839,77 @@ mod tests {
         let err = from_tar(&tar[..1500], "short layer", &dir.join("work"), &out).unwrap_err();
         assert!(err.to_string().starts_with("short layer: "), "{err}");
         assert!(!out.exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tar_of(entries: &[(&str, tar::EntryType)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind) in entries {
+            let data: &[u8] = if *kind == tar::EntryType::Regular {
+                b"x"
+            } else {
+                b""
+            };
+            let mut h = header(*kind, 0o755, 0, data.len() as u64);
+            b.append_data(&mut h, path, data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_stack_applies_upper_whiteouts_and_opaque_dirs_to_the_layers_below() {
+        use tar::EntryType::{Directory, Regular};
+        let dir = scratch("stack");
+        let image = dir.join("stack.ext4");
+        let mut stack = Stack::new(&dir.join("work")).unwrap();
+        let layers = [
+            tar_of(&[
+                ("a/gone", Regular),
+                ("a/kept", Regular),
+                ("m/old/deep", Regular),
+                ("w/x", Regular),
+            ]),
+            // The opaque marker after an entry of its own layer: that one stays.
+            tar_of(&[
+                ("a/.wh.gone", Regular),
+                ("m/", Directory),
+                ("m/new", Regular),
+                ("m/.wh..wh..opq", Regular),
+            ]),
+            tar_of(&[
+                (".wh.w", Regular),
+                ("w/", Directory),
+                ("w/again", Regular),
+                ("top/.wh.below", Regular),
+            ]),
+        ];
+        for (i, layer) in layers.iter().enumerate() {
+            stack.add(&layer[..], &format!("layer {i}")).unwrap();
+        }
+        stack.build(&image).unwrap();
+        assert!(!dir.join("work").exists());
+        let ls = |path: &str| {
+            let out = Command::new("debugfs")
+                .args(["-R", &format!("ls {path}")])
+                .arg(&image)
+                .output()
+                .unwrap();
+            let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter(|w| {
+                    !w.starts_with('(') && w.parse::<u64>().is_err() && *w != "." && *w != ".."
+                })
+                .map(str::to_string)
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(ls("/a"), ["kept"]);
+        assert_eq!(ls("/m"), ["new"]);
+        assert_eq!(ls("/w"), ["again"]);
+        // The stack's own whiteouts are applied, not kept: nothing below it.
+        assert!(stat(&image, "/top/below").is_empty());
+        assert!(!stat(&image, "/m").contains("opaque"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

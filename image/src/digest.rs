@@ -40,6 +40,15 @@ impl Digest {
         Self { hex }
     }
 
+    /// The OCI ChainID of layers with these diff_ids, bottom first: the
+    /// bottom's diff_id, then sha256 of "PARENT_CHAIN DIFF_ID" per layer.
+    pub fn chain(diff_ids: &[Digest]) -> Option<Self> {
+        let (bottom, rest) = diff_ids.split_first()?;
+        Some(rest.iter().fold(bottom.clone(), |chain, diff_id| {
+            Self::of(format!("{chain} {diff_id}").as_bytes())
+        }))
+    }
+
     pub fn hex(&self) -> &str {
         &self.hex
     }
@@ -111,6 +120,15 @@ mod tests {
         assert!(Digest::parse("sha512:00").is_err());
         assert!(Digest::parse("sha256:E3B0").is_err());
         assert!(Digest::from_hex("../../etc/passwd").is_none());
+    }
+
+    #[test]
+    fn chain_ids_follow_the_oci_spec() {
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        assert_eq!(Digest::chain(std::slice::from_ref(&a)), Some(a.clone()));
+        let ab = Digest::of(format!("{a} {b}").as_bytes());
+        assert_eq!(Digest::chain(&[a, b]), Some(ab));
+        assert_eq!(Digest::chain(&[]), None);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::BufReader;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
@@ -172,14 +173,17 @@ impl Store {
         pending: &Pending,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<()> {
+        let plan = plan(&pending.diff_ids());
+        let missing = plan
+            .iter()
+            .filter(|(key, _)| !self.layer_path(key).exists());
+        let blobs = missing.flat_map(|(_, range)| range.clone());
         let of = pending.layers.len();
-        for (index, blob) in pending.layers.iter().enumerate() {
+        for index in blobs {
+            let blob = &pending.layers[index];
             let (Some(digest), Some(total)) = (&blob.digest, blob.size) else {
                 continue;
             };
-            if self.layer_path(&blob.diff_id).exists() {
-                continue;
-            }
             registry.download(digest, total, &blob.path, &mut |done| {
                 progress(Progress::Downloading {
                     index,
@@ -200,19 +204,20 @@ impl Store {
         name: Option<&Reference>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Digest> {
-        let of = pending.layers.len();
-        for (index, blob) in pending.layers.iter().enumerate() {
+        let plan = plan(&pending.diff_ids());
+        let of = plan.len();
+        for (index, (key, range)) in plan.iter().enumerate() {
             let started = Instant::now();
-            match self.ensure_layer(blob)? {
+            match self.ensure_layer(key, &pending.layers[range.clone()])? {
                 None => progress(Progress::Reused {
                     index,
                     of,
-                    diff_id: &blob.diff_id,
+                    diff_id: key,
                 }),
                 Some(bytes) => progress(Progress::Converted {
                     index,
                     of,
-                    diff_id: &blob.diff_id,
+                    diff_id: key,
                     bytes,
                     seconds: started.elapsed().as_secs_f64(),
                 }),
@@ -231,21 +236,17 @@ impl Store {
         Ok(id)
     }
 
-    /// Converts a layer unless it is stored; the uncompressed bytes read if
-    /// it converted it. Its lock makes a concurrent import of the same
-    /// layer wait and then find it.
-    fn ensure_layer(&self, blob: &LayerBlob) -> Result<Option<u64>> {
-        let stored = self.layer_path(&blob.diff_id);
+    /// Converts layers into the stored layer `key` unless it is stored;
+    /// the uncompressed bytes read if it converted them. Its lock makes a
+    /// concurrent import of the same layer wait and then find it.
+    fn ensure_layer(&self, key: &Digest, blobs: &[LayerBlob]) -> Result<Option<u64>> {
+        let stored = self.layer_path(key);
         let _converting = lock_file(&stored.with_extension("lock"), true)?;
         if stored.exists() {
             return Ok(None);
         }
-        let what = match &blob.digest {
-            Some(digest) => format!("layer blob {digest} ({})", blob.path.display()),
-            None => format!("layer {} ({})", blob.diff_id, blob.path.display()),
-        };
         let out = self.tmp_path("layer");
-        let converted = self.convert(blob, &what, &out).and_then(|bytes| {
+        let converted = self.convert(blobs, &out).and_then(|bytes| {
             std::fs::rename(&out, &stored).map_err(io(stored.display()))?;
             Ok(bytes)
         });
@@ -255,26 +256,14 @@ impl Store {
         converted.map(Some)
     }
 
-    /// Converts a layer blob into `out`, checking its digests: the blob's
-    /// own and the config's diff_id. Returns the uncompressed bytes.
-    fn convert(&self, blob: &LayerBlob, what: &str, out: &Path) -> Result<u64> {
-        let file = File::open(&blob.path).map_err(io(what))?;
-        let mut compressed = Hashing::new(BufReader::new(file));
-        let (diff_id, bytes) = {
-            let tar = convert::decompress(BufReader::new(&mut compressed)).map_err(io(what))?;
-            let mut layer = Hashing::new(tar);
-            convert::from_tar(&mut layer, what, &self.tmp_path("staging"), out)?;
-            layer.finish().map_err(io(what))?
-        };
-        let (blob_digest, _) = compressed.finish().map_err(io(what))?;
-        if let Some(expected) = &blob.digest {
-            verify(what, expected, &blob_digest)?;
+    /// Converts layer blobs, bottom first, into one image at `out`.
+    fn convert(&self, blobs: &[LayerBlob], out: &Path) -> Result<u64> {
+        let mut stack = convert::Stack::new(&self.tmp_path("staging"))?;
+        let mut bytes = 0;
+        for blob in blobs {
+            bytes += add_verified(&mut stack, blob)?;
         }
-        verify(
-            format!("{what}: the config's diff_id"),
-            &blob.diff_id,
-            &diff_id,
-        )?;
+        stack.build(out)?;
         Ok(bytes)
     }
 
@@ -388,7 +377,8 @@ impl Store {
     fn collect_layers(&self) -> Result<Vec<Digest>> {
         let mut used = std::collections::BTreeSet::new();
         for id in self.image_ids()? {
-            used.extend(self.diff_ids(&self.config(&id)?, &id)?);
+            let diff_ids = self.diff_ids(&self.config(&id)?, &id)?;
+            used.extend(plan(&diff_ids).into_iter().map(|(key, _)| key));
         }
         let mut removed = Vec::new();
         for (digest, path) in self.entries("layers", "ext4")? {
@@ -460,11 +450,8 @@ impl Store {
     }
 
     fn layers_of(&self, config: &ImageConfiguration, id: &Digest) -> Result<Vec<PathBuf>> {
-        Ok(self
-            .diff_ids(config, id)?
-            .iter()
-            .map(|d| self.layer_path(d))
-            .collect())
+        let plan = plan(&self.diff_ids(config, id)?);
+        Ok(plan.iter().map(|(key, _)| self.layer_path(key)).collect())
     }
 
     fn image_ids(&self) -> Result<Vec<Digest>> {
@@ -548,6 +535,49 @@ impl Store {
     }
 }
 
+/// At most this many layer devices per image: uvm's pmem slots with the
+/// VM's tools and a scratch disk attached (vmm's vm::layout).
+pub const MAX_LAYERS: usize = 16;
+
+/// How an image's layers (their diff_ids) become stored layer images: one
+/// each, keyed by diff_id, except that an image with more than
+/// [`MAX_LAYERS`] has its bottom ones merged into one, keyed by their
+/// ChainID (shared by the images with that same base).
+pub fn plan(diff_ids: &[Digest]) -> Vec<(Digest, Range<usize>)> {
+    let merged = match diff_ids.len() {
+        0 => return Vec::new(),
+        n if n > MAX_LAYERS => n - MAX_LAYERS + 1,
+        _ => 1,
+    };
+    let bottom = Digest::chain(&diff_ids[..merged]).expect("at least one layer");
+    let upper = (merged..diff_ids.len()).map(|i| (diff_ids[i].clone(), i..i + 1));
+    std::iter::once((bottom, 0..merged)).chain(upper).collect()
+}
+
+/// Adds a layer blob to `stack`, checking its digests: the blob's own and
+/// the config's diff_id. Returns the uncompressed bytes.
+fn add_verified(stack: &mut convert::Stack, blob: &LayerBlob) -> Result<u64> {
+    let what = match &blob.digest {
+        Some(digest) => format!("layer blob {digest} ({})", blob.path.display()),
+        None => format!("layer {} ({})", blob.diff_id, blob.path.display()),
+    };
+    let file = File::open(&blob.path).map_err(io(&what))?;
+    let mut compressed = Hashing::new(BufReader::new(file));
+    let (diff_id, bytes) = {
+        let tar = convert::decompress(BufReader::new(&mut compressed)).map_err(io(&what))?;
+        let mut layer = Hashing::new(tar);
+        stack.add(&mut layer, &what)?;
+        layer.finish().map_err(io(&what))?
+    };
+    let (blob_digest, _) = compressed.finish().map_err(io(&what))?;
+    if let Some(expected) = &blob.digest {
+        verify(&what, expected, &blob_digest)?;
+    }
+    let what = format!("{what}: the config's diff_id");
+    verify(what, &blob.diff_id, &diff_id)?;
+    Ok(bytes)
+}
+
 /// The names of the image `id`.
 fn names_of(names: &Names, id: &Digest) -> Vec<String> {
     let id = id.to_string();
@@ -576,4 +606,23 @@ fn open_lock(path: &Path) -> Result<File> {
         .write(true)
         .open(path)
         .map_err(io(path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_with_more_layers_than_devices_merge_their_bottom_ones() {
+        let ids: Vec<Digest> = (0..40u8).map(|i| Digest::of(&[i])).collect();
+        let small = plan(&ids[..MAX_LAYERS]);
+        assert_eq!(small.len(), MAX_LAYERS);
+        assert!(small.iter().zip(&ids).all(|((key, _), id)| key == id));
+        let big = plan(&ids);
+        assert_eq!(big.len(), MAX_LAYERS);
+        assert_eq!(big[0], (Digest::chain(&ids[..25]).unwrap(), 0..25));
+        assert_eq!(big[1], (ids[25].clone(), 25..26));
+        assert_eq!(big[MAX_LAYERS - 1].1, 39..40);
+        assert!(plan(&[]).is_empty());
+    }
 }

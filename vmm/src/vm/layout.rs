@@ -212,6 +212,15 @@ mod tests {
         );
     }
 
+    /// The image store merges layers down to what fits with every other
+    /// device a run may add.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_image_s_layers_fit_with_tools_and_scratch() {
+        let layers = [MIB2; uvm_image::store::MAX_LAYERS];
+        Layout::new(true, &layers, true, true, 128 << 20).unwrap();
+    }
+
     #[test]
     fn every_line_of_the_interrupt_controller_can_be_used_and_no_more() {
         // 19 lines (GSIs 5-23): vsock, 17 layers and a scratch disk fit.
