@@ -492,3 +492,39 @@ fn a_40_layer_image_runs_its_bottom_layers_merged() {
         "25 bottom layers merged, 15 on their own"
     );
 }
+
+#[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
+fn a_detached_vm_holds_its_image_until_it_ends() {
+    let name = "localhost/detached:1";
+    support::require_kvm(name);
+    let store = store("detached");
+    import(&store, &images().layout, Some(name));
+    let state = tempdir("detached-state");
+    let uvm_at = |args: &[&str]| {
+        let mut cmd = uvm();
+        cmd.env("UVM_STORE", &store)
+            .arg("--root")
+            .arg(&state)
+            .args(args);
+        run(&mut cmd)
+    };
+    let started = uvm_at(&[
+        "run",
+        "-d",
+        "--name",
+        "held",
+        name,
+        "/bin/sh",
+        "-c",
+        "echo up; sleep 600",
+    ]);
+    assert!(started.status.success(), "{}", stderr(&started));
+    assert_fails_naming(&uvm_at(&["rmi", name]), "in use by a running VM");
+    assert!(uvm_at(&["stop", "held"]).status.success());
+    assert!(stdout(&uvm_at(&["logs", "held"])).contains("up"));
+    let removed = uvm_at(&["rmi", name]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    assert_eq!(layers(&store), 0);
+    assert!(uvm_at(&["rm", "held"]).status.success());
+}
