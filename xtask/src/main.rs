@@ -271,6 +271,8 @@ fn guest() -> Result<()> {
 /// that of a glibc one linked dynamically (no shared-library pages).
 fn uvm() -> Result<PathBuf> {
     run(Command::new("rustup").args(["target", "add", AGENT_TARGET]))?;
+    // The image store's C parts (zstd, ring for TLS) need a musl C compiler.
+    apt_install(&["musl-tools"])?;
     run(cargo().args([
         "build",
         "--release",
