@@ -269,22 +269,24 @@ fn resolve_manifest(
         return parse(&bytes, &what);
     }
     let index: ImageIndex = parse(&bytes, &what)?;
+    resolve_manifest(layout, linux_amd64(&index, &what)?, depth + 1)
+}
+
+/// The linux/amd64 entry of an image index (`what` in errors).
+pub(crate) fn linux_amd64<'a>(index: &'a ImageIndex, what: &str) -> Result<&'a Descriptor> {
     let amd64 = index.manifests().iter().find(|m| {
         m.platform()
             .as_ref()
             .is_some_and(|p| *p.architecture() == Arch::Amd64 && *p.os() == Os::Linux)
     });
-    match amd64 {
-        Some(manifest) => resolve_manifest(layout, manifest, depth + 1),
-        None => Err(Error::bad(what, "has no linux/amd64 image")),
-    }
+    amd64.ok_or_else(|| Error::bad(what, "has no linux/amd64 image"))
 }
 
 fn parse_config(bytes: &[u8], what: &str) -> Result<ImageConfiguration> {
     parse(bytes, &format!("{what}: image config"))
 }
 
-fn diff_ids(config: &ImageConfiguration, what: &str) -> Result<Vec<Digest>> {
+pub(crate) fn diff_ids(config: &ImageConfiguration, what: &str) -> Result<Vec<Digest>> {
     config
         .rootfs()
         .diff_ids()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
-use crate::archive::{is_index, MAX_JSON};
+use crate::archive::{is_index, linux_amd64, MAX_JSON};
 use crate::digest::{verify, Digest, Hashing};
 use crate::reference::{Reference, Version, DEFAULT_REGISTRY};
 use crate::{io, Error, Result};
@@ -270,14 +270,7 @@ fn media_of(bytes: &[u8]) -> String {
 fn amd64(bytes: &[u8], url: &str) -> Result<Digest> {
     let index: oci_spec::image::ImageIndex = serde_json::from_slice(bytes)
         .map_err(|e| Error::bad(url, format!("not an image index: {e}")))?;
-    let entry = index.manifests().iter().find(|m| {
-        m.platform().as_ref().is_some_and(|p| {
-            *p.architecture() == oci_spec::image::Arch::Amd64
-                && *p.os() == oci_spec::image::Os::Linux
-        })
-    });
-    let entry = entry.ok_or_else(|| Error::bad(url, "has no linux/amd64 image"))?;
-    Digest::parse(entry.digest().as_ref())
+    Digest::parse(linux_amd64(&index, url)?.digest().as_ref())
 }
 
 /// `realm="https://auth",service="reg",scope="repository:x:pull"`.

@@ -109,10 +109,6 @@ impl Store {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Imports the image at `source` (OCI layout, OCI archive or docker
     /// archive), naming it `name` or what the source calls it.
     pub fn import(
@@ -377,7 +373,7 @@ impl Store {
     fn collect_layers(&self) -> Result<Vec<Digest>> {
         let mut used = std::collections::BTreeSet::new();
         for id in self.image_ids()? {
-            let diff_ids = self.diff_ids(&self.config(&id)?, &id)?;
+            let diff_ids = archive::diff_ids(&self.config(&id)?, &format!("image {id}"))?;
             used.extend(plan(&diff_ids).into_iter().map(|(key, _)| key));
         }
         let mut removed = Vec::new();
@@ -440,17 +436,8 @@ impl Store {
             .map_err(|e| Error::bad(path.display(), format!("corrupt image config: {e}")))
     }
 
-    fn diff_ids(&self, config: &ImageConfiguration, id: &Digest) -> Result<Vec<Digest>> {
-        config
-            .rootfs()
-            .diff_ids()
-            .iter()
-            .map(|d| Digest::parse(d).map_err(|e| Error::bad(format!("image {id}"), e.to_string())))
-            .collect()
-    }
-
     fn layers_of(&self, config: &ImageConfiguration, id: &Digest) -> Result<Vec<PathBuf>> {
-        let plan = plan(&self.diff_ids(config, id)?);
+        let plan = plan(&archive::diff_ids(config, &format!("image {id}"))?);
         Ok(plan.iter().map(|(key, _)| self.layer_path(key)).collect())
     }
 
