@@ -551,16 +551,20 @@ fn fill(from: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
+/// What virtio-pmem devices are aligned to (memremap_pages' section size).
+const PMEM_ALIGNMENT: u64 = 2 << 20;
+
 /// Makes an ext4 image at `out` from the directory `from` with e2fsprogs'
 /// `mkfs.ext4 -d`: 4 KiB blocks (DAX needs the page size), no journal
 /// (layers are mounted read-only), an inode per entry, sized to the content
-/// plus headroom (uvm pads it to the pmem alignment when it maps it).
-/// Returns the image size.
+/// plus headroom, in whole pmem alignment units (2 MiB) so the filesystem
+/// fills the device the guest sees. Returns the image size.
 fn mkfs(from: &Path, out: &Path, content: u64, entries: u64) -> Result<u64> {
     let fail = |reason: String| Error::bad(out.display(), reason);
     // Metadata (inode tables, bitmaps, directories) grows with the content.
     let inodes = entries + 64;
-    let mut size = (content + content / 8 + inodes * 512 + (8 << 20)).next_multiple_of(1 << 20);
+    let mut size =
+        (content + content / 8 + inodes * 512 + (8 << 20)).next_multiple_of(PMEM_ALIGNMENT);
     for _ in 0..3 {
         let file = File::create(out).map_err(io(out.display()))?;
         file.set_len(size).map_err(io(out.display()))?;
