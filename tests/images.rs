@@ -528,3 +528,91 @@ fn a_detached_vm_holds_its_image_until_it_ends() {
     assert_eq!(layers(&store), 0);
     assert!(uvm_at(&["rm", "held"]).status.success());
 }
+
+/// Every layer file in the store is a whole ext4 image.
+fn assert_layers_whole(store: &Path) {
+    for name in files(store, "layers")
+        .iter()
+        .filter(|n| n.ends_with(".ext4"))
+    {
+        let out = run(Command::new("e2fsck")
+            .arg("-fn")
+            .arg(store.join("layers").join(name)));
+        assert!(out.status.success(), "{name}: {}", stdout(&out));
+    }
+}
+
+#[test]
+fn a_killed_import_leaves_no_half_layer_and_prune_clears_its_work() {
+    let store = store("killed");
+    let many = many_layers();
+    let mut child = uvm()
+        .env("UVM_STORE", &store)
+        .args(["image", "import", "--name", "localhost/killed:1"])
+        .arg(&many)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once the first of its 16 layers is stored: mid-import.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while layers(&store) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the import ended before it was killed"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(layers(&store) < 16, "{:?}", files(&store, "layers"));
+    assert_layers_whole(&store);
+    assert!(files(&store, "images").iter().all(|f| f.ends_with(".lock")));
+    let listed = in_store(&store, &["images"]);
+    assert!(!stdout(&listed).contains("killed"), "{}", stdout(&listed));
+
+    assert!(!files(&store, "tmp").is_empty(), "the killed import's work");
+    let pruned = in_store(&store, &["image", "prune"]);
+    assert!(pruned.status.success(), "{}", stderr(&pruned));
+    assert!(
+        files(&store, "tmp").is_empty(),
+        "{:?}",
+        files(&store, "tmp")
+    );
+    import(&store, &many, Some("localhost/killed:1"));
+    assert_eq!(layers(&store), 16);
+    assert_layers_whole(&store);
+}
+
+#[test]
+fn concurrent_imports_of_one_image_store_each_layer_once() {
+    let store = store("concurrent");
+    let imports: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            uvm()
+                .env("UVM_STORE", &store)
+                .args(["image", "import", "--name", &format!("localhost/{name}:1")])
+                .arg(&images().layout)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // All three run at once: spawned before any is waited for.
+    for child in imports {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert_eq!(layers(&store), 2, "{:?}", files(&store, "layers"));
+    assert_layers_whole(&store);
+    assert!(
+        files(&store, "tmp").is_empty(),
+        "{:?}",
+        files(&store, "tmp")
+    );
+    let listed = stdout(&in_store(&store, &["images"]));
+    for name in ["a", "b", "c"] {
+        assert!(listed.contains(&format!("localhost/{name}")), "{listed}");
+    }
+}
