@@ -76,8 +76,9 @@ fn build(images: &Images) {
         umoci raw add-layer --image "$d/oci:1" "$d/upper.tar"
         umoci config --image "$d/oci:1" --config.cmd /bin/sh --config.cmd -c --config.cmd "$2" \
             --config.env A=1 --config.env B=2 --config.workingdir /home/app --config.user app
-        skopeo copy -q --dest-compress-format zstd "oci:$d/oci:1" "oci-archive:$d/image.oci.tar:1"
-        skopeo copy -q "oci:$d/oci:1" "docker-archive:$d/image.docker.tar:localhost/docker-img:1"
+        # skopeo's own scratch space, not /var/tmp (read-only in the nested L1).
+        skopeo --tmpdir "$d" copy -q --dest-compress-format zstd "oci:$d/oci:1" "oci-archive:$d/image.oci.tar:1"
+        skopeo --tmpdir "$d" copy -q "oci:$d/oci:1" "docker-archive:$d/image.docker.tar:localhost/docker-img:1"
         "#,
         &[d, Path::new(CMD)],
     );
@@ -423,8 +424,8 @@ fn a_pull_from_a_registry_converts_once_and_reuses_every_layer() {
     let name = format!("localhost:{}/test:1", registry.port);
     let layout = format!("oci:{}:1", images().layout.display());
     sh(
-        r#"skopeo copy -q --dest-tls-verify=false "$1" "docker://$2""#,
-        &[Path::new(&layout), Path::new(&name)],
+        r#"skopeo --tmpdir "$3" copy -q --dest-tls-verify=false "$1" "docker://$2""#,
+        &[Path::new(&layout), Path::new(&name), &dir],
     );
     let store = store("pull");
     let first = in_store(&store, &["pull", &name]);
