@@ -3,7 +3,7 @@
 //! Debian's own kernel (L1, fetched with `apt-get download` and unpacked
 //! into the cache, never installed), which loads kvm_amd and so has a real
 //! /dev/kvm. The host's root is shared read-only over 9p; L1 runs COMMAND
-//! chrooted in it, in the same working directory, so the project's binaries
+//! as its root, in the same working directory, so the project's binaries
 //! run as they are. COMMAND's output is L1's console; its exit status ours.
 
 use std::io::{BufRead, BufReader};
@@ -364,7 +364,7 @@ fn initramfs_image(l1: &L1Kernel, script: &str, writable: &[PathBuf]) -> Result<
 }
 
 /// PID 1 of L1: load the modules, mount the host's root (and the writable
-/// shares over it), run COMMAND chrooted there, report its status.
+/// shares over it), switch to it, run COMMAND there and report its status.
 fn init_script(modules: &[String], writable: &[PathBuf]) -> String {
     let mounts: String = writable
         .iter()
@@ -383,15 +383,18 @@ export PATH=/bin
 fail() {{ echo "uvm-nested: L1 set-up failed"; echo "{STATUS_LINE}125"; poweroff -f; }}
 mount -t proc proc /proc && mount -t sysfs sys /sys && mount -t devtmpfs dev /dev || fail
 for m in {modules}; do insmod /modules/$m.ko || fail; done
+# Loopback: tests serve and reach programs on 127.0.0.1 (a registry).
+ip link set lo up || fail
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 host /host || fail
 {mounts}mount -t proc proc /host/proc && mount -t sysfs sys /host/sys || fail
 mount -t devtmpfs dev /host/dev && mount -t tmpfs run /host/run && mkdir /host/run/tmp || fail
 mkdir -p /host/dev/pts /host/dev/shm && mount -t devpts -o ptmxmode=666 pts /host/dev/pts || fail
 mount -t tmpfs shm /host/dev/shm || fail
 cp /command /host/run/uvm-nested-command
-chroot /host /bin/sh /run/uvm-nested-command
-echo "{STATUS_LINE}$?"
-poweroff -f
+# The host's root becomes L1's root, not a chroot: the kernel refuses a
+# chrooted caller a user namespace (tests use `unshare -r`).
+exec switch_root /host /bin/busybox sh -c \
+    '/bin/sh /run/uvm-nested-command; printf "\\n{STATUS_LINE}%d\\n" $?; /bin/busybox poweroff -f'
 "#,
         modules = modules.join(" "),
     )
@@ -447,7 +450,9 @@ mod tests {
     fn init_loads_modules_in_order_and_mounts_writable_shares() {
         let init = init_script(&["a".into(), "b".into()], &["/w/target/bench".into()]);
         assert!(init.contains("for m in a b; do insmod /modules/$m.ko"));
+        assert!(init.contains("ip link set lo up"));
         assert!(init.contains("out0 '/host/w/target/bench'"));
-        assert!(init.contains(&format!("echo \"{STATUS_LINE}$?\"")));
+        // On a line of its own, whatever COMMAND printed last.
+        assert!(init.contains(&format!(r#"printf "\\n{STATUS_LINE}%d\\n" $?"#)));
     }
 }
