@@ -93,6 +93,18 @@ pub trait Vm: Send + Sync {
     fn register_notifier(&self, event: &EventFd, addr: u64, value: u32) -> Result<()>;
 }
 
+/// A VM or vCPU whose state can be read while it is paused and written
+/// into a fresh one of the same backend: what a snapshot keeps of it.
+pub trait Stateful {
+    type State: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
+
+    fn save_state(&self) -> Result<Self::State>;
+
+    /// Before the VM first runs: the vCPU's CPUID is set, the VM has its
+    /// memory and interrupt controllers.
+    fn restore_state(&mut self, state: &Self::State) -> Result<()>;
+}
+
 /// Guest port and MMIO accesses, answered by the VMM's buses.
 pub trait IoHandler {
     fn pio_read(&self, port: u16, data: &mut [u8]);
