@@ -7,6 +7,7 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use support::{
     assert_fails_naming, layer, require_kvm, run, stderr, stdout, tempdir, uvm, Watchdog,
@@ -227,6 +228,64 @@ fn layer_create_makes_a_padded_ext4_image() {
     assert_fails_naming(&missing, "/nonexistent");
     assert!(!dir.join("y.img").exists());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_killed_layer_create_leaves_no_half_image_and_blocks_nothing() {
+    let dir = tempdir("killed-create");
+    let tar = dir.join("big.tar");
+    let content = dir.join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    for i in 0..2000 {
+        std::fs::write(content.join(format!("f{i}")), [b'x'; 5000]).unwrap();
+    }
+    let tarred = Command::new("tar")
+        .arg("-C")
+        .arg(&dir)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("content")
+        .status()
+        .unwrap();
+    assert!(tarred.success());
+    let image = dir.join("x.img");
+    let create = || {
+        let mut cmd = uvm();
+        cmd.args(["layer", "create", "--from"])
+            .arg(&tar)
+            .arg("-o")
+            .arg(&image);
+        cmd
+    };
+    let mut child = create()
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once it has started to stage: the old staging and half image
+    // stayed, under names the next create wanted too.
+    let started = std::time::Instant::now();
+    while !names_in(&dir).iter().any(|n| n.contains(".uvm-staging")) {
+        assert!(started.elapsed() < Duration::from_secs(60), "never staged");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!image.exists(), "a half image at the output");
+    let out = run(&mut create());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        &std::fs::read(&image).unwrap()[1024 + 56..1024 + 58],
+        &[0x53, 0xef]
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 // Why boot: only a guest store shows that a read-only slot drops writes.

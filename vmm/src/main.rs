@@ -459,13 +459,29 @@ fn tools(given: Option<PathBuf>, none: bool) -> anyhow::Result<Option<PathBuf>> 
     Ok(path.exists().then_some(path))
 }
 
+/// Makes the layer under names of this process's own beside `output` and
+/// renames it into place: a killed or failed create leaves no half image
+/// at `output`, and never stands in the way of the next one.
 #[cfg(target_os = "linux")]
 fn create_layer(from: &Path, output: &Path) -> anyhow::Result<i32> {
     use uvm_image::convert;
-    let size = match from.is_dir() {
-        true => convert::from_dir(from, output)?,
-        false => convert::from_tar_file(from, &output.with_extension("uvm-staging"), output)?,
+    let own = |what: &str| {
+        let mut name = output.as_os_str().to_owned();
+        name.push(format!(".{what}-{}", std::process::id()));
+        PathBuf::from(name)
     };
+    let partial = own("uvm-partial");
+    let size = match from.is_dir() {
+        true => convert::from_dir(from, &partial),
+        false => convert::from_tar_file(from, &own("uvm-staging"), &partial),
+    }
+    .inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
+    })?;
+    std::fs::rename(&partial, output).with_context(|| {
+        let _ = std::fs::remove_file(&partial);
+        format!("{}: putting the layer in place", output.display())
+    })?;
     eprintln!("uvm: {} ({} MiB)", output.display(), size >> 20);
     Ok(0)
 }
