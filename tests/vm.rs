@@ -216,7 +216,7 @@ fn a_paused_guest_stops_and_resumes_where_it_was() {
     let _exclusive = exclusive("a_paused_guest_stops_and_resumes_where_it_was");
     let script = "i=0; while [ $i -lt 30 ]; do cat /proc/uptime; i=$((i+1)); usleep 20000; done; \
                   echo done";
-    let (running, stdout, stderr) = start(&config(128, script));
+    let (mut running, stdout, stderr) = start(&config(128, script));
     while stdout.text().lines().count() < 3 {
         assert_eq!(running.ended(), None, "ended early: {}", stderr.text());
         std::thread::sleep(Duration::from_millis(20));
@@ -225,6 +225,13 @@ fn a_paused_guest_stops_and_resumes_where_it_was() {
     // What the guest queued before the pause may still arrive; then nothing.
     std::thread::sleep(Duration::from_millis(300));
     let paused = stdout.text();
+    // The paused CPUs' state, read on the vCPU threads and written back:
+    // what a snapshot saves and restores; the guest goes on as before.
+    let cpus = running.save_cpus().expect("save the CPU state");
+    assert_eq!(cpus.vcpus.len(), 1);
+    assert_ne!(cpus.vcpus[0].sregs.cr3, 0, "a guest with page tables");
+    assert!(cpus.vcpus[0].msrs.iter().any(|m| m.index == 0x10), "TSC");
+    running.restore_cpus(cpus).expect("restore the CPU state");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(stdout.text(), paused, "output while paused");
     running.resume();

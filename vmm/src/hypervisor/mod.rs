@@ -96,7 +96,7 @@ pub trait Vm: Send + Sync {
 /// A VM or vCPU whose state can be read while it is paused and written
 /// into a fresh one of the same backend: what a snapshot keeps of it.
 pub trait Stateful {
-    type State: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
+    type State: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static;
 
     fn save_state(&self) -> Result<Self::State>;
 

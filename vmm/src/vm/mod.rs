@@ -29,7 +29,7 @@ use self::layout::Layout;
 use self::threads::{Ending, ThreadKind};
 use self::vcpu::Vcpus;
 use crate::console::Console;
-use crate::hypervisor::{self, Hypervisor, Vcpu, Vm};
+use crate::hypervisor::{self, Hypervisor, Stateful, Vcpu, Vm};
 use crate::layer::{self, Layer};
 use crate::process::{Outcome, ProcessSpec};
 use crate::pvm::{self, HostKind};
@@ -370,6 +370,19 @@ where
     }
 }
 
+/// What the hypervisor keeps of a paused VM's CPUs: every vCPU's state
+/// and the VM's own (interrupt controllers, timer, clock).
+pub struct CpuState<H: Hypervisor>
+where
+    H::Vm: Stateful,
+    VcpuOf<H>: Stateful,
+{
+    pub vcpus: Vec<<VcpuOf<H> as Stateful>::State>,
+    pub vm: <H::Vm as Stateful>::State,
+}
+
+type VcpuOf<H> = <<H as Hypervisor>::Vm as Vm>::Vcpu;
+
 /// A running VM. Dropping it shuts it down.
 pub struct Running<H: Hypervisor> {
     /// The vCPUs until their threads start.
@@ -495,6 +508,49 @@ impl<H: Hypervisor> Running<H> {
         self.hypervisor = None;
         self.mem = None;
         self.layers.clear();
+    }
+}
+
+impl<H: Hypervisor> Running<H>
+where
+    H::Vm: Stateful,
+    VcpuOf<H>: Stateful,
+{
+    /// The CPU state of the paused VM ([`Self::pause`]), each vCPU's read
+    /// on its own thread.
+    pub fn save_cpus(&self) -> Result<CpuState<H>, Error> {
+        let vcpus = self.vcpus.as_ref().ok_or(Error::Unsupported(
+            "saving the CPU state of a VM that has not started",
+        ))?;
+        let saved = vcpus.on_each(|_, vcpu: &mut VcpuOf<H>| vcpu.save_state())?;
+        let vm = self.vm.as_ref().expect("a running VM has its VM");
+        Ok(CpuState {
+            vcpus: saved.into_iter().collect::<Result<_, _>>()?,
+            vm: vm.save_state()?,
+        })
+    }
+
+    /// Writes `state` into the paused VM: the VM's own first, then each
+    /// vCPU's on its thread.
+    pub fn restore_cpus(&mut self, state: CpuState<H>) -> Result<(), Error> {
+        let vcpus = self.vcpus.as_ref().ok_or(Error::Unsupported(
+            "restoring the CPU state of a VM that has not started",
+        ))?;
+        if state.vcpus.len() != vcpus.count() {
+            return Err(Error::Unsupported(
+                "a CPU state for another number of vCPUs",
+            ));
+        }
+        self.vm
+            .as_mut()
+            .expect("a running VM has its VM")
+            .restore_state(&state.vm)?;
+        let saved = Arc::new(state.vcpus);
+        let restored =
+            vcpus.on_each(move |id, vcpu: &mut VcpuOf<H>| vcpu.restore_state(&saved[id]))?;
+        restored
+            .into_iter()
+            .try_for_each(|r| r.map_err(Error::from))
     }
 }
 

@@ -1,7 +1,11 @@
 //! vCPU threads. Each runs its vCPU until the guest faults or the VM tells
 //! it to stop; between two runs it looks at what the VM wants, so pausing
 //! means: ask, kick every vCPU out of the guest, wait until all are parked.
+//! A parked thread also does work the VM gives it on its vCPU (reading its
+//! state for a snapshot): KVM wants a vCPU's ioctls from its own thread.
 
+use std::any::Any;
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -21,12 +25,17 @@ enum Want {
     Stop,
 }
 
+/// Work for a parked vCPU thread, given its vCPU.
+type Task = Box<dyn FnOnce(&mut dyn Any) + Send>;
+
 struct State {
     want: Want,
     /// vCPU threads parked by a pause.
     parked: usize,
     /// vCPU threads that have not ended.
     live: usize,
+    /// Work for each vCPU's thread, by vCPU id.
+    tasks: Vec<Option<Task>>,
 }
 
 /// What the VM wants of its vCPUs, shared with every vCPU thread.
@@ -45,17 +54,27 @@ impl Control {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread between runs: parks while the VM is paused.
-    /// False once the vCPU must stop.
-    fn proceed(&self) -> bool {
+    /// Called by vCPU `id`'s thread between runs: parks while the VM is
+    /// paused, doing the work it is given on `vcpu`. False once the vCPU
+    /// must stop.
+    fn proceed(&self, id: usize, vcpu: &mut dyn Any) -> bool {
         let mut state = self.lock();
         if state.want == Want::Pause {
             state.parked += 1;
             self.changed.notify_all();
-            state = self
-                .changed
-                .wait_while(state, |s| s.want == Want::Pause)
-                .unwrap_or_else(|p| p.into_inner());
+            loop {
+                state = self
+                    .changed
+                    .wait_while(state, |s| s.want == Want::Pause && s.tasks[id].is_none())
+                    .unwrap_or_else(|p| p.into_inner());
+                let Some(task) = state.tasks[id].take().filter(|_| state.want == Want::Pause)
+                else {
+                    break;
+                };
+                drop(state);
+                task(vcpu);
+                state = self.lock();
+            }
             state.parked -= 1;
         }
         state.want == Want::Run
@@ -99,6 +118,7 @@ impl Vcpus {
                 want: Want::Pause,
                 parked: 0,
                 live: 0,
+                tasks: (0..vcpus.len()).map(|_| None).collect(),
             }),
             changed: Condvar::new(),
         });
@@ -150,6 +170,64 @@ impl Vcpus {
         self.control.set(Want::Run);
     }
 
+    /// How many vCPUs the VM has.
+    pub fn count(&self) -> usize {
+        self.kickers.len()
+    }
+
+    /// Runs `work(id, vcpu)` on every vCPU, each on its own thread, while
+    /// the VM is paused ([`Self::pause`]); the results by vCPU id. `V` is
+    /// the vCPUs' type as [`Self::start`] got them.
+    pub fn on_each<V, T, F>(&self, work: F) -> Result<Vec<T>, Error>
+    where
+        V: Vcpu,
+        T: Send + 'static,
+        F: Fn(usize, &mut V) -> T + Clone + Send + 'static,
+    {
+        let (done, results) = mpsc::channel();
+        let count = {
+            let mut state = self.control.lock();
+            if state.want != Want::Pause || state.parked < state.live {
+                return Err(Error::Pause("the vCPUs are not paused".into()));
+            }
+            if state.live < state.tasks.len() {
+                return Err(Error::Pause("a vCPU's thread has ended".into()));
+            }
+            for (id, slot) in state.tasks.iter_mut().enumerate() {
+                let (work, done) = (work.clone(), done.clone());
+                *slot = Some(Box::new(move |vcpu: &mut dyn Any| {
+                    if let Some(vcpu) = vcpu.downcast_mut::<V>() {
+                        let _ = done.send((id, work(id, vcpu)));
+                    }
+                }));
+            }
+            state.tasks.len()
+        };
+        self.control.changed.notify_all();
+        drop(done);
+        let mut by_id: Vec<Option<T>> = (0..count).map(|_| None).collect();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        for _ in 0..count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match results.recv_timeout(left) {
+                Ok((id, result)) => by_id[id] = Some(result),
+                Err(_) => break,
+            }
+        }
+        let answered = by_id.iter().flatten().count();
+        // A thread that ended or was given no such vCPU drops its task.
+        self.control.lock().tasks.iter_mut().for_each(|t| *t = None);
+        by_id
+            .into_iter()
+            .collect::<Option<Vec<T>>>()
+            .ok_or_else(|| {
+                Error::Pause(format!(
+                    "{} vCPU(s) of {count} did not do the work asked",
+                    count - answered
+                ))
+            })
+    }
+
     /// Stops every vCPU and joins its thread.
     pub fn stop(&mut self) {
         self.control.set(Want::Stop);
@@ -183,7 +261,7 @@ fn run<V: Vcpu>(
 ) -> Option<Exit> {
     let mut first = id == 0;
     let reason = loop {
-        if !control.proceed() {
+        if !control.proceed(id.into(), &mut vcpu) {
             return None;
         }
         if std::mem::take(&mut first) {
