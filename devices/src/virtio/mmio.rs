@@ -4,13 +4,17 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 
-use super::{GuestMemory, IrqStatus, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    ActivateError, GuestMemory, IrqStatus, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::{BusDevice, Interrupt};
 
 /// Size of one device's register window.
@@ -268,6 +272,163 @@ impl MmioTransport {
     }
 }
 
+/// What a snapshot keeps of a transport: its registers, and its queues as
+/// the driver set them up (before activation: the transport's; after: the
+/// device's, with their ring positions).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub activated: bool,
+    pub queues: Vec<SavedQueue>,
+}
+
+/// One queue's configuration and ring positions ([`QueueState`], which has
+/// no serde of its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl From<QueueState> for SavedQueue {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<SavedQueue> for QueueState {
+    fn from(q: SavedQueue) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx,
+        }
+    }
+}
+
+/// Why a saved transport state does not fit this device.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("a state of device type {saved} for a device of type {device}")]
+    DeviceType { saved: u32, device: u32 },
+    #[error("driver features {0:#x} that the device does not offer")]
+    Features(u64),
+    #[error("{saved} queues for a device with {device}")]
+    QueueCount { saved: usize, device: usize },
+    #[error("queue {index}: {reason}")]
+    Queue { index: usize, reason: String },
+    #[error("activating the device: {0}")]
+    Activate(#[from] ActivateError),
+}
+
+impl MmioTransport {
+    /// The transport's state, for a snapshot of the paused VM.
+    pub fn save(&self) -> TransportState {
+        let queues = match self.activated {
+            true => lock(&self.device).queue_states(),
+            false => self.queues.iter().map(Queue::state).collect(),
+        };
+        TransportState {
+            device_type: self.device_type,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.irq.get(),
+            activated: self.activated,
+            queues: queues.into_iter().map(SavedQueue::from).collect(),
+        }
+    }
+
+    /// Puts a fresh transport where `state` says (a snapshot's, so
+    /// untrusted: every queue is checked as the driver's would be), and
+    /// activates its device again if it was active.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), RestoreError> {
+        if state.device_type != self.device_type {
+            return Err(RestoreError::DeviceType {
+                saved: state.device_type,
+                device: self.device_type,
+            });
+        }
+        if state.driver_features & !self.device_features != 0 {
+            return Err(RestoreError::Features(state.driver_features));
+        }
+        let queues = self.restored_queues(&state.queues)?;
+        self.driver_features = state.driver_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.irq.ack(u32::MAX);
+        self.irq.raise(state.interrupt_status);
+        if state.activated {
+            // The device gets its queues back as at DRIVER_OK.
+            let mut device = lock(&self.device);
+            self.queues = fresh_queues(&*device);
+            device.activate(queues, self.irq.clone())?;
+            self.activated = true;
+        } else {
+            self.queues = queues;
+        }
+        Ok(())
+    }
+
+    fn restored_queues(&self, saved: &[SavedQueue]) -> Result<Vec<Queue>, RestoreError> {
+        let device = self.queues.len();
+        if saved.len() != device {
+            return Err(RestoreError::QueueCount {
+                saved: saved.len(),
+                device,
+            });
+        }
+        let bad = |index, reason: String| RestoreError::Queue { index, reason };
+        (0..device)
+            .zip(saved.iter().zip(&self.queues))
+            .map(|(index, (saved, fresh))| {
+                if saved.max_size != fresh.max_size() {
+                    return Err(bad(index, format!("max size {}", saved.max_size)));
+                }
+                let queue = Queue::try_from(QueueState::from(*saved))
+                    .map_err(|e| bad(index, e.to_string()))?;
+                if queue.ready() && !queue.is_valid(&self.mem) {
+                    return Err(bad(index, "rings outside guest memory".into()));
+                }
+                Ok(queue)
+            })
+            .collect()
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
@@ -322,6 +483,7 @@ mod tests {
         events: [EventFd; 2],
         notified: Vec<usize>,
         activated: Option<usize>,
+        queues: Vec<Queue>,
         resets: usize,
     }
 
@@ -346,10 +508,15 @@ mod tests {
         }
         fn activate(&mut self, queues: Vec<Queue>, _: Arc<IrqStatus>) -> Result<(), ActivateError> {
             self.activated = Some(queues.len());
+            self.queues = queues;
             Ok(())
+        }
+        fn queue_states(&self) -> Vec<QueueState> {
+            self.queues.iter().map(Queue::state).collect()
         }
         fn reset(&mut self) {
             self.activated = None;
+            self.queues.clear();
             self.resets += 1;
         }
     }
@@ -362,6 +529,7 @@ mod tests {
             ],
             notified: Vec::new(),
             activated: None,
+            queues: Vec::new(),
             resets: 0,
         }));
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -512,6 +680,82 @@ mod tests {
             assert_eq!(values, [MAGIC, VERSION, 42, 1 << 3]);
             assert_eq!(status, INT_VRING);
         });
+    }
+
+    #[test]
+    fn a_saved_transport_restores_into_a_fresh_one() {
+        let (mut t, device) = transport();
+        bring_up(&mut t, 0x1_0000);
+        device.lock().unwrap().queues[1].set_next_avail(5);
+        device.lock().unwrap().queues[1].set_next_used(4);
+        t.irq.signal_used_queue();
+        write(&mut t, reg::QUEUE_SEL, 1);
+        let saved = t.save();
+        assert!(saved.activated);
+        assert_eq!(
+            (saved.queues[1].next_avail, saved.queues[1].next_used),
+            (5, 4)
+        );
+        assert_eq!(saved.queues[0].desc_table, 0x1_0000);
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: TransportState = serde_json::from_str(&json).unwrap();
+
+        let (mut fresh, fresh_device) = transport();
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh_device.lock().unwrap().activated, Some(2));
+        assert_eq!(
+            fresh.save(),
+            saved,
+            "what is saved again is what was restored"
+        );
+        assert_eq!(read(&mut fresh, reg::INTERRUPT_STATUS), INT_VRING);
+        assert_eq!(read(&mut fresh, reg::STATUS) & S_DRIVER_OK, S_DRIVER_OK);
+        assert_eq!(read(&mut fresh, reg::QUEUE_NUM_MAX), 16, "queue 1 selected");
+        // The driver can still reset it and start over.
+        write(&mut fresh, reg::STATUS, 0);
+        assert_eq!(fresh_device.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn a_transport_saved_before_driver_ok_keeps_its_queues_unactivated() {
+        let (mut t, _) = transport();
+        write(&mut t, reg::STATUS, S_ACK | S_DRIVER);
+        write(&mut t, reg::QUEUE_SEL, 0);
+        write(&mut t, reg::QUEUE_NUM, 8);
+        let saved = t.save();
+        let (mut fresh, fresh_device) = transport();
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh_device.lock().unwrap().activated, None);
+        assert_eq!(fresh.save(), saved);
+    }
+
+    #[test]
+    fn a_saved_state_that_does_not_fit_is_refused() {
+        let (mut t, _) = transport();
+        bring_up(&mut t, 0x1_0000);
+        let good = t.save();
+        type Spoil = fn(&mut TransportState);
+        let spoiled: [(&str, Spoil); 5] = [
+            ("device type", |s| s.device_type = 7),
+            ("features", |s| s.driver_features |= 1 << 40),
+            ("queues", |s| {
+                s.queues.pop();
+            }),
+            ("queue 0", |s| s.queues[0].size = 3),
+            ("queue 1", |s| s.queues[1].used_ring = 0xffff_0000),
+        ];
+        for (what, spoil) in spoiled {
+            let mut state = good.clone();
+            spoil(&mut state);
+            let (mut fresh, fresh_device) = transport();
+            let err = fresh.restore(&state).unwrap_err().to_string();
+            assert!(
+                err.contains(what.split(' ').next().unwrap()),
+                "{what}: {err}"
+            );
+            assert_eq!(fresh_device.lock().unwrap().activated, None, "{what}");
+            assert_eq!(read(&mut fresh, reg::STATUS), 0, "{what}: nothing restored");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 #[cfg(target_os = "linux")]
 use vmm_sys_util::eventfd::EventFd;
@@ -60,6 +60,9 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The driver is ready: from now on the device owns `queues`.
     fn activate(&mut self, queues: Vec<Queue>, irq: Arc<IrqStatus>) -> Result<(), ActivateError>;
+    /// Where each queue the device owns stands (none before activation):
+    /// what a snapshot keeps of them.
+    fn queue_states(&self) -> Vec<QueueState>;
     /// The driver reset the device: drop the queues and all device state.
     fn reset(&mut self);
 }
@@ -100,6 +103,12 @@ impl IrqStatus {
 
     fn get(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Sets status bits without interrupting (a restored VM's interrupt
+    /// controller keeps its own pending state).
+    fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
     }
 
     fn ack(&self, bits: u32) {
@@ -240,6 +249,10 @@ impl<H: RequestHandler> VirtioDevice for RequestDevice<H> {
             }
             _ => Err(ActivateError::BadQueue(0)),
         }
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active.iter().map(|(queue, _)| queue.state()).collect()
     }
 
     fn reset(&mut self) {

@@ -287,6 +287,13 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .flat_map(|active| active.queues.iter().map(Queue::state))
+            .collect()
+    }
+
     fn reset(&mut self) {
         self.active = None;
         self.muxer.clear();
