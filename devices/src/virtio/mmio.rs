@@ -288,51 +288,23 @@ pub struct TransportState {
     pub queues: Vec<SavedQueue>,
 }
 
-/// One queue's configuration and ring positions ([`QueueState`], which has
-/// no serde of its own).
+/// One queue's configuration and ring positions: virtio-queue's
+/// [`QueueState`], which has no serde of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SavedQueue {
-    pub max_size: u16,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx: bool,
-}
+pub struct SavedQueue(#[serde(with = "QueueStateDef")] pub QueueState);
 
-impl From<QueueState> for SavedQueue {
-    fn from(q: QueueState) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx: q.event_idx_enabled,
-        }
-    }
-}
-
-impl From<SavedQueue> for QueueState {
-    fn from(q: SavedQueue) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx,
-        }
-    }
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "QueueState")]
+struct QueueStateDef {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
 }
 
 /// Why a saved transport state does not fit this device.
@@ -366,7 +338,7 @@ impl MmioTransport {
             status: self.status,
             interrupt_status: self.irq.get(),
             activated: self.activated,
-            queues: queues.into_iter().map(SavedQueue::from).collect(),
+            queues: queues.into_iter().map(SavedQueue).collect(),
         }
     }
 
@@ -414,12 +386,11 @@ impl MmioTransport {
         let bad = |index, reason: String| RestoreError::Queue { index, reason };
         (0..device)
             .zip(saved.iter().zip(&self.queues))
-            .map(|(index, (saved, fresh))| {
+            .map(|(index, (SavedQueue(saved), fresh))| {
                 if saved.max_size != fresh.max_size() {
                     return Err(bad(index, format!("max size {}", saved.max_size)));
                 }
-                let queue = Queue::try_from(QueueState::from(*saved))
-                    .map_err(|e| bad(index, e.to_string()))?;
+                let queue = Queue::try_from(*saved).map_err(|e| bad(index, e.to_string()))?;
                 if queue.ready() && !queue.is_valid(&self.mem) {
                     return Err(bad(index, "rings outside guest memory".into()));
                 }
@@ -692,11 +663,9 @@ mod tests {
         write(&mut t, reg::QUEUE_SEL, 1);
         let saved = t.save();
         assert!(saved.activated);
-        assert_eq!(
-            (saved.queues[1].next_avail, saved.queues[1].next_used),
-            (5, 4)
-        );
-        assert_eq!(saved.queues[0].desc_table, 0x1_0000);
+        let queue = |i: usize| saved.queues[i].0;
+        assert_eq!((queue(1).next_avail, queue(1).next_used), (5, 4));
+        assert_eq!(queue(0).desc_table, 0x1_0000);
         let json = serde_json::to_string(&saved).unwrap();
         let saved: TransportState = serde_json::from_str(&json).unwrap();
 
@@ -741,8 +710,8 @@ mod tests {
             ("queues", |s| {
                 s.queues.pop();
             }),
-            ("queue 0", |s| s.queues[0].size = 3),
-            ("queue 1", |s| s.queues[1].used_ring = 0xffff_0000),
+            ("queue 0", |s| s.queues[0].0.size = 3),
+            ("queue 1", |s| s.queues[1].0.used_ring = 0xffff_0000),
         ];
         for (what, spoil) in spoiled {
             let mut state = good.clone();
