@@ -98,7 +98,10 @@ pub trait Vm: Send + Sync {
 pub trait Stateful {
     type State: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static;
 
-    fn save_state(&self) -> Result<Self::State>;
+    /// Of a paused VM or vCPU. A vCPU first finishes what its last exit
+    /// left pending (an I/O instruction the VMM answered), running no
+    /// guest code, so that the state is between two instructions.
+    fn save_state(&mut self) -> Result<Self::State>;
 
     /// Before the VM first runs: the vCPU's CPUID is set, the VM has its
     /// memory and interrupt controllers.

@@ -518,39 +518,16 @@ where
 {
     /// The CPU state of the paused VM ([`Self::pause`]), each vCPU's read
     /// on its own thread.
-    pub fn save_cpus(&self) -> Result<CpuState<H>, Error> {
+    pub fn save_cpus(&mut self) -> Result<CpuState<H>, Error> {
         let vcpus = self.vcpus.as_ref().ok_or(Error::Unsupported(
             "saving the CPU state of a VM that has not started",
         ))?;
-        let saved = vcpus.on_each(|_, vcpu: &mut VcpuOf<H>| vcpu.save_state())?;
-        let vm = self.vm.as_ref().expect("a running VM has its VM");
+        let saved = vcpus.on_each(|vcpu: &mut VcpuOf<H>| vcpu.save_state())?;
+        let vm = self.vm.as_mut().expect("a running VM has its VM");
         Ok(CpuState {
             vcpus: saved.into_iter().collect::<Result<_, _>>()?,
             vm: vm.save_state()?,
         })
-    }
-
-    /// Writes `state` into the paused VM: the VM's own first, then each
-    /// vCPU's on its thread.
-    pub fn restore_cpus(&mut self, state: CpuState<H>) -> Result<(), Error> {
-        let vcpus = self.vcpus.as_ref().ok_or(Error::Unsupported(
-            "restoring the CPU state of a VM that has not started",
-        ))?;
-        if state.vcpus.len() != vcpus.count() {
-            return Err(Error::Unsupported(
-                "a CPU state for another number of vCPUs",
-            ));
-        }
-        self.vm
-            .as_mut()
-            .expect("a running VM has its VM")
-            .restore_state(&state.vm)?;
-        let saved = Arc::new(state.vcpus);
-        let restored =
-            vcpus.on_each(move |id, vcpu: &mut VcpuOf<H>| vcpu.restore_state(&saved[id]))?;
-        restored
-            .into_iter()
-            .try_for_each(|r| r.map_err(Error::from))
     }
 }
 

@@ -170,19 +170,14 @@ impl Vcpus {
         self.control.set(Want::Run);
     }
 
-    /// How many vCPUs the VM has.
-    pub fn count(&self) -> usize {
-        self.kickers.len()
-    }
-
-    /// Runs `work(id, vcpu)` on every vCPU, each on its own thread, while
+    /// Runs `work` on every vCPU, each on its own thread, while
     /// the VM is paused ([`Self::pause`]); the results by vCPU id. `V` is
     /// the vCPUs' type as [`Self::start`] got them.
     pub fn on_each<V, T, F>(&self, work: F) -> Result<Vec<T>, Error>
     where
         V: Vcpu,
         T: Send + 'static,
-        F: Fn(usize, &mut V) -> T + Clone + Send + 'static,
+        F: Fn(&mut V) -> T + Clone + Send + 'static,
     {
         let (done, results) = mpsc::channel();
         let count = {
@@ -197,7 +192,7 @@ impl Vcpus {
                 let (work, done) = (work.clone(), done.clone());
                 *slot = Some(Box::new(move |vcpu: &mut dyn Any| {
                     if let Some(vcpu) = vcpu.downcast_mut::<V>() {
-                        let _ = done.send((id, work(id, vcpu)));
+                        let _ = done.send((id, work(vcpu)));
                     }
                 }));
             }

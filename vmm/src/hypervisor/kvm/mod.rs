@@ -154,7 +154,7 @@ pub struct KvmVm {
 impl super::Stateful for KvmVm {
     type State = state::VmState;
 
-    fn save_state(&self) -> Result<state::VmState> {
+    fn save_state(&mut self) -> Result<state::VmState> {
         state::save_vm(&self.fd)
     }
 
@@ -232,7 +232,8 @@ pub struct KvmVcpu {
 impl super::Stateful for KvmVcpu {
     type State = state::VcpuState;
 
-    fn save_state(&self) -> Result<state::VcpuState> {
+    fn save_state(&mut self) -> Result<state::VcpuState> {
+        self.finish_pending_exit()?;
         state::save_vcpu(&self.fd, &self.msr_indexes)
     }
 
@@ -302,6 +303,21 @@ impl Kick for KvmKicker {
 }
 
 impl KvmVcpu {
+    /// KVM completes an I/O or MMIO instruction the VMM answered (its
+    /// result into the registers, RIP past it) only in the next KVM_RUN
+    /// (api.rst, KVM_RUN): state read or written before that is mid-way
+    /// through the instruction (writing it back reset guests on hardware
+    /// KVM). A run with immediate_exit set does just that and returns.
+    fn finish_pending_exit(&mut self) -> Result<()> {
+        self.fd.set_kvm_immediate_exit(1);
+        let finished = self.fd.run().map(drop);
+        self.fd.set_kvm_immediate_exit(0);
+        match finished {
+            Err(e) if e.errno() != libc::EINTR => Err(Error::backend("KVM_RUN", e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Lets kicks reach this thread: called on the thread that runs us.
     fn claim_thread(&mut self) {
         let run: *mut kvm_run = self.fd.get_kvm_run();
@@ -565,7 +581,7 @@ mod tests {
         use super::super::{Stateful, Vcpu, Vm};
         let Some(hv) = kvm() else { return };
         let cpuid = crate::cpuid::for_vcpu(&hv.supported_cpuid().unwrap(), 0, 1);
-        let vm = hv.create_vm().unwrap();
+        let mut vm = hv.create_vm().unwrap();
         let mut vcpu = vm.create_vcpu(0).unwrap();
         vcpu.init(&cpuid).unwrap();
         let regs = kvm_bindings::kvm_regs {
