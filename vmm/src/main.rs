@@ -478,10 +478,10 @@ fn create_layer(from: &Path, output: &Path) -> anyhow::Result<i32> {
     .inspect_err(|_| {
         let _ = std::fs::remove_file(&partial);
     })?;
-    std::fs::rename(&partial, output).with_context(|| {
+    if let Err(e) = std::fs::rename(&partial, output) {
         let _ = std::fs::remove_file(&partial);
-        format!("{}: putting the layer in place", output.display())
-    })?;
+        bail!("{}: putting the layer in place: {e}", output.display());
+    }
     eprintln!("uvm: {} ({} MiB)", output.display(), size >> 20);
     Ok(0)
 }

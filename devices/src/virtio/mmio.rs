@@ -384,8 +384,10 @@ impl MmioTransport {
             });
         }
         let bad = |index, reason: String| RestoreError::Queue { index, reason };
-        (0..device)
-            .zip(saved.iter().zip(&self.queues))
+        saved
+            .iter()
+            .zip(&self.queues)
+            .enumerate()
             .map(|(index, (SavedQueue(saved), fresh))| {
                 if saved.max_size != fresh.max_size() {
                     return Err(bad(index, format!("max size {}", saved.max_size)));

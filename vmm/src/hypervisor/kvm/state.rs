@@ -98,10 +98,13 @@ fn readable_msrs(fd: &VcpuFd, indexes: &[u32]) -> Result<Vec<kvm_msr_entry>> {
     let mut rest = indexes;
     while !rest.is_empty() {
         let batch = &rest[..rest.len().min(MSR_BATCH)];
-        let mut msrs = msr_list(batch.iter().map(|&index| kvm_msr_entry {
-            index,
-            ..Default::default()
-        }))?;
+        let mut msrs = msr_list(
+            "KVM_GET_MSRS",
+            batch.iter().map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            }),
+        )?;
         let n = fd
             .get_msrs(&mut msrs)
             .map_err(|e| Error::backend("KVM_GET_MSRS", e))?;
@@ -115,7 +118,7 @@ fn readable_msrs(fd: &VcpuFd, indexes: &[u32]) -> Result<Vec<kvm_msr_entry>> {
 
 fn set_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
     for batch in entries.chunks(MSR_BATCH) {
-        let msrs = msr_list(batch.iter().copied())?;
+        let msrs = msr_list("KVM_SET_MSRS", batch.iter().copied())?;
         let n = fd
             .set_msrs(&msrs)
             .map_err(|e| Error::backend("KVM_SET_MSRS", e))?;
@@ -130,10 +133,11 @@ fn set_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
     Ok(())
 }
 
-fn msr_list(entries: impl Iterator<Item = kvm_msr_entry>) -> Result<Msrs> {
+/// `entries` as the list `op` takes.
+fn msr_list(op: &'static str, entries: impl Iterator<Item = kvm_msr_entry>) -> Result<Msrs> {
     let entries: Vec<kvm_msr_entry> = entries.collect();
     Msrs::from_entries(&entries)
-        .map_err(|_| Error::backend("KVM_GET_MSRS", std::io::Error::other("too many MSRs")))
+        .map_err(|_| Error::backend(op, std::io::Error::other("too many MSRs")))
 }
 
 pub fn save_vm(fd: &VmFd) -> Result<VmState> {
