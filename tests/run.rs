@@ -130,10 +130,12 @@ fn stdin_round_trips_64_mib_through_cat() {
         .read_to_end(&mut echoed)
         .unwrap();
     let elapsed = start.elapsed();
-    feeder.join().unwrap().unwrap();
+    let fed = feeder.join().unwrap();
     let status = child.wait().unwrap();
-    assert!(status.success());
-    assert_eq!(echoed.len(), data.len());
+    let err = read_stderr(&mut child);
+    assert!(status.success(), "uvm ended with {status}; stderr:\n{err}");
+    fed.unwrap_or_else(|e| panic!("feeding stdin: {e}; stderr:\n{err}"));
+    assert_eq!(echoed.len(), data.len(), "stderr:\n{err}");
     assert!(echoed == data, "data changed on the way");
     eprintln!(
         "64 MiB in and out through the guest in {elapsed:?} ({:.1} MiB/s each way)",

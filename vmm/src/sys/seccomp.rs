@@ -61,6 +61,7 @@ impl Mode {
 /// VMM thread started from now on, and the main thread when it releases
 /// the vCPUs, runs under its kind's filter.
 pub fn enable(mode: Mode) -> io::Result<()> {
+    settle_allocator()?;
     let mismatch = match mode {
         Mode::Kill => SeccompAction::KillProcess,
         Mode::Log => SeccompAction::Log,
@@ -79,6 +80,32 @@ pub fn enable(mode: Mode) -> io::Result<()> {
     FILTERS
         .set(filters)
         .map_err(|_| io::Error::other("seccomp filters enabled twice"))
+}
+
+/// glibc's malloc opens a file the first time it needs to know something,
+/// from whichever thread happens to allocate or free then: the CPU count
+/// (/sys/devices/system/cpu/online) for a ninth arena, the overcommit mode
+/// (/proc/sys/vm/overcommit_memory) when a thread arena's heap first
+/// shrinks. No filter allows that open, and when it fell on the event thread
+/// it killed the VMM. A fixed arena count and no trimming mean malloc never
+/// asks.
+#[cfg(target_env = "gnu")]
+fn settle_allocator() -> io::Result<()> {
+    /// What glibc picks on a one-CPU host; uvm's threads allocate little.
+    const ARENAS: libc::c_int = 8;
+    for (param, value) in [(M_ARENA_MAX, ARENAS), (M_TRIM_THRESHOLD, c_int::MAX)] {
+        // SAFETY: mallopt only sets one of malloc's parameters.
+        if unsafe { libc::mallopt(param, value) } != 1 {
+            return Err(io::Error::other(format!("mallopt({param}) failed")));
+        }
+    }
+    Ok(())
+}
+
+/// musl's malloc opens nothing.
+#[cfg(not(target_env = "gnu"))]
+fn settle_allocator() -> io::Result<()> {
+    Ok(())
 }
 
 /// The kind of filter the calling thread runs under, for the threads it
@@ -213,9 +240,7 @@ const RUNTIME: &[i64] = &[
     SYS_exit_group,
 ];
 
-/// Starting threads (glibc's and musl's way) and naming them; a new
-/// thread's first allocation may read /sys/devices/system/cpu/online
-/// (glibc's malloc arenas).
+/// Starting threads (glibc's and musl's way) and naming them.
 const SPAWN: &[i64] = &[
     SYS_clone,
     SYS_clone3,
@@ -223,7 +248,6 @@ const SPAWN: &[i64] = &[
     SYS_rseq,
     SYS_prctl,
     SYS_sched_getaffinity,
-    SYS_openat,
 ];
 
 /// Reading and writing Unix streams (std reads and writes sockets with
@@ -347,6 +371,48 @@ mod tests {
         for kind in ThreadKind::ALL {
             let program = compile(kind, SeccompAction::KillProcess).unwrap();
             assert!(!program.is_empty(), "{kind:?}");
+        }
+    }
+
+    /// Threads under the event thread's filter allocate and free as the
+    /// VMM's do, all at once (more threads than glibc makes arenas for
+    /// before it counts CPUs) and in blocks large enough that freeing them
+    /// shrinks a thread's heap. In a child process: a forbidden call kills
+    /// the whole process.
+    #[test]
+    fn confined_threads_allocate_and_free_without_forbidden_calls() {
+        const CHILD: &str = "UVM_SECCOMP_TEST_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            return allocate_and_free_confined();
+        }
+        let path = module_path!().split_once("::").unwrap().1;
+        let name = format!("{path}::confined_threads_allocate_and_free_without_forbidden_calls");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", &name, "--test-threads=1"])
+            .env(CHILD, "1")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "the confined child: {status}");
+    }
+
+    fn allocate_and_free_confined() {
+        const THREADS: usize = 16;
+        enable(Mode::Kill).unwrap();
+        let all_started = std::sync::Arc::new(std::sync::Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let all_started = all_started.clone();
+                std::thread::spawn(move || {
+                    confine(ThreadKind::Devices, None).unwrap();
+                    all_started.wait();
+                    let blocks: Vec<Vec<u8>> = (0..32).map(|_| vec![1; 100 << 10]).collect();
+                    drop(blocks);
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
         }
     }
 
