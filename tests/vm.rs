@@ -78,14 +78,22 @@ fn config(memory_mib: u64, script: &str) -> VmConfig {
 
 /// Starts `config`'s VM with its stdout collected.
 fn start(config: &VmConfig) -> (Running<KvmHypervisor>, Collected, Collected) {
+    start_built(build(config))
+}
+
+fn build(config: &VmConfig) -> UtilityVm<KvmHypervisor> {
+    let open = || KvmHypervisor::for_host(config.host);
+    UtilityVm::build(open, config, Instant::now()).expect("build")
+}
+
+/// Starts a built VM with no stdin and its stdout and stderr collected.
+fn start_built(vm: UtilityVm<KvmHypervisor>) -> (Running<KvmHypervisor>, Collected, Collected) {
     let (stdout, stderr) = (Collected::default(), Collected::default());
     let stdio = Stdio {
         stdin: std::fs::File::open("/dev/null").unwrap().into(),
         stdout: Box::new(stdout.clone()),
         stderr: Box::new(stderr.clone()),
     };
-    let open = || KvmHypervisor::for_host(config.host);
-    let vm = UtilityVm::build(open, config, Instant::now()).expect("build");
     let running = vm.start(stdio).expect("start");
     running.release().expect("release");
     (running, stdout, stderr)
@@ -253,5 +261,51 @@ fn a_paused_guest_stops_and_resumes_where_it_was() {
     assert!(
         uptimes.windows(2).all(|w| w[0] <= w[1]),
         "the guest clock went backwards: {uptimes:?}"
+    );
+}
+
+#[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
+fn a_saved_guest_goes_on_in_a_new_vm() {
+    let _exclusive = exclusive("a_saved_guest_goes_on_in_a_new_vm");
+    // The second half prints on the serial console (an emergency kernel
+    // message): the new VM's devices are fresh, so the agent's vsock
+    // streams are gone, but the guest's CPUs, memory, timers and
+    // interrupts must all carry on for it to get there.
+    const MARK: &str = "uvm-test: the guest goes on";
+    let script = format!("echo saved; sleep 2; echo '<0>{MARK}' > /dev/kmsg");
+    let config = config(128, &script);
+    let (mut first, stdout, stderr) = start(&config);
+    while !stdout.text().contains("saved") {
+        assert_eq!(first.ended(), None, "ended early: {}", stderr.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.pause().expect("pause");
+    let cpus = first.save_cpus().expect("save the CPU state");
+    let mut memory = Vec::new();
+    first.save_memory(&mut memory).expect("save the memory");
+    let first = first.shutdown();
+    assert!(!first.console.tail().contains(MARK), "the first VM went on");
+
+    // Booted cold, this VM would only run `true`.
+    let mut second = build(&self::config(128, "true"));
+    second
+        .restore(&cpus, &mut memory.as_slice())
+        .expect("restore");
+    let (second, _, _) = start_built(second);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && second.ended().is_none() {
+        std::thread::sleep(Duration::from_millis(100));
+        if second.console().tail().contains(MARK) {
+            break;
+        }
+    }
+    let report = second.shutdown();
+    let console = report.console.tail();
+    assert!(
+        console.contains(MARK) && !console.contains("uvm-agent: ready"),
+        "the restored guest did not go on ({:?}); console:\n{}",
+        report.exit,
+        console
     );
 }

@@ -1,6 +1,11 @@
 //! Guest physical memory: RAM below the 32-bit MMIO hole and above 4 GiB.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::io;
+
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile,
+    VolatileMemoryError, WriteVolatile,
+};
 
 /// Devices (virtio-mmio, IOAPIC, LAPIC) live in [MMIO_START, 4 GiB).
 pub const MMIO_START: u64 = 0xc000_0000;
@@ -30,9 +35,36 @@ pub fn create(size: u64) -> std::io::Result<GuestMemory> {
     GuestMemory::from_ranges(&ram_ranges(size)).map_err(std::io::Error::other)
 }
 
+/// Writes every RAM region to `out` in address order: a memory image.
+pub fn save(mem: &GuestMemory, out: &mut impl WriteVolatile) -> io::Result<()> {
+    for region in mem.iter() {
+        let slice = region.as_volatile_slice().map_err(io::Error::other)?;
+        out.write_all_volatile(&slice).map_err(io_error)?;
+    }
+    Ok(())
+}
+
+/// Fills every RAM region from `image`, as [`save`] wrote it; an image
+/// shorter than the RAM is an error.
+pub fn load(mem: &GuestMemory, image: &mut impl ReadVolatile) -> io::Result<()> {
+    for region in mem.iter() {
+        let mut slice = region.as_volatile_slice().map_err(io::Error::other)?;
+        image.read_exact_volatile(&mut slice).map_err(io_error)?;
+    }
+    Ok(())
+}
+
+fn io_error(e: VolatileMemoryError) -> io::Error {
+    match e {
+        VolatileMemoryError::IOError(e) => e,
+        e => io::Error::other(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     #[test]
     fn device_memory_follows_ram() {
@@ -51,5 +83,33 @@ mod tests {
                 (GuestAddress(FOUR_GIB), 1 << 30)
             ]
         );
+    }
+
+    #[test]
+    fn an_image_restores_every_region_and_a_short_one_is_refused() {
+        // Two regions, as RAM past the MMIO hole has.
+        let ranges = [
+            (GuestAddress(0), 1 << 16),
+            (GuestAddress(FOUR_GIB), 1 << 16),
+        ];
+        let memory = || GuestMemory::from_ranges(&ranges).unwrap();
+        let saved = memory();
+        saved.write_obj(0x5a5a_u16, GuestAddress(0x1000)).unwrap();
+        saved
+            .write_obj(0xa5a5_u16, GuestAddress(FOUR_GIB + 0x2000))
+            .unwrap();
+        let mut image = Vec::new();
+        save(&saved, &mut image).unwrap();
+        assert_eq!(image.len(), 2 << 16);
+
+        let restored = memory();
+        load(&restored, &mut image.as_slice()).unwrap();
+        let low: u16 = restored.read_obj(GuestAddress(0x1000)).unwrap();
+        let high: u16 = restored.read_obj(GuestAddress(FOUR_GIB + 0x2000)).unwrap();
+        assert_eq!((low, high), (0x5a5a, 0xa5a5));
+
+        let short = &image[..image.len() - 1];
+        let e = load(&memory(), &mut &short[..]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use devices::boot_timer::BootTimer;
 use devices::BusError;
 use guest::boot_mark;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, ReadVolatile, WriteVolatile};
 
 use self::board::{pio_bus, Buses, DeviceEnv};
 use self::layout::Layout;
@@ -119,6 +119,8 @@ pub enum Error {
     Devices(std::io::Error),
     #[error("{0}")]
     Unsupported(&'static str),
+    #[error("guest memory image: {0}")]
+    MemoryImage(std::io::Error),
     #[error("pausing the VM: {0}")]
     Pause(String),
     #[error("the main thread's seccomp filter: {0}")]
@@ -370,6 +372,35 @@ where
     }
 }
 
+impl<H> UtilityVm<H>
+where
+    H: Hypervisor,
+    H::Vm: Stateful,
+    VcpuOf<H>: Stateful,
+{
+    /// Makes this VM, built from the config of a saved one, go on where
+    /// that one stopped: its RAM from `memory` (as [`Running::save_memory`]
+    /// wrote it), then the VM's state and each vCPU's (KVM's order:
+    /// interrupt controllers and clock before the vCPUs' LAPICs).
+    pub fn restore(
+        &mut self,
+        cpus: &CpuState<H>,
+        memory: &mut impl ReadVolatile,
+    ) -> Result<(), Error> {
+        if cpus.vcpus.len() != self.vcpus.len() {
+            return Err(Error::Unsupported(
+                "the saved CPU state is for another number of vCPUs",
+            ));
+        }
+        memory::load(&self.mem, memory).map_err(Error::MemoryImage)?;
+        self.vm.restore_state(&cpus.vm)?;
+        for (vcpu, state) in self.vcpus.iter_mut().zip(&cpus.vcpus) {
+            vcpu.restore_state(state)?;
+        }
+        Ok(())
+    }
+}
+
 /// What the hypervisor keeps of a paused VM's CPUs: every vCPU's state
 /// and the VM's own (interrupt controllers, timer, clock).
 pub struct CpuState<H: Hypervisor>
@@ -443,6 +474,17 @@ impl<H: Hypervisor> Running<H> {
     /// ended before it did.
     pub fn wait_started(&self) -> Result<(), Exit> {
         self.ending.wait_for(|| self.link.process_started())
+    }
+
+    /// The guest's serial console so far.
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    /// Writes the paused VM's RAM ([`Self::pause`]) to `out`.
+    pub fn save_memory(&self, out: &mut impl WriteVolatile) -> Result<(), Error> {
+        let mem = self.mem.as_ref().expect("a running VM has its memory");
+        memory::save(mem, out).map_err(Error::MemoryImage)
     }
 
     /// Where the VM's parts report its end: a handle to end it from outside.
