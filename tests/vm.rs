@@ -266,46 +266,56 @@ fn a_paused_guest_stops_and_resumes_where_it_was() {
 
 #[test]
 #[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
-fn a_saved_guest_goes_on_in_a_new_vm() {
-    let _exclusive = exclusive("a_saved_guest_goes_on_in_a_new_vm");
-    // The second half prints on the serial console (an emergency kernel
-    // message): the new VM's devices are fresh, so the agent's vsock
-    // streams are gone, but the guest's CPUs, memory, timers and
-    // interrupts must all carry on for it to get there.
-    const MARK: &str = "uvm-test: the guest goes on";
-    let script = format!("echo saved; sleep 2; echo '<0>{MARK}' > /dev/kmsg");
-    let config = config(128, &script);
-    let (mut first, stdout, stderr) = start(&config);
-    while !stdout.text().contains("saved") {
-        assert_eq!(first.ended(), None, "ended early: {}", stderr.text());
-        std::thread::sleep(Duration::from_millis(20));
+fn vms_restored_from_a_waiting_agent_run_their_own_processes() {
+    let _exclusive = exclusive("vms_restored_from_a_waiting_agent_run_their_own_processes");
+    // A template: saved while its agent, connected, waits for work.
+    let mut template = build(&config(128, "true"));
+    template.hold_run().expect("hold the run request");
+    let (mut template, _, stderr) = start_built(template);
+    if let Err(exit) = template.wait_agent_connected() {
+        panic!("{exit:?}: {}", stderr.text());
     }
-    first.pause().expect("pause");
-    let cpus = first.save_cpus().expect("save the CPU state");
+    template.pause().expect("pause");
+    let cpus = template.save_cpus().expect("save the CPU state");
+    let devices = template.save_devices();
     let mut memory = Vec::new();
-    first.save_memory(&mut memory).expect("save the memory");
-    let first = first.shutdown();
-    assert!(!first.console.tail().contains(MARK), "the first VM went on");
+    template.save_memory(&mut memory).expect("save the memory");
+    drop(template);
+    // Time passes: the restored guests' clocks must not lag by it.
+    std::thread::sleep(Duration::from_secs(3));
 
-    // Booted cold, this VM would only run `true`.
-    let mut second = build(&self::config(128, "true"));
-    second
-        .restore(&cpus, &mut memory.as_slice())
-        .expect("restore");
-    let (second, _, _) = start_built(second);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline && second.ended().is_none() {
-        std::thread::sleep(Duration::from_millis(100));
-        if second.console().tail().contains(MARK) {
-            break;
-        }
+    let script = "cat /proc/sys/kernel/random/boot_id; \
+                  head -c 16 /dev/urandom | od -An -tx1 | tr -d ' '; date +%s";
+    let mut seen = Vec::new();
+    for round in 0..2 {
+        let mut vm = build(&config(128, script));
+        vm.restore(&cpus, &devices, &mut memory.as_slice())
+            .expect("restore");
+        let (running, stdout, stderr) = start_built(vm);
+        let exit = running.wait();
+        let report = running.shutdown();
+        let host_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let console = report.console.tail();
+        assert_eq!(
+            exit,
+            Exit::Process(Outcome::Exited(Exited::Code(0))),
+            "round {round}: {}\nconsole:\n{console}",
+            stderr.text()
+        );
+        assert!(!console.contains("uvm-agent: ready"), "booted cold");
+        let out = stdout.text();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        let guest_time: u64 = lines[2].parse().unwrap();
+        assert!(
+            host_time.abs_diff(guest_time) <= 2,
+            "guest clock {guest_time}, host {host_time}"
+        );
+        seen.push((lines[0].to_string(), lines[1].to_string()));
     }
-    let report = second.shutdown();
-    let console = report.console.tail();
-    assert!(
-        console.contains(MARK) && !console.contains("uvm-agent: ready"),
-        "the restored guest did not go on ({:?}); console:\n{}",
-        report.exit,
-        console
-    );
+    assert_ne!(seen[0].0, seen[1].0, "the boot IDs are the same");
+    assert_ne!(seen[0].1, seen[1].1, "the random bytes are the same");
 }

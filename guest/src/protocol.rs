@@ -51,6 +51,26 @@ pub struct Run {
     /// `/dev/pmemN`, for processes in the VM itself (a console).
     #[serde(default)]
     pub tools: Option<u32>,
+    /// What a guest restored from a snapshot (taken while the agent waited
+    /// for this request) needs, because its random pool and clock are the
+    /// saved guest's; a cold-booted agent ignores it.
+    #[serde(default)]
+    pub fresh: Fresh,
+}
+
+/// Fresh randomness and the time, from the host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fresh {
+    /// Mixed into the guest's pool, which then reseeds (the agent uses at
+    /// most [`Fresh::MAX_ENTROPY`] bytes).
+    pub entropy: Vec<u8>,
+    /// The host's wall clock when it sent the request, in nanoseconds
+    /// since the Unix epoch.
+    pub realtime_ns: u64,
+}
+
+impl Fresh {
+    pub const MAX_ENTROPY: usize = 64;
 }
 
 /// Host → agent: start another process while the main one runs: in the
@@ -96,6 +116,12 @@ pub struct Signal {
 pub struct Resize {
     pub size: TtySize,
 }
+
+/// Agent → host, first on the control stream: the agent's connection is
+/// complete and it waits for work. A VM saved after this (a template) has
+/// its agent blocked on the stream, not halfway through connecting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {}
 
 /// Agent → host: the process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +180,9 @@ impl Message for Resize {
 }
 impl Message for Exec {
     const KIND: u32 = 4;
+}
+impl Message for Ready {
+    const KIND: u32 = 0x100;
 }
 impl Message for Started {
     const KIND: u32 = 0x101;
@@ -283,6 +312,10 @@ mod tests {
                 layer_disks: false,
             }),
             tools: Some(2),
+            fresh: Fresh {
+                entropy: vec![1, 2, 3],
+                realtime_ns: 1_796_566_416_000_000_000,
+            },
         };
         let mut wire = Vec::new();
         send(&mut wire, 7, &run).unwrap();

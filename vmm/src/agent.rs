@@ -9,16 +9,16 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use devices::virtio::vsock::{HostPorts, PortsHandle};
 use guest::protocol::{
-    self, Exec, Exited, Failed, Frame, Message, Process, Resize, Run, Signal, Started, TtySize,
-    CONTROL_PORT,
+    self, Exec, Exited, Failed, Frame, Fresh, Message, Process, Ready, Resize, Run, Signal,
+    Started, TtySize, CONTROL_PORT,
 };
 
 use crate::process::{Outcome, ProcessSpec};
-use crate::vm::threads::{Ending, ThreadKind, Worker};
+use crate::vm::threads::{Ending, RunGate, ThreadKind, Worker};
 use crate::vm::{Error, Exit};
 
 /// Message id of the main process's run request; execs count up from it.
@@ -368,12 +368,20 @@ pub struct Session {
     /// The pmem device of the VM's tools, if it has them.
     tools: Option<u32>,
     agent: Agent,
+    /// Host randomness for a restored guest (see [`protocol::Fresh`]).
+    entropy: Vec<u8>,
+    gate: Option<RunGate>,
 }
 
 impl Session {
     /// Serves the agent's ports in `ports`. Without `process` the session
     /// ends as soon as the agent connects (a boot check).
-    pub fn new(process: Option<ProcessSpec>, tools: Option<u32>, ports: &HostPorts) -> Self {
+    pub fn new(
+        process: Option<ProcessSpec>,
+        tools: Option<u32>,
+        ports: &HostPorts,
+        entropy: Vec<u8>,
+    ) -> Self {
         let serve = |port| {
             let (tx, rx) = mpsc::channel();
             ports.serve(port, tx);
@@ -390,7 +398,14 @@ impl Session {
             process,
             tools,
             agent: Agent::new(ports.handle()),
+            entropy,
+            gate: None,
         }
+    }
+
+    /// From now on the run request waits for the returned gate to open.
+    pub fn hold_run(&mut self) -> RunGate {
+        self.gate.insert(RunGate::default()).clone()
     }
 
     pub fn agent(&self) -> Agent {
@@ -421,12 +436,23 @@ impl Session {
 
     fn serve(&self, stdio: Stdio, ending: &Arc<Ending>, held: &mut Held) -> io::Result<Exit> {
         let control = held.control.insert(recv(&self.ports.control)?);
+        expect_ready(control)?;
         *crate::lock(&self.agent.0.agent_connected) = Some(Instant::now());
+        ending.notify();
+        if let Some(gate) = &self.gate {
+            if let Err(exit) = ending.wait_for(|| gate.is_open()) {
+                return Ok(exit);
+            }
+        }
         let Some(process) = &self.process else {
             return Ok(Exit::Booted);
         };
         let request = Run {
             tools: self.tools,
+            fresh: Fresh {
+                entropy: self.entropy.clone(),
+                realtime_ns: realtime_ns(),
+            },
             ..run_request(process)
         };
         protocol::send(control, RUN_ID, &request)?;
@@ -545,6 +571,27 @@ impl MainProcess {
             kind => Err(invalid(format!("unexpected message kind {kind:#x}"))),
         }
     }
+}
+
+/// The agent's first message.
+fn expect_ready(control: &mut impl Read) -> io::Result<()> {
+    match protocol::receive(control)? {
+        Some(frame) if frame.kind == Ready::KIND => Ok(()),
+        Some(frame) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the agent began with message kind {:#x}, not Ready",
+                frame.kind
+            ),
+        )),
+        None => Err(io::ErrorKind::UnexpectedEof.into()),
+    }
+}
+
+/// The host's wall clock, in nanoseconds since the Unix epoch.
+fn realtime_ns() -> u64 {
+    let since_epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
+    since_epoch.map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn run_request(process: &ProcessSpec) -> Run {
@@ -697,19 +744,29 @@ mod tests {
 
     /// A session for `program` started with its output discarded, and the
     /// agent's end of its control stream (what the vsock device hands over
-    /// when the agent connects).
+    /// when the agent connects), on which the agent said it is ready.
     fn start_session(
         program: &str,
         tools: Option<u32>,
+    ) -> (HostPorts, Agent, UnixStream, Arc<Ending>, Worker) {
+        start_session_saying(program, tools, &Ready {})
+    }
+
+    /// As [`start_session`], with `first` as the agent's first message.
+    fn start_session_saying<M: Message>(
+        program: &str,
+        tools: Option<u32>,
+        first: &M,
     ) -> (HostPorts, Agent, UnixStream, Arc<Ending>, Worker) {
         let mut ports = HostPorts::new(None);
         let main = ProcessSpec {
             argv: vec![program.into()],
             ..ProcessSpec::default()
         };
-        let session = Session::new(Some(main), tools, &ports);
+        let session = Session::new(Some(main), tools, &ports, Vec::new());
         let agent = session.agent();
-        let guest = ports.connect(CONTROL_PORT).unwrap();
+        let mut guest = ports.connect(CONTROL_PORT).unwrap();
+        protocol::send(&mut guest, 0, first).unwrap();
         let ending = Arc::new(Ending::default());
         let stdio = Stdio {
             stdin: std::fs::File::open("/dev/null").unwrap().into(),
@@ -718,6 +775,23 @@ mod tests {
         };
         let worker = session.start(stdio, &ending).unwrap();
         (ports, agent, guest, ending, worker)
+    }
+
+    #[test]
+    fn an_agent_that_does_not_say_it_is_ready_gets_no_request() {
+        let (ports, _, mut agent, ending, worker) =
+            start_session_saying("/bin/true", None, &Started { pid: 1 });
+        let exit = ending.wait();
+        assert!(
+            matches!(&exit, Exit::Session(m) if m.contains("not Ready")),
+            "{exit:?}"
+        );
+        drop(ports);
+        worker.join();
+        assert!(
+            protocol::receive(&mut agent).unwrap().is_none(),
+            "a request"
+        );
     }
 
     #[test]

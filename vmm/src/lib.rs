@@ -25,6 +25,14 @@ pub mod sys;
 pub mod terminal;
 pub mod vm;
 
+/// `N` bytes from the host's random pool.
+#[cfg(target_os = "linux")]
+pub(crate) fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut bytes = [0; N];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes)
+}
+
 /// Locks `m` even if a thread panicked while holding it: the VMM's shared
 /// state stays usable, and the process must still report and exit.
 pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -33,7 +33,7 @@ impl ProcessSpec {
                 ..Process::default()
             },
             root: self.root,
-            tools: None,
+            ..Run::default()
         }
     }
 }

@@ -21,9 +21,12 @@ const KVM_PVM_MODULE: &str = "/sys/module/kvm_pvm";
 /// whose instructions the PVM emulator cannot handle are masked in the guest
 /// (cx16: SLUB's cmpxchg16b runs inside emulated irq-off sections and KVM's
 /// emulator has no cmpxchg16b). One `clearcpuid=`: the kernel reads only the last.
+/// The clock is kvm-clock, which KVM sets on restore: the guest's TSC is
+/// the host's (no offset), so a TSC clock would jump by the time a
+/// snapshot waited and expire every timer the guest had.
 const PVM_GUEST_FLAGS: &str = "noxsave \
     clearcpuid=popcnt,smap,fsgsbase,rdrand,rdseed,rdpid,pku,pcid,invpcid,la57,ibt,cx16 \
-    pvm_host";
+    clocksource=kvm-clock pvm_host";
 
 pub fn detect() -> HostKind {
     detect_at(Path::new(KVM_PVM_MODULE))

@@ -368,6 +368,7 @@ impl MmioTransport {
             let mut device = lock(&self.device);
             self.queues = fresh_queues(&*device);
             device.activate(queues, self.irq.clone())?;
+            device.restored();
             self.activated = true;
         } else {
             self.queues = queues;

@@ -65,6 +65,10 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Vec<QueueState>;
     /// The driver reset the device: drop the queues and all device state.
     fn reset(&mut self);
+    /// The device was activated again with queues from a snapshot
+    /// ([`mmio::MmioTransport::restore`]): what it had with the saved VM's
+    /// host side is gone. Most devices kept nothing.
+    fn restored(&mut self) {}
 }
 
 /// The interrupt status register shared by the transport (which the guest

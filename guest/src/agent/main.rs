@@ -4,6 +4,8 @@
 #[cfg(target_os = "linux")]
 mod process;
 #[cfg(target_os = "linux")]
+mod restore;
+#[cfg(target_os = "linux")]
 mod root;
 #[cfg(target_os = "linux")]
 mod supervisor;
@@ -18,7 +20,7 @@ use std::io::{self, Write};
 #[cfg(target_os = "linux")]
 use guest::boot_mark;
 #[cfg(target_os = "linux")]
-use guest::protocol::{self, Run, CONTROL_PORT};
+use guest::protocol::{self, Ready, Run, CONTROL_PORT};
 #[cfg(target_os = "linux")]
 use guest::vsock;
 
@@ -47,12 +49,26 @@ fn start() -> io::Result<()> {
     if let Some(run) = protocol::from_cmdline(&cmdline)? {
         return supervisor::run_standalone(&run);
     }
-    let mut control = vsock::connect(CONTROL_PORT)?;
-    // The host closes the control stream when it has nothing to run.
-    let Some(frame) = protocol::receive(&mut control)? else {
-        return Ok(());
+    let mut restored = false;
+    let (control, frame) = loop {
+        let mut control = vsock::connect(CONTROL_PORT)?;
+        let waited = protocol::send(&mut control, 0, &Ready {})
+            .and_then(|()| protocol::receive(&mut control));
+        match waited {
+            Ok(Some(frame)) => break (control, frame),
+            // The host closes the control stream when it has nothing to run.
+            Ok(None) => return Ok(()),
+            // Restored from a snapshot taken while we waited: the new VM's
+            // host serves the port afresh.
+            Err(e) if restore::was_reset(&e) => restored = true,
+            Err(e) => return Err(e),
+        }
     };
-    supervisor::serve(control, frame.decode::<Run>()?, frame.id)
+    let run = frame.decode::<Run>()?;
+    if restored {
+        restore::refresh(&run.fresh)?;
+    }
+    supervisor::serve(control, run, frame.id)
 }
 
 #[cfg(target_os = "linux")]

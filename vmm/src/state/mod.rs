@@ -10,7 +10,7 @@ pub mod log;
 mod record;
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -353,8 +353,7 @@ pub fn short(id: &str) -> &str {
 }
 
 fn random_id() -> io::Result<String> {
-    let mut bytes = [0u8; ID_BYTES];
-    File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let bytes = crate::random_bytes::<ID_BYTES>()?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 

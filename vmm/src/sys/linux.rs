@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::vsock::{HostPorts, Vsock};
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use guest::protocol::Fresh;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use crate::agent::Stdio;
@@ -22,7 +23,7 @@ use crate::signals::{self, Forwarder};
 use crate::terminal::RawMode;
 use crate::vm::board::DeviceEnv;
 use crate::vm::layout::Slot;
-use crate::vm::threads::{Ending, ThreadKind, Worker};
+use crate::vm::threads::{Ending, RunGate, ThreadKind, Worker};
 
 pub use super::seccomp::{confine, confined};
 use crate::vm::{Error, Exit, VmConfig};
@@ -186,7 +187,13 @@ impl AgentLink {
             .map(HybridSocket::bind)
             .transpose()?;
         let ports = HostPorts::new(config.vsock.uds.clone());
-        let session = Session::new(config.process.clone(), config.tools_device(), &ports);
+        let entropy = crate::random_bytes::<{ Fresh::MAX_ENTROPY }>().map_err(Error::Devices)?;
+        let session = Session::new(
+            config.process.clone(),
+            config.tools_device(),
+            &ports,
+            entropy.to_vec(),
+        );
         Ok(Self {
             session,
             ports: Some(ports),
@@ -195,6 +202,11 @@ impl AgentLink {
             guest_cid: config.vsock.guest_cid,
             tty: config.process.as_ref().is_some_and(|p| p.tty.is_some()),
         })
+    }
+
+    /// From now on the run request waits for the returned gate.
+    pub fn hold_run(&mut self) -> Result<RunGate, Error> {
+        Ok(self.session.hold_run())
     }
 
     /// The run request goes over vsock, not on the command line.

@@ -15,7 +15,7 @@ use crate::hypervisor::{self, Vm};
 use crate::process::Outcome;
 use crate::vm::board::DeviceEnv;
 use crate::vm::layout::Slot;
-use crate::vm::threads::{Ending, ThreadKind};
+use crate::vm::threads::{Ending, RunGate, ThreadKind};
 use crate::vm::{Error, Exit, VmConfig, DEFAULT_GUEST_CID};
 
 /// No vsock device: the layout has none.
@@ -121,6 +121,12 @@ impl AgentLink {
         Ok(Self {
             request: Some(guest::protocol::to_cmdline(&process.request())),
         })
+    }
+
+    pub fn hold_run(&mut self) -> Result<RunGate, Error> {
+        Err(Error::Unsupported(
+            "holding the run request needs the vsock link",
+        ))
     }
 
     pub fn cmdline_request(&self) -> Option<String> {

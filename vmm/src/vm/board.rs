@@ -7,13 +7,14 @@ use std::sync::{Arc, Mutex};
 
 use devices::boot_timer::BootTimer;
 use devices::i8042::{self, I8042};
-use devices::serial::{self, Serial};
+use devices::serial::{self, Serial, SerialSnapshot};
 use devices::virtio::block::Block;
-use devices::virtio::mmio::{self, MmioTransport};
+use devices::virtio::mmio::{self, MmioTransport, TransportState};
 use devices::virtio::pmem::Pmem;
 use devices::virtio::RequestDevice;
 use devices::Bus;
 use guest::boot_mark;
+use serde::{Deserialize, Serialize};
 
 use super::layout::{Device, Layout, Slot};
 use super::threads::Ending;
@@ -23,10 +24,59 @@ use crate::hypervisor::{IoHandler, Vm};
 use crate::memory::GuestMemory;
 use crate::sys::{self, AgentLink, DeviceLoop, Served};
 
-/// The port-I/O and MMIO buses the vCPUs dispatch to.
+/// The port-I/O and MMIO buses the vCPUs dispatch to, and the devices on
+/// them that keep state.
 pub struct Buses {
     pub pio: Bus,
     pub mmio: Bus,
+    pub com1: Arc<Mutex<Serial>>,
+    /// The virtio transports in layout order.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+/// What a snapshot keeps of the devices the VMM emulates: the console UART
+/// and every virtio transport with its queues, in layout order. (The i8042
+/// and the boot timer keep nothing.)
+#[derive(Serialize, Deserialize)]
+pub struct DeviceState {
+    pub serial: SerialSnapshot,
+    pub transports: Vec<TransportState>,
+}
+
+impl Buses {
+    /// Of a paused VM.
+    pub fn save(&self) -> DeviceState {
+        DeviceState {
+            serial: crate::lock(&self.com1).save(),
+            transports: self
+                .transports
+                .iter()
+                .map(|t| crate::lock(t).save())
+                .collect(),
+        }
+    }
+
+    /// Before the VM first runs; `state` is untrusted.
+    pub fn restore(&self, state: &DeviceState) -> Result<(), Error> {
+        if state.transports.len() != self.transports.len() {
+            return Err(Error::DeviceState(format!(
+                "{} virtio devices saved for a VM with {}",
+                state.transports.len(),
+                self.transports.len()
+            )));
+        }
+        let failed = |e: &dyn std::fmt::Display| Error::DeviceState(e.to_string());
+        crate::lock(&self.com1)
+            .restore(&state.serial)
+            .map_err(|e| failed(&e))?;
+        for (index, (transport, saved)) in self.transports.iter().zip(&state.transports).enumerate()
+        {
+            crate::lock(transport)
+                .restore(saved)
+                .map_err(|e| failed(&format!("virtio device {index}: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 impl IoHandler for Buses {
@@ -54,6 +104,7 @@ pub struct DeviceEnv<'a, V: Vm> {
     pub vm: &'a V,
     pub mem: &'a GuestMemory,
     pub mmio: &'a mut Bus,
+    pub transports: &'a mut Vec<Arc<Mutex<MmioTransport>>>,
     pub events: &'a mut DeviceLoop,
 }
 
@@ -67,7 +118,9 @@ impl<V: Vm> DeviceEnv<'_, V> {
         let line = self.vm.interrupt(slot.gsi)?;
         let transport = MmioTransport::new(device.clone(), self.mem.clone(), line);
         let window = Arc::new(Mutex::new(transport));
-        self.mmio.insert(window, slot.mmio_base, mmio::WINDOW_LEN)?;
+        self.mmio
+            .insert(window.clone(), slot.mmio_base, mmio::WINDOW_LEN)?;
+        self.transports.push(window);
         self.events.serve(device);
         Ok(())
     }
@@ -106,22 +159,18 @@ impl<V: Vm> DeviceEnv<'_, V> {
     }
 }
 
-/// The legacy devices on ports: COM1 (the console), the i8042 whose reset
-/// ends the VM, and the boot timer the agent marks.
+/// The legacy devices on ports: COM1 (the console, also returned), the
+/// i8042 whose reset ends the VM, and the boot timer the agent marks.
 pub fn pio_bus<V: Vm>(
     vm: &V,
     ending: &Arc<Ending>,
     console: &Console,
     boot_timer: &Arc<Mutex<BootTimer>>,
-) -> Result<Bus, Error> {
+) -> Result<(Bus, Arc<Mutex<Serial>>), Error> {
     let mut bus = Bus::new();
     let irq = vm.interrupt(serial::COM1_IRQ)?;
-    let com1 = Serial::new(irq, Box::new(console.clone()));
-    bus.insert(
-        Arc::new(Mutex::new(com1)),
-        serial::COM1_PORT,
-        serial::PORT_LEN,
-    )?;
+    let com1 = Arc::new(Mutex::new(Serial::new(irq, Box::new(console.clone()))));
+    bus.insert(com1.clone(), serial::COM1_PORT, serial::PORT_LEN)?;
     let ending = ending.clone();
     let i8042 = I8042::new(Box::new(move || ending.end(Exit::Reset)));
     bus.insert(
@@ -130,5 +179,5 @@ pub fn pio_bus<V: Vm>(
         i8042::PORT_LEN,
     )?;
     bus.insert(boot_timer.clone(), boot_mark::PORT.into(), 1)?;
-    Ok(bus)
+    Ok((bus, com1))
 }

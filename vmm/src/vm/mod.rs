@@ -24,9 +24,10 @@ use devices::BusError;
 use guest::boot_mark;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, ReadVolatile, WriteVolatile};
 
+pub use self::board::DeviceState;
 use self::board::{pio_bus, Buses, DeviceEnv};
 use self::layout::Layout;
-use self::threads::{Ending, ThreadKind};
+use self::threads::{Ending, RunGate, ThreadKind};
 use self::vcpu::Vcpus;
 use crate::console::Console;
 use crate::hypervisor::{self, Hypervisor, Stateful, Vcpu, Vm};
@@ -121,6 +122,8 @@ pub enum Error {
     Unsupported(&'static str),
     #[error("guest memory image: {0}")]
     MemoryImage(std::io::Error),
+    #[error("saved device state: {0}")]
+    DeviceState(String),
     #[error("pausing the VM: {0}")]
     Pause(String),
     #[error("the main thread's seccomp filter: {0}")]
@@ -238,6 +241,7 @@ pub struct UtilityVm<H: Hypervisor> {
     console: Console,
     boot_timer: Arc<Mutex<BootTimer>>,
     ending: Arc<Ending>,
+    run_gate: Option<RunGate>,
     start: Instant,
 }
 
@@ -289,17 +293,22 @@ where
         let console = Console::new(config.console || sys::CONSOLE_CARRIES_OUTPUT);
         let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
         let mut mmio = devices::Bus::new();
+        let mut transports = Vec::new();
         let mut events = DeviceLoop::new()?;
         let mut env = DeviceEnv {
             vm: &vm,
             mem: &mem,
             mmio: &mut mmio,
+            transports: &mut transports,
             events: &mut events,
         };
         env.attach_all(&layout, &mut link, scratch)?;
+        let (pio, com1) = pio_bus(&vm, &ending, &console, &boot_timer)?;
         let buses = Arc::new(Buses {
-            pio: pio_bus(&vm, &ending, &console, &boot_timer)?,
+            pio,
             mmio,
+            com1,
+            transports,
         });
         tracing::debug!(at = ?start.elapsed(), "devices ready");
 
@@ -326,8 +335,17 @@ where
             console,
             boot_timer,
             ending,
+            run_gate: None,
             start,
         })
+    }
+
+    /// Once started, the VM holds the process's run request back until
+    /// [`Running::release_run`]: [`Running::wait_agent_connected`] then
+    /// finds the agent idle, which is when a template is saved.
+    pub fn hold_run(&mut self) -> Result<(), Error> {
+        self.run_gate = Some(self.link.hold_run()?);
+        Ok(())
     }
 
     /// Starts the VM's threads: the device event loop, the agent link, then
@@ -350,6 +368,7 @@ where
             console: self.console,
             boot_timer: self.boot_timer,
             ending: self.ending,
+            run_gate: self.run_gate,
             entered: Arc::default(),
             start: self.start,
             guest_memory,
@@ -381,10 +400,12 @@ where
     /// Makes this VM, built from the config of a saved one, go on where
     /// that one stopped: its RAM from `memory` (as [`Running::save_memory`]
     /// wrote it), then the VM's state and each vCPU's (KVM's order:
-    /// interrupt controllers and clock before the vCPUs' LAPICs).
+    /// interrupt controllers and clock before the vCPUs' LAPICs), then the
+    /// devices, whose first interrupts (the vsock reset) need all of those.
     pub fn restore(
         &mut self,
         cpus: &CpuState<H>,
+        devices: &DeviceState,
         memory: &mut impl ReadVolatile,
     ) -> Result<(), Error> {
         if cpus.vcpus.len() != self.vcpus.len() {
@@ -397,7 +418,7 @@ where
         for (vcpu, state) in self.vcpus.iter_mut().zip(&cpus.vcpus) {
             vcpu.restore_state(state)?;
         }
-        Ok(())
+        self.buses.restore(devices)
     }
 }
 
@@ -429,6 +450,7 @@ pub struct Running<H: Hypervisor> {
     console: Console,
     boot_timer: Arc<Mutex<BootTimer>>,
     ending: Arc<Ending>,
+    run_gate: Option<RunGate>,
     entered: Arc<OnceLock<Instant>>,
     start: Instant,
     guest_memory: Vec<(u64, u64)>,
@@ -470,6 +492,19 @@ impl<H: Hypervisor> Running<H> {
         }
     }
 
+    /// Waits until the agent has connected, or says how the VM ended first.
+    pub fn wait_agent_connected(&self) -> Result<(), Exit> {
+        self.ending
+            .wait_for(|| self.link.agent_connected().is_some())
+    }
+
+    /// Lets a run request held back ([`UtilityVm::hold_run`]) go.
+    pub fn release_run(&self) {
+        if let Some(gate) = &self.run_gate {
+            gate.open(&self.ending);
+        }
+    }
+
     /// Waits until the container's process has started, or says how the VM
     /// ended before it did.
     pub fn wait_started(&self) -> Result<(), Exit> {
@@ -479,6 +514,16 @@ impl<H: Hypervisor> Running<H> {
     /// The guest's serial console so far.
     pub fn console(&self) -> &Console {
         &self.console
+    }
+
+    /// The paused VM's device state ([`Self::pause`]). The event thread
+    /// still serves the host side: take it while the guest's streams are
+    /// quiet.
+    pub fn save_devices(&self) -> DeviceState {
+        self.buses
+            .as_ref()
+            .expect("a running VM has its buses")
+            .save()
     }
 
     /// Writes the paused VM's RAM ([`Self::pause`]) to `out`.

@@ -2,11 +2,28 @@
 //! each tells the VM's [`Ending`] how it ended. The first reason to end the
 //! VM is the one [`super::Running::wait`] returns; later ones are logged.
 
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use super::{Error, Exit};
 use crate::lock;
+
+/// Holds the main process's run request back until it opens: the agent is
+/// then connected and idle, the moment a template is saved.
+#[derive(Clone, Default)]
+pub struct RunGate(Arc<AtomicBool>);
+
+impl RunGate {
+    pub fn open(&self, ending: &Ending) {
+        self.0.store(true, Ordering::SeqCst);
+        ending.notify();
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
 
 /// Where every part of the VM reports why it ends; the first report wins.
 #[derive(Default)]

@@ -13,7 +13,7 @@ use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use std::io::Read;
+use std::io::{Read, Write};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use virtio_queue::DescriptorChain;
@@ -30,9 +30,14 @@ pub use muxer::{HOST_CID, MAX_CONNECTIONS};
 pub const DEVICE_ID: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 
 const QUEUE_SIZE: u16 = 256;
-// Queue indices; the third queue (events) is never used by this device.
+// Queue indices.
 const RX: usize = 0;
 const TX: usize = 1;
+/// Where the device's one event goes, after a restore.
+const EVENTS: usize = 2;
+/// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (virtio 1.2, 5.10.6.7): the guest
+/// drops every connection and reads its CID again.
+const TRANSPORT_RESET: u32 = 0;
 /// Largest data payload we take in one guest packet (Linux sends ≤ 64 KiB).
 const MAX_PKT_DATA: u32 = 64 * 1024;
 
@@ -297,6 +302,39 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.muxer.clear();
+    }
+
+    /// The guest's connections were with the saved VM's host side: it is
+    /// told to drop them, as Firecracker does, and its programs reconnect.
+    /// What it queued for them before the snapshot is dropped unread:
+    /// answered, each packet would earn a reset that could reach the guest
+    /// before the event and end a reconnection too.
+    fn restored(&mut self) {
+        let Some(active) = &mut self.active else {
+            return;
+        };
+        drain_queue(&mut active.queues[TX], &self.mem, &active.irq, |_| 0);
+        let queue = &mut active.queues[EVENTS];
+        let Some(chain) = queue.pop_descriptor_chain(&self.mem) else {
+            return tracing::warn!("vsock: no event buffer for the transport reset");
+        };
+        let head = chain.head_index();
+        let event = TRANSPORT_RESET.to_le_bytes();
+        let written = chain
+            .writer(&self.mem)
+            .map_err(std::io::Error::other)
+            .and_then(|mut writer| writer.write_all(&event));
+        let len = match written {
+            Ok(()) => event.len() as u32,
+            Err(e) => {
+                tracing::warn!("vsock: unusable event buffer: {e}");
+                0
+            }
+        };
+        if let Err(e) = queue.add_used(&self.mem, head, len) {
+            tracing::warn!("vsock: event used ring: {e}");
+        }
+        active.irq.signal_used(queue, &self.mem);
     }
 }
 

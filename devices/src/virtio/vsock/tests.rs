@@ -97,6 +97,7 @@ struct Guest {
     mem: &'static GuestMemory,
     rx: Ring,
     tx: Ring,
+    events: Ring,
     vsock: Vsock,
     irq: Arc<CountingInterrupt>,
     served: Receiver<UnixStream>,
@@ -123,6 +124,7 @@ impl Guest {
             mem,
             rx,
             tx,
+            events,
             vsock,
             irq,
             served,
@@ -569,4 +571,36 @@ fn a_receive_buffer_without_room_for_data_is_given_back() {
         guest.rx.used_idx(guest.mem) >= 2,
         "the empty chain {empty} was used too"
     );
+}
+
+#[test]
+fn a_restored_device_tells_the_guest_its_connections_are_gone() {
+    let mut guest = Guest::new();
+    // A guest that posted no event buffer gets nothing, and no harm done.
+    guest.vsock.restored();
+    assert_eq!(guest.events.used_idx(guest.mem), 0);
+
+    // A packet the saved guest queued for a connection the host no longer
+    // has: taken, and not answered with a reset.
+    let stale = Hdr::guest(RW, 5001, SERVED_PORT).bytes();
+    guest
+        .mem
+        .write_slice(&stale, GuestAddress(HEADER_AREA))
+        .unwrap();
+    guest.tx.add_chain(guest.mem, &[(HEADER_AREA, 44, 0)]);
+    let sent = guest.tx_used();
+
+    let buffer = 0x9_0000;
+    guest.mem.write_obj(u32::MAX, GuestAddress(buffer)).unwrap();
+    guest
+        .events
+        .add_chain(guest.mem, &[(buffer, 8, VRING_DESC_F_WRITE as u16)]);
+    let interrupts = guest.irq.count();
+    guest.vsock.restored();
+    assert_eq!(guest.events.take_used(guest.mem), vec![(0, 4)]);
+    let event: u32 = guest.mem.read_obj(GuestAddress(buffer)).unwrap();
+    assert_eq!(event, TRANSPORT_RESET);
+    assert!(guest.irq.count() > interrupts, "no interrupt");
+    assert_eq!(guest.tx_used(), sent.wrapping_add(1), "the stale packet");
+    assert_eq!(ops(&guest.receive(4)), Vec::<u16>::new(), "a reply to it");
 }

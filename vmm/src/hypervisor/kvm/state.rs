@@ -78,7 +78,8 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<()> {
     fd.set_mp_state(state.mp_state)
         .map_err(set("KVM_SET_MP_STATE"))?;
     fd.set_regs(&state.regs).map_err(set("KVM_SET_REGS"))?;
-    fd.set_sregs(&state.sregs).map_err(set("KVM_SET_SREGS"))?;
+    fd.set_sregs(&sregs_to_write(&state.sregs))
+        .map_err(set("KVM_SET_SREGS"))?;
     // SAFETY: `kvm_xsave` is the legacy 4 KiB area that KVM_SET_XSAVE
     // reads in full; it is exactly what KVM_GET_XSAVE filled.
     unsafe { fd.set_xsave(&state.xsave) }.map_err(set("KVM_SET_XSAVE"))?;
@@ -89,6 +90,29 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<()> {
     set_msrs(fd, &state.msrs)?;
     fd.set_vcpu_events(&state.events)
         .map_err(set("KVM_SET_VCPU_EVENTS"))
+}
+
+/// The special registers as this host's KVM should get them back. On AMD
+/// hosts KVM reports the task register busy (type 11) although the SVM
+/// state holds it available (9): svm_get_segment adds the bit. Real SVM
+/// ignores it, but an emulated one (QEMU's, the nested path) then takes
+/// the TSS for invalid and faults every I/O port a guest process was
+/// allowed. Written back as the hardware had it.
+fn sregs_to_write(saved: &kvm_sregs) -> kvm_sregs {
+    let mut sregs = *saved;
+    if amd_host() {
+        sregs.tr.type_ &= !TSS_BUSY;
+    }
+    sregs
+}
+
+/// The busy bit of a TSS descriptor's type.
+const TSS_BUSY: u8 = 0x2;
+
+fn amd_host() -> bool {
+    let vendor = std::arch::x86_64::__cpuid(0);
+    // "AuthenticAMD" in EBX, EDX, ECX.
+    (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
 }
 
 /// The MSRs among `indexes` this vCPU answers, in batches; one KVM
