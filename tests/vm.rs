@@ -288,10 +288,17 @@ fn vms_restored_from_a_waiting_agent_run_their_own_processes() {
                   head -c 16 /dev/urandom | od -An -tx1 | tr -d ' '; date +%s";
     let mut seen = Vec::new();
     for round in 0..2 {
+        let start = Instant::now();
         let mut vm = build(&config(128, script));
         vm.restore(&cpus, &devices, &mut memory.as_slice())
             .expect("restore");
         let (running, stdout, stderr) = start_built(vm);
+        if running.wait_agent_connected().is_ok() {
+            eprintln!(
+                "round {round}: build, restore → agent ready in {:?}",
+                start.elapsed()
+            );
+        }
         let exit = running.wait();
         let report = running.shutdown();
         let host_time = std::time::SystemTime::now()
