@@ -280,7 +280,12 @@ fn vms_restored_from_a_waiting_agent_run_their_own_processes() {
     let devices = template.save_devices();
     let mut memory = Vec::new();
     template.save_memory(&mut memory).expect("save the memory");
+    // The VM a template was taken from goes on to run its own process.
+    template.resume();
+    template.release_run();
+    let exit = template.wait();
     drop(template);
+    assert_eq!(exit, Exit::Process(Outcome::Exited(Exited::Code(0))));
     // Time passes: the restored guests' clocks must not lag by it.
     std::thread::sleep(Duration::from_secs(3));
 

@@ -130,13 +130,15 @@ enum Stuck {
     Silent(Duration),
     /// The whole run took longer than this.
     TimedOut(Duration),
+    /// Its kernel said its CPUs stopped running its threads.
+    LockedUp,
 }
 
 /// Boots L1, runs `command` there, and returns its exit status. An L1 that
-/// freezes (silent console, or past the timeout) is killed and, once, run
-/// again from the start, saying so; a second freeze, or an L1 that ends
-/// without reporting, is an error saying what happened. A command that
-/// fails is never run again.
+/// freezes (silent console, a soft lockup, or past the timeout) is killed
+/// and, once, run again from the start, saying so; a second freeze, or an
+/// L1 that ends without reporting, is an error saying what happened. A
+/// command that fails is never run again.
 pub fn run_in_l1(command: &[String], options: &Options) -> Result<i32> {
     match boot_l1(command, options)? {
         Ok(status) => Ok(status),
@@ -159,6 +161,7 @@ impl Stuck {
         match self {
             Stuck::Silent(d) => format!("froze: its console was silent for {}s", d.as_secs()),
             Stuck::TimedOut(d) => format!("did not finish within {}s", d.as_secs()),
+            Stuck::LockedUp => "locked up: its kernel reported a soft lockup".into(),
         }
     }
 }
@@ -245,9 +248,13 @@ fn watch(mut qemu: Command, options: &Options) -> Result<std::result::Result<i32
                 Some(code) => status = code.trim().parse::<i32>().ok(),
                 None => {
                     println!("{line}");
+                    let locked_up = l1_locked_up(&line);
                     last.push(line);
                     let excess = last.len().saturating_sub(20);
                     last.drain(..excess);
+                    if locked_up {
+                        break Err(Stuck::LockedUp);
+                    }
                 }
             },
             Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
@@ -282,6 +289,15 @@ fn watch(mut qemu: Command, options: &Options) -> Result<std::result::Result<i32
             last.join("\n")
         ),
     }
+}
+
+/// L1's own kernel says its CPUs stopped running its threads: the
+/// emulated L1 has been seen to lock up so while a nested guest ran, its
+/// console printing only these reports, so it never fell silent. L1's
+/// kernel lines carry a timestamp; a nested guest's (in a test's output)
+/// do not.
+fn l1_locked_up(line: &str) -> bool {
+    line.starts_with('[') && line.contains("] watchdog: BUG: soft lockup")
 }
 
 /// Debian's kernel, unpacked into the cache.
@@ -429,6 +445,16 @@ fn quote(word: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_l1_s_own_soft_lockup_reports_count_as_a_lockup() {
+        let l1 = "[   77.089931] watchdog: BUG: soft lockup - CPU#0 stuck for 48s! [kworker/0:0:7]";
+        assert!(l1_locked_up(l1));
+        let guest = "watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [sh:1]";
+        assert!(!l1_locked_up(guest));
+        let stall = "[   50.012326] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:";
+        assert!(!l1_locked_up(stall));
+    }
 
     #[test]
     fn the_command_runs_quoted_in_the_same_directory() {
