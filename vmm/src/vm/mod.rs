@@ -511,11 +511,6 @@ impl<H: Hypervisor> Running<H> {
         self.ending.wait_for(|| self.link.process_started())
     }
 
-    /// The guest's serial console so far.
-    pub fn console(&self) -> &Console {
-        &self.console
-    }
-
     /// The paused VM's device state ([`Self::pause`]). The event thread
     /// still serves the host side: take it while the guest's streams are
     /// quiet.
