@@ -13,7 +13,7 @@ use support::{guest_dir, layer, require_kvm};
 use vmm::hypervisor::kvm::KvmHypervisor;
 use vmm::process::{Outcome, ProcessSpec};
 use vmm::sys::Stdio;
-use vmm::vm::{Exit, Running, UtilityVm, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
+use vmm::vm::{snapshot, Exit, Running, UtilityVm, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
 
 /// Names of the threads a VM starts (vCPUs are `vcpu0`, `vcpu1`, …).
 const VM_THREADS: [&str; 6] = ["events", "agent", "stdout", "stderr", "stdin", "signals"];
@@ -276,10 +276,8 @@ fn vms_restored_from_a_waiting_agent_run_their_own_processes() {
         panic!("{exit:?}: {}", stderr.text());
     }
     template.pause().expect("pause");
-    let cpus = template.save_cpus().expect("save the CPU state");
-    let devices = template.save_devices();
-    let mut memory = Vec::new();
-    template.save_memory(&mut memory).expect("save the memory");
+    let dir = support::tempdir("vm-snapshot");
+    template.save(&dir, IDENTITY).expect("save a snapshot");
     // The VM a template was taken from goes on to run its own process.
     template.resume();
     template.release_run();
@@ -294,9 +292,10 @@ fn vms_restored_from_a_waiting_agent_run_their_own_processes() {
     let mut seen = Vec::new();
     for round in 0..2 {
         let start = Instant::now();
-        let mut vm = build(&config(128, script));
-        vm.restore(&cpus, &devices, &mut memory.as_slice())
-            .expect("restore");
+        let config = config(128, script);
+        let open = || KvmHypervisor::for_host(config.host);
+        let snapshot = snapshot::read(&dir, config.host).expect("read the snapshot");
+        let vm = UtilityVm::restore(open, &config, start, snapshot, IDENTITY).expect("restore");
         let (running, stdout, stderr) = start_built(vm);
         if running.wait_agent_connected().is_ok() {
             eprintln!(
@@ -330,4 +329,18 @@ fn vms_restored_from_a_waiting_agent_run_their_own_processes() {
     }
     assert_ne!(seen[0].0, seen[1].0, "the boot IDs are the same");
     assert_ne!(seen[0].1, seen[1].1, "the random bytes are the same");
+
+    // A snapshot of other inputs is refused, naming itself.
+    let config = config(128, "true");
+    let open = || KvmHypervisor::for_host(config.host);
+    let snapshot = snapshot::read(&dir, config.host).expect("read the snapshot");
+    let refused = UtilityVm::restore(open, &config, Instant::now(), snapshot, "other").err();
+    let refused = refused
+        .expect("a snapshot of other inputs restored")
+        .to_string();
+    assert!(refused.contains(&*dir.to_string_lossy()), "{refused}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// What the template test says its VMs were built from.
+const IDENTITY: &str = "tests/vm.rs: base layer, 128 MiB, 1 vCPU";

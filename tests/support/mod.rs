@@ -13,8 +13,20 @@ use std::time::Duration;
 /// a bzImage one (decompression emulated) longer.
 pub const HANG_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// `uvm`, booting cold: a test about the boot, the run protocol or the
+/// devices must not depend on a template an earlier test left. Tests of
+/// templates use [`uvm_templated`].
 pub fn uvm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_uvm"))
+    let mut uvm = Command::new(env!("CARGO_BIN_EXE_uvm"));
+    uvm.env("UVM_COLD", "1");
+    uvm
+}
+
+/// `uvm` as users run it, with its templates (and images) in `store`.
+pub fn uvm_templated(store: &std::path::Path) -> Command {
+    let mut uvm = Command::new(env!("CARGO_BIN_EXE_uvm"));
+    uvm.env_remove("UVM_COLD").env("UVM_STORE", store);
+    uvm
 }
 
 /// `target/guest/`, where `cargo xtask guest` puts the kernel and initrd.

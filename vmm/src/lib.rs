@@ -21,6 +21,9 @@ pub mod signals;
 #[cfg(target_os = "linux")]
 pub mod state;
 pub mod sys;
+// Snapshots of booted VMs that `uvm run` starts from.
+#[cfg(target_os = "linux")]
+pub mod template;
 #[cfg(unix)]
 pub mod terminal;
 pub mod vm;

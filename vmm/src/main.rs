@@ -10,6 +10,9 @@ mod commands;
 // The image store: flock, mkfs.ext4 and debugfs for layer conversion.
 #[cfg(target_os = "linux")]
 mod images;
+// `uvm template …`: the snapshots `uvm run` starts from.
+#[cfg(target_os = "linux")]
+mod templates;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -88,6 +91,10 @@ enum Command {
     /// how long each phase took, optionally side by side with QEMU microvm.
     #[cfg(target_os = "linux")]
     Bench(Box<bench::BenchArgs>),
+    /// Templates `uvm run` starts from: list, remove, prune.
+    #[cfg(target_os = "linux")]
+    #[command(subcommand)]
+    Template(templates::TemplateCommand),
     #[cfg(target_os = "linux")]
     #[command(flatten)]
     Operate(commands::Command),
@@ -148,6 +155,12 @@ struct RunArgs {
     /// No tools: `uvm console` cannot run anything in this VM.
     #[arg(long)]
     no_tools: bool,
+
+    /// Boot cold: neither restore nor save a template (a snapshot of a VM
+    /// booted from the same kernel, initrd, layers, memory and vCPUs,
+    /// which `uvm run` otherwise starts from, saving one on a first run).
+    #[arg(long, env = "UVM_COLD", value_parser = clap::builder::FalseyValueParser::new())]
+    cold: bool,
 
     /// Run the VMM's threads without their seccomp filters (for debugging;
     /// `UVM_SECCOMP=log` keeps them but only logs forbidden calls).
@@ -295,6 +308,8 @@ fn main() {
         #[cfg(target_os = "linux")]
         Command::Bench(args) => bench::run(*args),
         #[cfg(target_os = "linux")]
+        Command::Template(command) => templates::run(command),
+        #[cfg(target_os = "linux")]
         Command::Operate(command) => commands::run(command, cli.root),
     };
     let code = match result {
@@ -331,7 +346,7 @@ fn run(
             use vmm::sys::seccomp;
             seccomp::enable(seccomp::Mode::from_env()).context("compiling the seccomp filters")?;
         }
-        let launch = commands::Launch::new(root, args.name.clone(), args.detach)?;
+        let launch = commands::Launch::new(root, args.name.clone(), args.detach, args.cold)?;
         launch.run(&config, start, finish)
     }
     #[cfg(not(target_os = "linux"))]
@@ -580,6 +595,8 @@ fn timings_json(report: &Report, started_at: Option<Duration>) -> String {
         .zip(t.first_vcpu_entry)
         .map(|(a, e)| ms(a.saturating_sub(e)));
     serde_json::json!({
+        "boot": if t.restored { "template" } else { "cold" },
+        "template_save_ms": t.snapshot_saved.map(ms),
         "vmm_setup_ms": setup,
         "kernel_ms": kernel,
         "agent_started_ms": t.agent_started.map(ms),

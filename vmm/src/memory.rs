@@ -2,10 +2,9 @@
 
 use std::io;
 
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile,
-    VolatileMemoryError, WriteVolatile,
-};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+#[cfg(unix)]
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Devices (virtio-mmio, IOAPIC, LAPIC) live in [MMIO_START, 4 GiB).
 pub const MMIO_START: u64 = 0xc000_0000;
@@ -35,30 +34,64 @@ pub fn create(size: u64) -> std::io::Result<GuestMemory> {
     GuestMemory::from_ranges(&ram_ranges(size)).map_err(std::io::Error::other)
 }
 
-/// Writes every RAM region to `out` in address order: a memory image.
-pub fn save(mem: &GuestMemory, out: &mut impl WriteVolatile) -> io::Result<()> {
+/// Writes every RAM region to `out` in address order, a memory image of
+/// `size` bytes: pages of zeros are left as holes, so the file takes the
+/// disk (and, mapped, the page cache) of what the guest touched.
+#[cfg(unix)]
+pub fn save(mem: &GuestMemory, out: &std::fs::File) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut page = [0u8; PAGE];
+    let mut offset = 0u64;
     for region in mem.iter() {
         let slice = region.as_volatile_slice().map_err(io::Error::other)?;
-        out.write_all_volatile(&slice).map_err(io_error)?;
+        for at in (0..slice.len()).step_by(PAGE) {
+            let len = PAGE.min(slice.len() - at);
+            let read = slice.subslice(at, len).map_err(io::Error::other)?;
+            read.copy_to(&mut page[..len]);
+            // A slice comparison is a memcmp, fast in debug builds too.
+            if page[..len] != ZEROS[..len] {
+                out.write_all_at(&page[..len], offset + at as u64)?;
+            }
+        }
+        offset += slice.len() as u64;
     }
-    Ok(())
+    out.set_len(offset)
 }
 
-/// Fills every RAM region from `image`, as [`save`] wrote it; an image
-/// shorter than the RAM is an error.
-pub fn load(mem: &GuestMemory, image: &mut impl ReadVolatile) -> io::Result<()> {
-    for region in mem.iter() {
-        let mut slice = region.as_volatile_slice().map_err(io::Error::other)?;
-        image.read_exact_volatile(&mut slice).map_err(io_error)?;
-    }
-    Ok(())
-}
+const PAGE: usize = 4096;
+const ZEROS: [u8; PAGE] = [0; PAGE];
 
-fn io_error(e: VolatileMemoryError) -> io::Error {
-    match e {
-        VolatileMemoryError::IOError(e) => e,
-        e => io::Error::other(e),
+/// Guest RAM of `size` bytes backed by a memory image ([`save`]) mapped
+/// copy-on-write: VMs mapping one image share its pages in the page cache
+/// and each copies only what its guest writes. An image of another size is
+/// refused.
+#[cfg(unix)]
+pub fn map_private(image: std::fs::File, size: u64) -> io::Result<GuestMemory> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let len = image.metadata()?.len();
+    if len != size {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{len} bytes for {size} bytes of guest memory"),
+        ));
     }
+    let image = std::sync::Arc::new(image);
+    let mut offset = 0;
+    let mut regions = Vec::new();
+    for (start, len) in ram_ranges(size) {
+        let mapping = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::from_arc(image.clone(), offset))
+            .build()
+            .map_err(io::Error::other)?;
+        let region = GuestRegionMmap::new(mapping, start)
+            .ok_or_else(|| io::Error::other("guest memory region overflows"))?;
+        regions.push(region);
+        offset += len as u64;
+    }
+    GuestMemory::from_regions(regions).map_err(io::Error::other)
 }
 
 #[cfg(test)]
@@ -86,30 +119,36 @@ mod tests {
     }
 
     #[test]
-    fn an_image_restores_every_region_and_a_short_one_is_refused() {
-        // Two regions, as RAM past the MMIO hole has.
-        let ranges = [
-            (GuestAddress(0), 1 << 16),
-            (GuestAddress(FOUR_GIB), 1 << 16),
-        ];
-        let memory = || GuestMemory::from_ranges(&ranges).unwrap();
-        let saved = memory();
+    fn an_image_maps_back_copy_on_write_and_a_short_one_is_refused() {
+        let size = 1 << 20;
+        let saved = create(size).unwrap();
         saved.write_obj(0x5a5a_u16, GuestAddress(0x1000)).unwrap();
-        saved
-            .write_obj(0xa5a5_u16, GuestAddress(FOUR_GIB + 0x2000))
-            .unwrap();
-        let mut image = Vec::new();
-        save(&saved, &mut image).unwrap();
-        assert_eq!(image.len(), 2 << 16);
+        saved.write_obj(0xa5a5_u16, GuestAddress(0xf_2000)).unwrap();
+        let dir = std::env::temp_dir().join(format!("uvm-memory-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("memory");
+        let file = std::fs::File::create(&path).unwrap();
+        save(&saved, &file).unwrap();
+        drop(saved);
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.len(), size);
+        assert!(meta.blocks() * 512 < 64 << 10, "zero pages are holes");
 
-        let restored = memory();
-        load(&restored, &mut image.as_slice()).unwrap();
+        let open = || std::fs::File::open(&path).unwrap();
+        let restored = map_private(open(), size).unwrap();
         let low: u16 = restored.read_obj(GuestAddress(0x1000)).unwrap();
-        let high: u16 = restored.read_obj(GuestAddress(FOUR_GIB + 0x2000)).unwrap();
+        let high: u16 = restored.read_obj(GuestAddress(0xf_2000)).unwrap();
         assert_eq!((low, high), (0x5a5a, 0xa5a5));
+        // A guest's write stays its own.
+        restored
+            .write_obj(0x1111_u16, GuestAddress(0x1000))
+            .unwrap();
+        let again = map_private(open(), size).unwrap();
+        assert_eq!(again.read_obj::<u16>(GuestAddress(0x1000)).unwrap(), 0x5a5a);
 
-        let short = &image[..image.len() - 1];
-        let e = load(&memory(), &mut &short[..]).unwrap_err();
+        let e = map_private(open(), size + 4096).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

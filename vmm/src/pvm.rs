@@ -7,7 +7,9 @@
 use std::path::Path;
 
 /// Which kind of KVM host we run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum HostKind {
     /// Hardware virtualization (VMX/SVM): no guest changes.
     Hardware,

@@ -150,7 +150,9 @@ impl Launcher {
     }
 
     fn start_uvm(&self, kernel: &Path) -> anyhow::Result<RunningVm> {
-        let mut args: Vec<OsString> = vec!["run".into(), "--timings".into(), "--kernel".into()];
+        // Cold boots: what the series compares with QEMU's.
+        let mut args: Vec<OsString> = vec!["run".into(), "--cold".into(), "--timings".into()];
+        args.push("--kernel".into());
         args.push(kernel.into());
         args.extend(super::vm_flags(&self.vm));
         args.push("--".into());

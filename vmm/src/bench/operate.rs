@@ -40,7 +40,7 @@ fn measure(
     let runs: Vec<_> = (0..vms)
         .map(|i| {
             let mut run = uvm_at(&uvm, root);
-            run.args(["run", "-d", "--name", &name(i)])
+            run.args(["run", "--cold", "-d", "--name", &name(i)])
                 .args(vm_flags(vm));
             run.args(kernel(args)).arg("--").args(IDLE);
             run.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()

@@ -16,7 +16,10 @@ use vmm::state::control::Server;
 use vmm::state::log::LogWriter;
 use vmm::state::{Config, Instance, Root, StateFiles};
 use vmm::sys::{self, Stdio};
+use vmm::template::Prepared;
 use vmm::vm::{Report, UtilityVm, VmConfig};
+
+use crate::templates::templates;
 
 /// Set for the background uvm: `ID,LOCK_FD,READY_FD`.
 const DETACHED: &str = "UVM_DETACHED_VMM";
@@ -31,10 +34,17 @@ pub struct Launch {
     detach: bool,
     /// This process is the background VMM that a `run -d` started.
     vmm: Option<(String, RawFd, RawFd)>,
+    /// Neither restore nor save a template.
+    cold: bool,
 }
 
 impl Launch {
-    pub fn new(root: Option<PathBuf>, name: Option<String>, detach: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        root: Option<PathBuf>,
+        name: Option<String>,
+        detach: bool,
+        cold: bool,
+    ) -> anyhow::Result<Self> {
         let vmm = match std::env::var(DETACHED) {
             Ok(value) => {
                 std::env::remove_var(DETACHED);
@@ -47,6 +57,7 @@ impl Launch {
             name,
             detach,
             vmm,
+            cold,
         })
     }
 
@@ -60,7 +71,12 @@ impl Launch {
     ) -> anyhow::Result<i32> {
         let root = Root::open(&self.root)?;
         if let Some((id, lock, ready)) = &self.vmm {
-            return background_vmm(&root, id, *lock, *ready, config, start, finish);
+            let vmm = Vmm {
+                config,
+                start,
+                cold: self.cold,
+            };
+            return background_vmm(&root, id, *lock, *ready, &vmm, finish);
         }
         let summary = summary(config);
         let instance = root.create(self.name.as_deref(), summary, self.detach)?;
@@ -69,7 +85,12 @@ impl Launch {
         }
         let mut instance = instance;
         let stdio = Stdio::inherit().context("the process's stdio")?;
-        let report = serve(&mut instance, config, start, stdio, || {});
+        let vmm = Vmm {
+            config,
+            start,
+            cold: self.cold,
+        };
+        let report = serve(&mut instance, &vmm, stdio, || {});
         let removed = instance.remove();
         let code = finish(&report?);
         removed?;
@@ -107,16 +128,34 @@ fn summary(config: &VmConfig) -> Config {
     }
 }
 
+/// What the VMM runs, and how it starts.
+struct Vmm<'a> {
+    config: &'a VmConfig,
+    start: Instant,
+    cold: bool,
+}
+
 /// Runs the VM with its control socket served, recording when the
 /// container's process runs (and calling `started` then).
 fn serve(
     instance: &mut Instance,
-    config: &VmConfig,
-    start: Instant,
+    vmm: &Vmm,
     stdio: Stdio,
     started: impl FnOnce(),
 ) -> anyhow::Result<Report> {
-    let running = UtilityVm::build(|| sys::open_hypervisor(config), config, start)?.start(stdio)?;
+    let open = || sys::open_hypervisor(vmm.config);
+    let prepared = match templates() {
+        Some(templates) => templates.prepare(open, vmm.config, vmm.start, vmm.cold)?,
+        None => Prepared {
+            vm: UtilityVm::build(open, vmm.config, vmm.start)?,
+            save: None,
+            notice: None,
+        },
+    };
+    if let Some(notice) = &prepared.notice {
+        eprintln!("uvm: {notice}");
+    }
+    let mut running = prepared.vm.start(stdio)?;
     let server = match running.link().agent() {
         Some(agent) => Some(Server::start(
             &instance.socket(),
@@ -125,6 +164,14 @@ fn serve(
         )?),
         None => None,
     };
+    // The main thread saves the template before it confines itself: until
+    // then it only waits and writes files.
+    if let Some(save) = prepared.save {
+        running.resume();
+        if let Err(e) = save.save(&mut running) {
+            eprintln!("uvm: no template saved: {e}");
+        }
+    }
     running.release()?;
     if running.wait_started().is_ok() {
         instance.update(|record| record.set_running())?;
@@ -192,8 +239,7 @@ fn background_vmm(
     id: &str,
     lock: RawFd,
     ready: RawFd,
-    config: &VmConfig,
-    start: Instant,
+    vmm: &Vmm,
     finish: impl FnOnce(&Report) -> anyhow::Result<i32>,
 ) -> anyhow::Result<i32> {
     // SAFETY: the parent uvm made this pipe's write end for us alone.
@@ -210,7 +256,7 @@ fn background_vmm(
         stdout: Box::new(stdout),
         stderr: Box::new(stderr),
     };
-    let report = serve(&mut instance, config, start, stdio, move || {
+    let report = serve(&mut instance, vmm, stdio, move || {
         let _ = ready.write_all(STARTED);
     })?;
     let code = finish(&report);

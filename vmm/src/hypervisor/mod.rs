@@ -43,7 +43,7 @@ impl Error {
 }
 
 /// One CPUID leaf/subleaf as presented to the guest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuidEntry {
     pub function: u32,
     pub index: u32,

@@ -199,9 +199,30 @@ mod ioctl {
     const fn ior(ty: u64, nr: u64, size: u64) -> u64 {
         (2 << 30) | (size << 16) | (ty << 8) | nr
     }
+    const fn iowr(ty: u64, nr: u64, size: u64) -> u64 {
+        (3 << 30) | (size << 16) | (ty << 8) | nr
+    }
+    /// `_IOR(KVMIO, nr, T)`.
+    const fn kvm_get<T>(nr: u64) -> u64 {
+        ior(0xAE, nr, std::mem::size_of::<T>() as u64)
+    }
+    use kvm_bindings::*;
     pub const KVM_RUN: u64 = io(0xAE, 0x80);
-    /// `struct kvm_regs` is 144 bytes.
-    pub const KVM_GET_REGS: u64 = ior(0xAE, 0x81, 144);
+    pub const KVM_GET_REGS: u64 = kvm_get::<kvm_regs>(0x81);
+    /// What saving a vCPU reads besides its registers (hypervisor/kvm/state.rs).
+    pub const KVM_SAVE: &[u64] = &[
+        KVM_RUN,
+        KVM_GET_REGS,
+        io(0xAE, 0xa3), // KVM_GET_TSC_KHZ
+        kvm_get::<kvm_mp_state>(0x98),
+        kvm_get::<kvm_sregs>(0x83),
+        kvm_get::<kvm_xsave>(0xa4),
+        kvm_get::<kvm_xcrs>(0xa6),
+        kvm_get::<kvm_debugregs>(0xa1),
+        kvm_get::<kvm_lapic_state>(0x8e),
+        iowr(0xAE, 0x88, std::mem::size_of::<kvm_msrs>() as u64), // KVM_GET_MSRS
+        kvm_get::<kvm_vcpu_events>(0x9f),
+    ];
     pub const TCGETS: u64 = 0x5401;
     pub const TCSETS: u64 = 0x5402;
     pub const TIOCGWINSZ: u64 = 0x5413;
@@ -263,8 +284,9 @@ fn allowed(kind: ThreadKind) -> Vec<Group> {
         // the event thread.
         ThreadKind::Vcpu => vec![(
             &[SYS_ioctl][..],
-            // Running the vCPU; its registers for a fault's report.
-            Conditions::Ioctls(&[ioctl::KVM_RUN, ioctl::KVM_GET_REGS]),
+            // Running the vCPU; its registers for a fault's report, its
+            // whole state for a snapshot (read on its own thread).
+            Conditions::Ioctls(ioctl::KVM_SAVE),
         )],
         ThreadKind::Devices => vec![
             // The event loop and the vsock connection timer.
@@ -420,6 +442,21 @@ mod tests {
     fn ioctl_numbers_match_the_kernel_headers() {
         assert_eq!(ioctl::KVM_RUN, 0xae80);
         assert_eq!(ioctl::KVM_GET_REGS, 0x8090_ae81);
+        // From <linux/kvm.h> as the compiler computes them.
+        let save = [
+            0xae80,
+            0x8090_ae81,
+            0xaea3,
+            0x8004_ae98,
+            0x8138_ae83,
+            0x9000_aea4,
+            0x8188_aea6,
+            0x8080_aea1,
+            0x8400_ae8e,
+            0xc008_ae88,
+            0x8040_ae9f,
+        ];
+        assert_eq!(ioctl::KVM_SAVE, save);
         assert_eq!(ioctl::FIONBIO, libc::FIONBIO);
         assert_eq!(ioctl::TIOCGWINSZ, libc::TIOCGWINSZ);
     }

@@ -12,6 +12,8 @@
 
 pub(crate) mod board;
 pub mod layout;
+#[cfg(unix)]
+pub mod snapshot;
 pub mod threads;
 mod vcpu;
 
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 use devices::boot_timer::BootTimer;
 use devices::BusError;
 use guest::boot_mark;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, ReadVolatile, WriteVolatile};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 pub use self::board::DeviceState;
 use self::board::{pio_bus, Buses, DeviceEnv};
@@ -30,7 +32,7 @@ use self::layout::Layout;
 use self::threads::{Ending, RunGate, ThreadKind};
 use self::vcpu::Vcpus;
 use crate::console::Console;
-use crate::hypervisor::{self, Hypervisor, Stateful, Vcpu, Vm};
+use crate::hypervisor::{self, CpuidEntry, Hypervisor, Stateful, Vcpu, Vm};
 use crate::layer::{self, Layer};
 use crate::process::{Outcome, ProcessSpec};
 use crate::pvm::{self, HostKind};
@@ -75,7 +77,7 @@ impl VmConfig {
     }
 
     /// Every read-only image the VM maps: the layers, then the tools.
-    fn images(&self) -> impl Iterator<Item = &PathBuf> {
+    pub(crate) fn images(&self) -> impl Iterator<Item = &PathBuf> {
         self.layers.iter().chain(&self.tools)
     }
 }
@@ -122,6 +124,9 @@ pub enum Error {
     Unsupported(&'static str),
     #[error("guest memory image: {0}")]
     MemoryImage(std::io::Error),
+    #[cfg(unix)]
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
     #[error("saved device state: {0}")]
     DeviceState(String),
     #[error("pausing the VM: {0}")]
@@ -173,6 +178,10 @@ pub struct Report {
 /// the process's are the guest's boot marks.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Timings {
+    /// The guest came from a snapshot, not a cold boot.
+    pub restored: bool,
+    /// How long saving a snapshot of the VM took, if one was.
+    pub snapshot_saved: Option<Duration>,
     pub first_vcpu_entry: Option<Duration>,
     pub agent_started: Option<Duration>,
     pub agent_connected: Option<Duration>,
@@ -242,7 +251,20 @@ pub struct UtilityVm<H: Hypervisor> {
     boot_timer: Arc<Mutex<BootTimer>>,
     ending: Arc<Ending>,
     run_gate: Option<RunGate>,
+    /// Each vCPU's CPUID, as given to it.
+    cpuid: Vec<Vec<CpuidEntry>>,
+    host: HostKind,
+    restored: bool,
     start: Instant,
+}
+
+/// Where a VM's guest comes from.
+enum Guest {
+    /// The config's kernel and initrd, loaded into fresh RAM.
+    Boot,
+    /// A snapshot's memory image, mapped copy-on-write.
+    #[cfg(unix)]
+    Image(std::fs::File),
 }
 
 impl<H> UtilityVm<H>
@@ -256,6 +278,13 @@ where
     /// PVM hosts the first memory slot alone costs several milliseconds.
     /// Bad input is reported before any hypervisor error.
     pub fn build<F>(open: F, config: &VmConfig, start: Instant) -> Result<Self, Error>
+    where
+        F: FnOnce() -> hypervisor::Result<H> + Send,
+    {
+        Self::assemble(open, config, start, Guest::Boot)
+    }
+
+    fn assemble<F>(open: F, config: &VmConfig, start: Instant, guest: Guest) -> Result<Self, Error>
     where
         F: FnOnce() -> hypervisor::Result<H> + Send,
     {
@@ -275,17 +304,24 @@ where
         let tools = config.tools.is_some();
         let layout = Layout::new(sys::HAS_VSOCK, &lens, tools, scratch.is_some(), ram_size)?;
 
-        let mem = memory::create(ram_size).map_err(|source| Error::Memory {
+        let boots = matches!(guest, Guest::Boot);
+        let mem = match guest {
+            Guest::Boot => memory::create(ram_size),
+            #[cfg(unix)]
+            Guest::Image(file) => memory::map_private(file, ram_size),
+        };
+        let mem = mem.map_err(|source| Error::Memory {
             mib: config.memory_mib,
             source,
         })?;
         let (entry, created) = std::thread::scope(|s| {
             let created = s.spawn(|| create_vm(open, &mem, &layers, &layout));
             let cmdline = cmdline(config, &layout, &link);
-            let entry = boot::load(&mem, &config.kernel, &config.initrd, &cmdline, config.cpus);
+            let entry = boots
+                .then(|| boot::load(&mem, &config.kernel, &config.initrd, &cmdline, config.cpus));
             (entry, created.join())
         });
-        let entry = entry?;
+        let entry = entry.transpose()?;
         let (hypervisor, vm) = created.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         tracing::debug!(at = ?start.elapsed(), "guest loaded, VM created");
 
@@ -314,13 +350,16 @@ where
 
         let supported = hypervisor.supported_cpuid()?;
         let mut vcpus = Vec::with_capacity(config.cpus.into());
+        let mut cpuids = Vec::with_capacity(config.cpus.into());
         for id in 0..config.cpus {
             let mut vcpu = vm.create_vcpu(id)?;
-            vcpu.init(&cpuid::for_vcpu(&supported, id, config.cpus))?;
-            if id == 0 {
-                vcpu.set_entry_state(&entry)?;
+            let cpuid = cpuid::for_vcpu(&supported, id, config.cpus);
+            vcpu.init(&cpuid)?;
+            if let (0, Some(entry)) = (id, &entry) {
+                vcpu.set_entry_state(entry)?;
             }
             vcpus.push(vcpu);
+            cpuids.push(cpuid);
         }
         tracing::debug!(at = ?start.elapsed(), "vCPUs configured");
         Ok(Self {
@@ -336,6 +375,9 @@ where
             boot_timer,
             ending,
             run_gate: None,
+            cpuid: cpuids,
+            host: config.host,
+            restored: false,
             start,
         })
     }
@@ -369,6 +411,10 @@ where
             boot_timer: self.boot_timer,
             ending: self.ending,
             run_gate: self.run_gate,
+            cpuid: self.cpuid,
+            host: self.host,
+            restored: self.restored,
+            saved_in: None,
             entered: Arc::default(),
             start: self.start,
             guest_memory,
@@ -393,32 +439,55 @@ where
 
 impl<H> UtilityVm<H>
 where
-    H: Hypervisor,
+    H: Hypervisor + Send,
+    H::Vm: Send,
     H::Vm: Stateful,
     VcpuOf<H>: Stateful,
 {
-    /// Makes this VM, built from the config of a saved one, go on where
-    /// that one stopped: its RAM from `memory` (as [`Running::save_memory`]
-    /// wrote it), then the VM's state and each vCPU's (KVM's order:
-    /// interrupt controllers and clock before the vCPUs' LAPICs), then the
-    /// devices, whose first interrupts (the vsock reset) need all of those.
-    pub fn restore(
-        &mut self,
-        cpus: &CpuState<H>,
-        devices: &DeviceState,
-        memory: &mut impl ReadVolatile,
-    ) -> Result<(), Error> {
-        if cpus.vcpus.len() != self.vcpus.len() {
-            return Err(Error::Unsupported(
-                "the saved CPU state is for another number of vCPUs",
-            ));
+    /// Builds `config`'s VM from `snapshot`, taken of a VM whose config
+    /// had the same `identity` (what [`Running::save`] was given): its RAM
+    /// is the snapshot's memory image, mapped copy-on-write; then the VM's
+    /// state and each vCPU's (KVM's order: interrupt controllers and clock
+    /// before the vCPUs' LAPICs), then the devices, whose first interrupts
+    /// (the vsock reset) need all of those.
+    #[cfg(unix)]
+    pub fn restore<F>(
+        open: F,
+        config: &VmConfig,
+        start: Instant,
+        snapshot: snapshot::Snapshot<H>,
+        identity: &str,
+    ) -> Result<Self, Error>
+    where
+        F: FnOnce() -> hypervisor::Result<H> + Send,
+    {
+        let snapshot::Snapshot { state, memory, dir } = snapshot;
+        let refuse = |reason: String| snapshot::Error::Invalid {
+            path: dir.clone(),
+            reason,
+        };
+        if state.identity != identity {
+            return Err(refuse(
+                "taken of a VM with other inputs (kernel, initrd, layers, memory, vCPUs or flags)"
+                    .into(),
+            )
+            .into());
         }
-        memory::load(&self.mem, memory).map_err(Error::MemoryImage)?;
-        self.vm.restore_state(&cpus.vm)?;
-        for (vcpu, state) in self.vcpus.iter_mut().zip(&cpus.vcpus) {
+        let mut vm = Self::assemble(open, config, start, Guest::Image(memory))?;
+        if let Some(difference) = snapshot::cpuid_difference(&state.cpuid, &vm.cpuid) {
+            return Err(refuse(difference).into());
+        }
+        let (cpus, devices) = state.cpus();
+        if cpus.vcpus.len() != vm.vcpus.len() {
+            return Err(refuse("saved for another number of vCPUs".into()).into());
+        }
+        vm.vm.restore_state(&cpus.vm)?;
+        for (vcpu, state) in vm.vcpus.iter_mut().zip(&cpus.vcpus) {
             vcpu.restore_state(state)?;
         }
-        self.buses.restore(devices)
+        vm.buses.restore(&devices)?;
+        vm.restored = true;
+        Ok(vm)
     }
 }
 
@@ -433,7 +502,8 @@ where
     pub vm: <H::Vm as Stateful>::State,
 }
 
-type VcpuOf<H> = <<H as Hypervisor>::Vm as Vm>::Vcpu;
+/// A hypervisor's vCPU type.
+pub type VcpuOf<H> = <<H as Hypervisor>::Vm as Vm>::Vcpu;
 
 /// A running VM. Dropping it shuts it down.
 pub struct Running<H: Hypervisor> {
@@ -451,6 +521,10 @@ pub struct Running<H: Hypervisor> {
     boot_timer: Arc<Mutex<BootTimer>>,
     ending: Arc<Ending>,
     run_gate: Option<RunGate>,
+    cpuid: Vec<Vec<CpuidEntry>>,
+    host: HostKind,
+    restored: bool,
+    saved_in: Option<Duration>,
     entered: Arc<OnceLock<Instant>>,
     start: Instant,
     guest_memory: Vec<(u64, u64)>,
@@ -511,20 +585,11 @@ impl<H: Hypervisor> Running<H> {
         self.ending.wait_for(|| self.link.process_started())
     }
 
-    /// The paused VM's device state ([`Self::pause`]). The event thread
-    /// still serves the host side: take it while the guest's streams are
-    /// quiet.
-    pub fn save_devices(&self) -> DeviceState {
+    fn save_devices(&self) -> DeviceState {
         self.buses
             .as_ref()
             .expect("a running VM has its buses")
             .save()
-    }
-
-    /// Writes the paused VM's RAM ([`Self::pause`]) to `out`.
-    pub fn save_memory(&self, out: &mut impl WriteVolatile) -> Result<(), Error> {
-        let mem = self.mem.as_ref().expect("a running VM has its memory");
-        memory::save(mem, out).map_err(Error::MemoryImage)
     }
 
     /// Where the VM's parts report its end: a handle to end it from outside.
@@ -551,6 +616,8 @@ impl<H: Hypervisor> Running<H> {
         // Set by now: `stop` ends the VM if nothing else had.
         let exit = self.ending.wait();
         let timings = Timings {
+            restored: self.restored,
+            snapshot_saved: self.saved_in,
             first_vcpu_entry: since_start(self.entered.get().copied()),
             agent_started: mark(boot_mark::AGENT_STARTED),
             agent_connected: since_start(self.link.agent_connected()),
@@ -610,6 +677,31 @@ where
             vcpus: saved.into_iter().collect::<Result<_, _>>()?,
             vm: vm.save_state()?,
         })
+    }
+
+    /// Saves the paused VM ([`Self::pause`]) into `dir`, an empty
+    /// directory, as a snapshot of a VM built from a config whose identity
+    /// is `identity`. Take it while the guest's streams are quiet: the
+    /// event thread still serves the host side.
+    #[cfg(unix)]
+    pub fn save(&mut self, dir: &std::path::Path, identity: &str) -> Result<(), Error> {
+        let began = Instant::now();
+        let cpus = self.save_cpus()?;
+        let state = snapshot::State::<H> {
+            identity: identity.to_string(),
+            memory_bytes: self
+                .mem
+                .as_ref()
+                .map_or(0, |m| m.iter().map(|r| r.len()).sum()),
+            cpuid: self.cpuid.clone(),
+            vcpus: cpus.vcpus,
+            vm: cpus.vm,
+            devices: self.save_devices(),
+        };
+        let mem = self.mem.as_ref().expect("a running VM has its memory");
+        snapshot::write(dir, self.host, &state, |file| memory::save(mem, file))?;
+        self.saved_in = Some(began.elapsed());
+        Ok(())
     }
 }
 
