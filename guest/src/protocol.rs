@@ -254,26 +254,49 @@ pub fn receive(r: &mut impl Read) -> io::Result<Option<Frame>> {
 /// vsock (the agent then runs it on the console, with no host connection).
 pub const CMDLINE_RUN: &str = "uvm.run=";
 
+/// Kernel command-line parameter that carries the [`Root`] the VM's runs
+/// use, for the agent to assemble before it connects (so that a template
+/// taken then has it).
+pub const CMDLINE_ROOT: &str = "uvm.root=";
+
 /// `uvm.run=<hex of the JSON of run>`: hex, because the kernel splits its
 /// command line on spaces and quotes.
 pub fn to_cmdline(run: &Run) -> String {
-    let json = serde_json::to_vec(run).expect("a Run always serializes");
-    let hex: String = json.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{CMDLINE_RUN}{hex}")
+    encode(CMDLINE_RUN, run)
 }
 
 /// The [`Run`] in a kernel command line, if it carries one.
 pub fn from_cmdline(cmdline: &str) -> io::Result<Option<Run>> {
+    decode(CMDLINE_RUN, cmdline)
+}
+
+/// `uvm.root=<hex of the JSON of root>`.
+pub fn root_to_cmdline(root: &Root) -> String {
+    encode(CMDLINE_ROOT, root)
+}
+
+/// The [`Root`] in a kernel command line, if it carries one.
+pub fn root_from_cmdline(cmdline: &str) -> io::Result<Option<Root>> {
+    decode(CMDLINE_ROOT, cmdline)
+}
+
+fn encode(parameter: &str, value: &impl Serialize) -> String {
+    let json = serde_json::to_vec(value).expect("protocol values always serialize");
+    let hex: String = json.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{parameter}{hex}")
+}
+
+fn decode<T: DeserializeOwned>(parameter: &str, cmdline: &str) -> io::Result<Option<T>> {
     let Some(hex) = cmdline
         .split_ascii_whitespace()
-        .find_map(|arg| arg.strip_prefix(CMDLINE_RUN))
+        .find_map(|arg| arg.strip_prefix(parameter))
     else {
         return Ok(None);
     };
     let digit = |i: usize| {
         hex.get(i..i + 2)
             .and_then(|d| u8::from_str_radix(d, 16).ok())
-            .ok_or_else(|| invalid(format!("{CMDLINE_RUN}: bad hex at {i}")))
+            .ok_or_else(|| invalid(format!("{parameter}: bad hex at {i}")))
     };
     let json = (0..hex.len())
         .step_by(2)
@@ -281,7 +304,7 @@ pub fn from_cmdline(cmdline: &str) -> io::Result<Option<Run>> {
         .collect::<io::Result<Vec<u8>>>()?;
     serde_json::from_slice(&json)
         .map(Some)
-        .map_err(|e| invalid(format!("{CMDLINE_RUN}: {e}")))
+        .map_err(|e| invalid(format!("{parameter}: {e}")))
 }
 
 fn invalid(message: String) -> io::Error {
@@ -377,11 +400,22 @@ mod tests {
         let arg = to_cmdline(&run);
         assert!(!arg.contains([' ', '"', '\'']));
         let cmdline = format!("console=ttyS0 {arg} quiet");
-        assert_eq!(from_cmdline(&cmdline).unwrap(), Some(run));
+        assert_eq!(from_cmdline(&cmdline).unwrap(), Some(run.clone()));
         assert_eq!(from_cmdline("console=ttyS0 quiet").unwrap(), None);
         assert!(from_cmdline("uvm.run=7b2").is_err());
         assert!(from_cmdline("uvm.run=zz").is_err());
         assert!(from_cmdline("uvm.run=7b7d").is_err()); // `{}`: no argv
+
+        let root = Root {
+            layers: 3,
+            dax: true,
+            ..Root::default()
+        };
+        let both = format!("{cmdline} {}", root_to_cmdline(&root));
+        assert_eq!(root_from_cmdline(&both).unwrap(), Some(root));
+        assert_eq!(from_cmdline(&both).unwrap().map(|r| r.root), Some(run.root));
+        assert_eq!(root_from_cmdline(&cmdline).unwrap(), None);
+        assert!(root_from_cmdline("uvm.root=7b").is_err());
     }
 
     #[test]

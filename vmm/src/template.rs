@@ -181,10 +181,11 @@ impl Templates {
             None => "none".into(),
         };
         let mut identity = format!(
-            "uvm {}\nhost {:?}\nflags {}\nmemory {} MiB\ncpus {}\ncid {}\nscratch {scratch}\n",
+            "uvm {}\nhost {:?}\nflags {} {}\nmemory {} MiB\ncpus {}\ncid {}\nscratch {scratch}\n",
             env!("CARGO_PKG_VERSION"),
             config.host,
             vm::guest_flags(config),
+            vm::root_entry(config).unwrap_or_default(),
             config.memory_mib,
             config.cpus,
             config.vsock.guest_cid,

@@ -49,6 +49,9 @@ fn start() -> io::Result<()> {
     if let Some(run) = protocol::from_cmdline(&cmdline)? {
         return supervisor::run_standalone(&run);
     }
+    // Before connecting: a template taken once the agent is connected has
+    // the root assembled.
+    let prepared = protocol::root_from_cmdline(&cmdline)?.map(root::prepare);
     let mut restored = false;
     let (control, frame) = loop {
         let mut control = vsock::connect(CONTROL_PORT)?;
@@ -68,7 +71,7 @@ fn start() -> io::Result<()> {
     if restored {
         restore::refresh(&run.fresh)?;
     }
-    supervisor::serve(control, run, frame.id)
+    supervisor::serve(control, run, frame.id, prepared)
 }
 
 #[cfg(target_os = "linux")]

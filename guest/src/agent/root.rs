@@ -21,16 +21,60 @@ const ROOT_C: &CStr = c"/rootfs";
 /// The writable layer: upper and work directories of the overlay.
 const SCRATCH: &CStr = c"/scratch";
 
+/// What the agent assembled of the VM's container root at boot, before it
+/// connected: all of it, or the layers alone when the writable layer is
+/// the scratch disk (whose content is the run's own).
+pub enum Prepared {
+    Whole(Root),
+    Layers(Root),
+    Failed(String),
+}
+
+/// Assembles as much of `root` as every run of this VM shares.
+pub fn prepare(root: Root) -> Prepared {
+    let prepared = match root.scratch {
+        true => mount_layers(root).map(|()| Prepared::Layers(root)),
+        false => assemble(root).map(|()| Prepared::Whole(root)),
+    };
+    prepared.unwrap_or_else(|e| Prepared::Failed(e.to_string()))
+}
+
+/// Assembles `root` for a run, with what was `prepared` at boot.
+pub fn assemble_prepared(root: Root, prepared: Option<&Prepared>) -> io::Result<()> {
+    match prepared {
+        None => assemble(root),
+        Some(Prepared::Whole(done)) if *done == root => Ok(()),
+        Some(Prepared::Layers(done)) if *done == root => stack(root),
+        Some(Prepared::Failed(e)) => Err(io::Error::other(e.clone())),
+        Some(_) => Err(io::Error::other(
+            "the run asks for another root than the VM was booted for",
+        )),
+    }
+}
+
 /// Mounts the layers and the overlay at [`ROOT`].
-pub fn assemble(root: Root) -> io::Result<()> {
-    let mut lower = Vec::new();
+fn assemble(root: Root) -> io::Result<()> {
+    mount_layers(root)?;
+    stack(root)
+}
+
+fn layer_dir(index: u32) -> String {
+    format!("/layers/{index}")
+}
+
+fn mount_layers(root: Root) -> io::Result<()> {
     for index in 0..root.layers {
-        let target = format!("/layers/{index}");
+        let target = layer_dir(index);
         std::fs::create_dir_all(&target)?;
         mount_layer(index, &target, root)?;
-        lower.push(target);
     }
-    lower.reverse(); // overlayfs lists the top layer first
+    Ok(())
+}
+
+/// The writable layer and the overlay over the mounted layers.
+fn stack(root: Root) -> io::Result<()> {
+    // overlayfs lists the top layer first
+    let lower: Vec<String> = (0..root.layers).rev().map(layer_dir).collect();
     std::fs::create_dir_all("/scratch")?;
     if root.scratch {
         let disk = cstring(disk(disk_serial::SCRATCH)?)?;

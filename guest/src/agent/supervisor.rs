@@ -10,7 +10,7 @@ use guest::boot_mark;
 use guest::protocol::{self, Exec, Failed, Message, Resize, Run, Signal, Started};
 
 use crate::process::{self, Child, Place, Streams};
-use crate::root::{self, Container};
+use crate::root::{self, Container, Prepared};
 use crate::{check, write_boot_mark};
 
 /// After a forwarded signal a process gets this long to end before it is
@@ -48,7 +48,7 @@ pub struct Supervisor {
 
 /// Runs `run` (request `id`) and the host's further requests until the
 /// main process ends, then reports it. An error ends the agent.
-pub fn serve(control: File, run: Run, id: u64) -> io::Result<()> {
+pub fn serve(control: File, run: Run, id: u64, prepared: Option<Prepared>) -> io::Result<()> {
     let streams = Streams::connect(&run.process)?;
     let mut supervisor = Supervisor {
         control,
@@ -62,7 +62,7 @@ pub fn serve(control: File, run: Run, id: u64) -> io::Result<()> {
         tools_mounted: false,
         own_pid_ns: File::open("/proc/self/ns/pid")?.into(),
     };
-    match supervisor.start_main(&run, streams) {
+    match supervisor.start_main(&run, streams, prepared.as_ref()) {
         Ok(pid) => {
             write_boot_mark(boot_mark::PROCESS_STARTED);
             supervisor.send(id, &Started { pid })?;
@@ -82,7 +82,7 @@ pub fn serve(control: File, run: Run, id: u64) -> io::Result<()> {
 pub fn run_standalone(run: &Run) -> io::Result<()> {
     let started = Streams::console()
         .map_err(|e| process::failure(&run.process, &e))
-        .and_then(|streams| start_main_process(run, streams));
+        .and_then(|streams| start_main_process(run, streams, None));
     let status = match started {
         Ok(child) => {
             write_boot_mark(boot_mark::PROCESS_STARTED);
@@ -101,7 +101,11 @@ pub fn run_standalone(run: &Run) -> io::Result<()> {
 
 /// Assembles the container root, if the request has one, and starts the
 /// main process as PID 1 of a PID namespace of its own.
-fn start_main_process(run: &Run, streams: Streams) -> Result<Child, Failed> {
+fn start_main_process(
+    run: &Run,
+    streams: Streams,
+    prepared: Option<&Prepared>,
+) -> Result<Child, Failed> {
     let Some(root) = run.root else {
         return process::start(&run.process, Place::Vm, streams);
     };
@@ -109,7 +113,8 @@ fn start_main_process(run: &Run, streams: Streams) -> Result<Child, Failed> {
         message: format!("{what}: {e}"),
         exit_code: 125,
     };
-    root::assemble(root).map_err(|e| failed("assembling the container root", e))?;
+    root::assemble_prepared(root, prepared)
+        .map_err(|e| failed("assembling the container root", e))?;
     // SAFETY: plain system call without pointers; it applies to the
     // agent's children from now on.
     check(unsafe { libc::unshare(libc::CLONE_NEWPID) })
@@ -118,8 +123,13 @@ fn start_main_process(run: &Run, streams: Streams) -> Result<Child, Failed> {
 }
 
 impl Supervisor {
-    fn start_main(&mut self, run: &Run, streams: Streams) -> Result<libc::pid_t, Failed> {
-        let child = start_main_process(run, streams)?;
+    fn start_main(
+        &mut self,
+        run: &Run,
+        streams: Streams,
+        prepared: Option<&Prepared>,
+    ) -> Result<libc::pid_t, Failed> {
+        let child = start_main_process(run, streams, prepared)?;
         let pid = child.pid;
         if run.root.is_some() {
             self.container = Some(Container { pid });

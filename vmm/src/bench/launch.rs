@@ -33,7 +33,11 @@ const MAX_QEMU_CMDLINE: usize = 2048 - 512;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Vmm {
+    /// uvm booting cold.
     Uvm,
+    /// uvm restoring its template.
+    #[serde(rename = "uvm-template")]
+    UvmTemplate,
     Qemu,
 }
 
@@ -41,6 +45,7 @@ impl std::fmt::Display for Vmm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Vmm::Uvm => "uvm",
+            Vmm::UvmTemplate => "uvm-template",
             Vmm::Qemu => "qemu",
         })
     }
@@ -83,6 +88,17 @@ pub struct Launcher {
     host: HostKind,
     /// Names the marks sockets of QEMU VMs apart.
     next_socket: AtomicU64,
+    /// The store of the template series' template (the bench's own).
+    templates: Templates,
+}
+
+/// A store of the bench's own, removed with it.
+struct Templates(PathBuf);
+
+impl Drop for Templates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Launcher {
@@ -96,6 +112,9 @@ impl Launcher {
             vm,
             command,
             next_socket: AtomicU64::new(0),
+            templates: Templates(
+                std::env::temp_dir().join(format!("uvm-bench-store-{}", std::process::id())),
+            ),
         };
         if let Some(qemu) = &launcher.qemu {
             check_qemu(qemu)?;
@@ -144,14 +163,17 @@ impl Launcher {
 
     fn start(&self, vmm: Vmm, kernel: &Path) -> anyhow::Result<RunningVm> {
         match vmm {
-            Vmm::Uvm => self.start_uvm(kernel),
+            Vmm::Uvm => self.start_uvm(kernel, false),
+            Vmm::UvmTemplate => self.start_uvm(kernel, true),
             Vmm::Qemu => self.start_qemu(kernel),
         }
     }
 
-    fn start_uvm(&self, kernel: &Path) -> anyhow::Result<RunningVm> {
-        // Cold boots: what the series compares with QEMU's.
-        let mut args: Vec<OsString> = vec!["run".into(), "--cold".into(), "--timings".into()];
+    fn start_uvm(&self, kernel: &Path, template: bool) -> anyhow::Result<RunningVm> {
+        let mut args: Vec<OsString> = vec!["run".into(), "--timings".into()];
+        if !template {
+            args.push("--cold".into());
+        }
         args.push("--kernel".into());
         args.push(kernel.into());
         args.extend(super::vm_flags(&self.vm));
@@ -159,7 +181,10 @@ impl Launcher {
         args.extend(self.command.iter().map(OsString::from));
         let mut cmd = Command::new(&self.uvm);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
-        RunningVm::spawn(Vmm::Uvm, cmd, None)
+        cmd.env("UVM_STORE", &self.templates.0)
+            .env_remove("UVM_COLD");
+        let vmm = if template { Vmm::UvmTemplate } else { Vmm::Uvm };
+        RunningVm::spawn(vmm, cmd, None)
     }
 
     fn start_qemu(&self, kernel: &Path) -> anyhow::Result<RunningVm> {
@@ -447,9 +472,14 @@ fn uvm_sample(
             .map(|at| at + offset)
             .with_context(|| format!("the guest never reported {key}{tail}"))
     };
+    // A restored agent does not start again: it is ready once reconnected.
+    let ready = match t.get("boot").and_then(serde_json::Value::as_str) {
+        Some("template") => "agent_connected_ms",
+        _ => "agent_started_ms",
+    };
     Ok(Sample {
         vmm_setup_ms: get("vmm_setup_ms").map(|at| at + offset),
-        ready_ms: mark("agent_started_ms")?,
+        ready_ms: mark(ready)?,
         process_started_ms: mark("process_started_ms")?,
         process_exited_ms: mark("process_exited_ms")?,
         total_ms: 0.0,

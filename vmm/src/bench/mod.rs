@@ -47,6 +47,11 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_name = "VMM")]
     against: Option<Peer>,
 
+    /// A series of uvm runs restored from a template (saved by one run
+    /// before the series, not counted), beside the cold ones.
+    #[arg(long)]
+    template: bool,
+
     /// The QEMU binary for `--against qemu`.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -177,14 +182,23 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Results> {
     for kernel in &kernels {
         check_file(kernel, "kernel")?;
     }
-    let peers = std::iter::once(Vmm::Uvm).chain(args.against.map(|Peer::Qemu| Vmm::Qemu));
-    let peers: Vec<Vmm> = peers.collect();
+    let template = args.template.then_some(Vmm::UvmTemplate);
+    let peers = std::iter::once(Vmm::Uvm).chain(template);
+    let peers: Vec<Vmm> = peers
+        .chain(args.against.map(|Peer::Qemu| Vmm::Qemu))
+        .collect();
     let series = kernels
         .iter()
         .flat_map(|kernel| peers.iter().map(|&vmm| Series::new(vmm, kernel)));
     let mut series = Results::labelled(series.collect());
     let rounds = args.warmup + args.runs;
     let progress = progress_bar(u64::from(rounds) * series.len() as u64);
+    for s in series.iter().filter(|s| s.vmm == Vmm::UvmTemplate) {
+        progress.set_message(format!("{} (saving the template)", s.name));
+        launcher
+            .batch(s.vmm, &s.kernel, 1)
+            .with_context(|| format!("{}: the run that saves the template", s.name))?;
+    }
     for round in 0..rounds {
         let mut order: Vec<usize> = (0..series.len()).collect();
         if round % 2 == 1 {

@@ -235,7 +235,8 @@ impl Results {
         )
     }
 
-    /// (uvm, qemu) series indices per kernel booted by both.
+    /// (uvm, qemu) series indices per kernel booted by both (uvm cold and
+    /// from its template).
     fn pairs(&self) -> Vec<(usize, usize)> {
         let find = |vmm: Vmm, kernel: &Path| {
             self.series
@@ -246,7 +247,7 @@ impl Results {
             .series
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.vmm == Vmm::Uvm);
+            .filter(|(_, s)| s.vmm != Vmm::Qemu);
         uvm.filter_map(|(i, s)| Some((i, find(Vmm::Qemu, &s.kernel)?)))
             .collect()
     }
@@ -297,8 +298,8 @@ impl Results {
 }
 
 fn ratio_title(uvm: &Series) -> String {
-    let kernel = uvm.name.strip_prefix("uvm ").unwrap_or(&uvm.name);
-    format!("uvm/qemu {kernel}")
+    let (vmm, kernel) = uvm.name.split_once(' ').unwrap_or(("uvm", &uvm.name));
+    format!("{vmm}/qemu {kernel}")
 }
 
 struct Change {

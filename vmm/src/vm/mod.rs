@@ -199,10 +199,18 @@ fn cmdline(config: &VmConfig, layout: &Layout, link: &AgentLink) -> String {
     let flags = uvm_flags(config).into_iter().map(str::to_string);
     flags
         .chain(layout.cmdline_entries())
+        .chain(root_entry(config))
         .chain(link.cmdline_request())
         .chain(config.extra_cmdline.clone())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The container root every run of the VM uses, for the agent to assemble
+/// at boot (`uvm.root=`).
+pub fn root_entry(config: &VmConfig) -> Option<String> {
+    let root = config.process.as_ref()?.root?;
+    Some(guest::protocol::root_to_cmdline(&root))
 }
 
 /// The command line without device entries: what another VMM passes to
@@ -778,5 +786,28 @@ mod tests {
         let pvm = guest_flags(&self::tests::config(true, HostKind::Pvm));
         assert!(pvm.starts_with(BASE_CMDLINE) && pvm.ends_with("pvm_host foo=bar"));
         assert!(!pvm.contains("quiet") && !pvm.contains("virtio"));
+    }
+
+    #[test]
+    fn the_root_every_run_uses_travels_on_the_command_line() {
+        let mut config = config(false, HostKind::Hardware);
+        let layout = Layout::new(true, &[2 << 20], false, true, 128 << 20).unwrap();
+        let link = AgentLink::new(&config).unwrap();
+        assert!(!cmdline(&config, &layout, &link).contains("uvm.root="));
+        let root = guest::protocol::Root {
+            layers: 1,
+            dax: true,
+            scratch: true,
+            ..Default::default()
+        };
+        config.process = Some(ProcessSpec {
+            argv: vec!["/bin/true".into()],
+            root: Some(root),
+            ..ProcessSpec::default()
+        });
+        let line = cmdline(&config, &layout, &link);
+        let found = guest::protocol::root_from_cmdline(&line).unwrap();
+        assert_eq!(found, Some(root));
+        assert!(line.ends_with(" foo=bar"), "the user's flags stay last");
     }
 }
