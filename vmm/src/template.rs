@@ -131,7 +131,10 @@ impl Templates {
         if cold || config.process.is_none() {
             return cold_vm(None, None);
         }
-        let (identity, inputs) = self.identity(config)?;
+        // An input that cannot be read is the cold build's to report.
+        let Ok((identity, inputs)) = self.identity(config) else {
+            return cold_vm(None, None);
+        };
         let key = sha256(identity.as_bytes());
         let dir = self.dir.join(&key);
         let pending = Pending {
@@ -141,6 +144,9 @@ impl Templates {
             inputs,
         };
         if !dir.join(INPUTS).exists() {
+            // Templates appear whole, by rename: a directory without its
+            // inputs was never one.
+            remove_dir(&dir)?;
             return cold_vm(Some(pending), None);
         }
         let restored = snapshot::read(&dir, config.host)
@@ -152,6 +158,9 @@ impl Templates {
                 save: None,
                 notice: None,
             }),
+            // The run's own inputs (its scratch disk in use, a socket path)
+            // would fail a cold boot the same way.
+            Err(e) if !unusable(&e) => Err(e.into()),
             Err(e) => {
                 // Unusable: the cold run saves a good one in its place.
                 remove_dir(&dir)?;
@@ -336,6 +345,19 @@ impl Pending {
         }
         placed
     }
+}
+
+/// Whether a restore failed because of the template (its files, or state
+/// this host cannot take), not because of the run's own inputs.
+fn unusable(e: &vm::Error) -> bool {
+    !matches!(
+        e,
+        vm::Error::Layer(_)
+            | vm::Error::Scratch(_)
+            | vm::Error::VsockSocket { .. }
+            | vm::Error::ControlSocket { .. }
+            | vm::Error::Thread(_)
+    )
 }
 
 /// The first 12 hex digits of a key: how `uvm template ls` shows it.

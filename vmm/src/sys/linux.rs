@@ -80,7 +80,68 @@ pub struct DeviceLoop {
     manager: EventManager<Subscriber>,
     stop: EventFd,
     stopped: Arc<AtomicBool>,
+    park: (EventFd, Arc<Park>),
 }
+
+/// Parks the event thread between two dispatches while a snapshot is
+/// taken, so that no device touches guest memory or its queues meanwhile.
+#[derive(Default)]
+struct Park {
+    state: Mutex<Parking>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Parking {
+    #[default]
+    Running,
+    Asked,
+    Parked,
+}
+
+/// The event thread's side of [`Park`]: it parks when its event comes.
+struct Parker {
+    event: EventFd,
+    park: Arc<Park>,
+}
+
+impl MutEventSubscriber for Parker {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.event, event_manager::EventSet::IN)) {
+            tracing::error!("event loop: watching the park event: {e}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.event.read();
+        let mut state = crate::lock(&self.park.state);
+        if *state != Parking::Asked {
+            return;
+        }
+        *state = Parking::Parked;
+        self.park.changed.notify_all();
+        while *state == Parking::Parked {
+            state = self
+                .park
+                .changed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// The event thread parked ([`RunningLoop::park`]) until this goes.
+pub struct Parked<'a>(&'a Park);
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        *crate::lock(&self.0.state) = Parking::Running;
+        self.0.changed.notify_all();
+    }
+}
+
+/// How long a park waits for the event thread to finish what it serves.
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Ends the loop when its event is written.
 struct Stopper {
@@ -113,10 +174,18 @@ impl DeviceLoop {
             stopped: stopped.clone(),
         };
         manager.add_subscriber(Arc::new(Mutex::new(stopper)));
+        let park = Arc::new(Park::default());
+        let parker = Parker {
+            event: EventFd::new(EFD_NONBLOCK).map_err(Error::Devices)?,
+            park: park.clone(),
+        };
+        let park_event = parker.event.try_clone().map_err(Error::Devices)?;
+        manager.add_subscriber(Arc::new(Mutex::new(parker)));
         Ok(Self {
             manager,
             stop,
             stopped,
+            park: (park_event, park),
         })
     }
 
@@ -131,6 +200,7 @@ impl DeviceLoop {
             mut manager,
             stop,
             stopped,
+            park,
         } = self;
         let worker = Worker::spawn("events", ThreadKind::Devices, ending, move || {
             while !stopped.load(Ordering::SeqCst) {
@@ -140,17 +210,41 @@ impl DeviceLoop {
             }
             None
         })?;
-        Ok(RunningLoop { stop, worker })
+        Ok(RunningLoop { stop, park, worker })
     }
 }
 
 /// The event thread; its devices go with it.
 pub struct RunningLoop {
     stop: EventFd,
+    park: (EventFd, Arc<Park>),
     worker: Worker,
 }
 
 impl RunningLoop {
+    /// Parks the event thread once it has served what it is serving, until
+    /// the returned guard goes. A thread that does not park within
+    /// [`PARK_TIMEOUT`] (it ended, or a device is stuck) is an error.
+    pub fn park(&self) -> Result<Parked<'_>, Error> {
+        let (event, park) = (&self.park.0, &*self.park.1);
+        *crate::lock(&park.state) = Parking::Asked;
+        // From here on, however this returns, the thread runs on after.
+        let parked = Parked(park);
+        event.write(1).map_err(Error::Devices)?;
+        let state = crate::lock(&park.state);
+        let (state, wait) = park
+            .changed
+            .wait_timeout_while(state, PARK_TIMEOUT, |s| *s != Parking::Parked)
+            .unwrap_or_else(|p| p.into_inner());
+        drop(state);
+        if wait.timed_out() {
+            return Err(Error::Pause(format!(
+                "the device event thread did not stop within {PARK_TIMEOUT:?}"
+            )));
+        }
+        Ok(parked)
+    }
+
     pub fn stop(self) {
         if let Err(e) = self.stop.write(1) {
             tracing::error!("stopping the event loop: {e}");
@@ -338,6 +432,65 @@ mod tests {
         fn process(&mut self, _: Events, _: &mut EventOps) {
             panic!("device bug");
         }
+    }
+
+    /// A device that counts what it serves.
+    struct Counter(EventFd, Arc<std::sync::atomic::AtomicU32>);
+
+    impl MutEventSubscriber for Counter {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.0, event_manager::EventSet::IN))
+                .unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.0.read();
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_parked_event_loop_serves_nothing_until_let_go() {
+        let mut events = DeviceLoop::new().unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = Counter(kick.try_clone().unwrap(), served.clone());
+        events.manager.add_subscriber(Arc::new(Mutex::new(counter)));
+        let ending = Arc::new(Ending::default());
+        let running = events.start(&ending).unwrap();
+        let wait_served = |n| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while served.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            served.load(Ordering::SeqCst)
+        };
+        kick.write(1).unwrap();
+        assert_eq!(wait_served(1), 1);
+        let parked = running.park().unwrap();
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(served.load(Ordering::SeqCst), 1, "served while parked");
+        drop(parked);
+        assert_eq!(wait_served(2), 2, "not served once let go");
+        // Parked and let go again: the loop still stops when told.
+        drop(running.park().unwrap());
+        running.stop();
+        assert_eq!(ending.get(), None);
+    }
+
+    #[test]
+    fn parking_an_ended_event_loop_is_an_error_not_a_hang() {
+        let mut events = DeviceLoop::new().unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let broken = Broken(kick.try_clone().unwrap());
+        events.manager.add_subscriber(Arc::new(Mutex::new(broken)));
+        let ending = Arc::new(Ending::default());
+        let running = events.start(&ending).unwrap();
+        kick.write(1).unwrap();
+        ending.wait();
+        let e = running.park().err().expect("an ended loop parked");
+        assert!(e.to_string().contains("did not stop"), "{e}");
+        running.worker.join();
     }
 
     #[test]

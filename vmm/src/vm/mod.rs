@@ -689,11 +689,26 @@ where
 
     /// Saves the paused VM ([`Self::pause`]) into `dir`, an empty
     /// directory, as a snapshot of a VM built from a config whose identity
-    /// is `identity`. Take it while the guest's streams are quiet: the
-    /// event thread still serves the host side.
+    /// is `identity`. The device event thread is parked meanwhile, so that
+    /// no device moves a queue or writes guest memory under the save.
     #[cfg(unix)]
     pub fn save(&mut self, dir: &std::path::Path, identity: &str) -> Result<(), Error> {
         let began = Instant::now();
+        let events = self
+            .events
+            .take()
+            .ok_or(Error::Unsupported("saving a VM that has not started"))?;
+        let saved = events
+            .park()
+            .and_then(|_parked| self.save_parked(dir, identity));
+        self.events = Some(events);
+        saved?;
+        self.saved_in = Some(began.elapsed());
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    fn save_parked(&mut self, dir: &std::path::Path, identity: &str) -> Result<(), Error> {
         let cpus = self.save_cpus()?;
         let state = snapshot::State::<H> {
             identity: identity.to_string(),
@@ -707,9 +722,7 @@ where
             devices: self.save_devices(),
         };
         let mem = self.mem.as_ref().expect("a running VM has its memory");
-        snapshot::write(dir, self.host, &state, |file| memory::save(mem, file))?;
-        self.saved_in = Some(began.elapsed());
-        Ok(())
+        snapshot::write(dir, self.host, &state, |file| memory::save(mem, file)).map_err(Error::from)
     }
 }
 
