@@ -107,9 +107,7 @@ struct Parker {
 
 impl MutEventSubscriber for Parker {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.event, event_manager::EventSet::IN)) {
-            tracing::error!("event loop: watching the park event: {e}");
-        }
+        watch(ops, &self.event, "park");
     }
 
     fn process(&mut self, _: Events, _: &mut EventOps) {
@@ -143,6 +141,13 @@ impl Drop for Parked<'_> {
 /// How long a park waits for the event thread to finish what it serves.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Watches one of the loop's own events (`what` names it in the log).
+fn watch(ops: &mut EventOps, event: &EventFd, what: &str) {
+    if let Err(e) = ops.add(Events::new(event, event_manager::EventSet::IN)) {
+        tracing::error!("event loop: watching the {what} event: {e}");
+    }
+}
+
 /// Ends the loop when its event is written.
 struct Stopper {
     event: EventFd,
@@ -151,9 +156,7 @@ struct Stopper {
 
 impl MutEventSubscriber for Stopper {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.event, event_manager::EventSet::IN)) {
-            tracing::error!("event loop: watching the stop event: {e}");
-        }
+        watch(ops, &self.event, "stop");
     }
 
     fn process(&mut self, _: Events, _: &mut EventOps) {
