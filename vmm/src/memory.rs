@@ -1,5 +1,6 @@
 //! Guest physical memory: RAM below the 32-bit MMIO hole and above 4 GiB.
 
+#[cfg(unix)]
 use std::io;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -58,7 +59,9 @@ pub fn save(mem: &GuestMemory, out: &std::fs::File) -> io::Result<()> {
     out.set_len(offset)
 }
 
+#[cfg(unix)]
 const PAGE: usize = 4096;
+#[cfg(unix)]
 const ZEROS: [u8; PAGE] = [0; PAGE];
 
 /// Guest RAM of `size` bytes backed by a memory image ([`save`]) mapped

@@ -29,8 +29,11 @@ use crate::sys::{self, AgentLink, DeviceLoop, Served};
 pub struct Buses {
     pub pio: Bus,
     pub mmio: Bus,
+    // For snapshots, which Unix hosts alone take (as below).
+    #[cfg_attr(not(unix), allow(dead_code))]
     pub com1: Arc<Mutex<Serial>>,
     /// The virtio transports in layout order.
+    #[cfg_attr(not(unix), allow(dead_code))]
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
@@ -43,6 +46,7 @@ pub struct DeviceState {
     pub transports: Vec<TransportState>,
 }
 
+#[cfg_attr(not(unix), allow(dead_code))]
 impl Buses {
     /// Of a paused VM.
     pub fn save(&self) -> DeviceState {

@@ -529,7 +529,10 @@ pub struct Running<H: Hypervisor> {
     boot_timer: Arc<Mutex<BootTimer>>,
     ending: Arc<Ending>,
     run_gate: Option<RunGate>,
+    // For snapshots, which Unix hosts alone take (as below).
+    #[cfg_attr(not(unix), allow(dead_code))]
     cpuid: Vec<Vec<CpuidEntry>>,
+    #[cfg_attr(not(unix), allow(dead_code))]
     host: HostKind,
     restored: bool,
     saved_in: Option<Duration>,
@@ -593,6 +596,7 @@ impl<H: Hypervisor> Running<H> {
         self.ending.wait_for(|| self.link.process_started())
     }
 
+    #[cfg_attr(not(unix), allow(dead_code))]
     fn save_devices(&self) -> DeviceState {
         self.buses
             .as_ref()
