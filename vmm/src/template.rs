@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -325,7 +325,14 @@ impl Pending {
     {
         let parent = self.dir.parent().expect("a template is in its directory");
         let partial = parent.join(format!("{PARTIAL}{}-{}", std::process::id(), self.key));
-        fs::create_dir_all(&partial).map_err(io_at(&partial))?;
+        fs::create_dir_all(parent).map_err(io_at(parent))?;
+        // Ours by our PID: one found is a dead writer's.
+        remove_dir(&partial)?;
+        // The guest's memory is the owner's alone to read.
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&partial)
+            .map_err(io_at(&partial))?;
         let written = running
             .save(&partial, &self.identity)
             .map_err(Error::from)
