@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::hypervisor::{self, Hypervisor, Stateful};
-use crate::vm::{self, snapshot, Running, UtilityVm, VmConfig};
+use crate::vm::snapshot::{self, sha256};
+use crate::vm::{self, Running, UtilityVm, VmConfig};
 
 const INPUTS: &str = "inputs.json";
 const DIGESTS: &str = "digests.json";
@@ -391,10 +392,6 @@ fn disk_usage(dir: &Path) -> u64 {
         .filter_map(|f| f.metadata().ok())
         .map(|m| m.blocks() * 512)
         .sum()
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
 }
 
 /// Content digests of input files, remembered by their metadata so that a

@@ -88,14 +88,14 @@ pub struct Launcher {
     host: HostKind,
     /// Names the marks sockets of QEMU VMs apart.
     next_socket: AtomicU64,
-    /// The store of the template series' template (the bench's own).
-    templates: Templates,
+    /// The store of the template series' template.
+    store: OwnStore,
 }
 
 /// A store of the bench's own, removed with it.
-struct Templates(PathBuf);
+struct OwnStore(PathBuf);
 
-impl Drop for Templates {
+impl Drop for OwnStore {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
@@ -112,7 +112,7 @@ impl Launcher {
             vm,
             command,
             next_socket: AtomicU64::new(0),
-            templates: Templates(
+            store: OwnStore(
                 std::env::temp_dir().join(format!("uvm-bench-store-{}", std::process::id())),
             ),
         };
@@ -181,8 +181,7 @@ impl Launcher {
         args.extend(self.command.iter().map(OsString::from));
         let mut cmd = Command::new(&self.uvm);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
-        cmd.env("UVM_STORE", &self.templates.0)
-            .env_remove("UVM_COLD");
+        cmd.env("UVM_STORE", &self.store.0).env_remove("UVM_COLD");
         let vmm = if template { Vmm::UvmTemplate } else { Vmm::Uvm };
         RunningVm::spawn(vmm, cmd, None)
     }

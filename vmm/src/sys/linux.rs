@@ -80,13 +80,14 @@ pub struct DeviceLoop {
     manager: EventManager<Subscriber>,
     stop: EventFd,
     stopped: Arc<AtomicBool>,
-    park: (EventFd, Arc<Park>),
+    park: Arc<Park>,
 }
 
 /// Parks the event thread between two dispatches while a snapshot is
-/// taken, so that no device touches guest memory or its queues meanwhile.
-#[derive(Default)]
+/// taken, so that no device touches guest memory or its queues meanwhile:
+/// asked through `event`, the thread parks in its handler.
 struct Park {
+    event: EventFd,
     state: Mutex<Parking>,
     changed: std::sync::Condvar,
 }
@@ -100,30 +101,24 @@ enum Parking {
 }
 
 /// The event thread's side of [`Park`]: it parks when its event comes.
-struct Parker {
-    event: EventFd,
-    park: Arc<Park>,
-}
+struct Parker(Arc<Park>);
 
 impl MutEventSubscriber for Parker {
     fn init(&mut self, ops: &mut EventOps) {
-        watch(ops, &self.event, "park");
+        watch(ops, &self.0.event, "park");
     }
 
     fn process(&mut self, _: Events, _: &mut EventOps) {
-        let _ = self.event.read();
-        let mut state = crate::lock(&self.park.state);
+        let park = &*self.0;
+        let _ = park.event.read();
+        let mut state = crate::lock(&park.state);
         if *state != Parking::Asked {
             return;
         }
         *state = Parking::Parked;
-        self.park.changed.notify_all();
+        park.changed.notify_all();
         while *state == Parking::Parked {
-            state = self
-                .park
-                .changed
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
+            state = park.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -177,18 +172,17 @@ impl DeviceLoop {
             stopped: stopped.clone(),
         };
         manager.add_subscriber(Arc::new(Mutex::new(stopper)));
-        let park = Arc::new(Park::default());
-        let parker = Parker {
+        let park = Arc::new(Park {
             event: EventFd::new(EFD_NONBLOCK).map_err(Error::Devices)?,
-            park: park.clone(),
-        };
-        let park_event = parker.event.try_clone().map_err(Error::Devices)?;
-        manager.add_subscriber(Arc::new(Mutex::new(parker)));
+            state: Mutex::default(),
+            changed: std::sync::Condvar::new(),
+        });
+        manager.add_subscriber(Arc::new(Mutex::new(Parker(park.clone()))));
         Ok(Self {
             manager,
             stop,
             stopped,
-            park: (park_event, park),
+            park,
         })
     }
 
@@ -220,7 +214,7 @@ impl DeviceLoop {
 /// The event thread; its devices go with it.
 pub struct RunningLoop {
     stop: EventFd,
-    park: (EventFd, Arc<Park>),
+    park: Arc<Park>,
     worker: Worker,
 }
 
@@ -229,11 +223,11 @@ impl RunningLoop {
     /// the returned guard goes. A thread that does not park within
     /// [`PARK_TIMEOUT`] (it ended, or a device is stuck) is an error.
     pub fn park(&self) -> Result<Parked<'_>, Error> {
-        let (event, park) = (&self.park.0, &*self.park.1);
+        let park = &*self.park;
         *crate::lock(&park.state) = Parking::Asked;
         // From here on, however this returns, the thread runs on after.
         let parked = Parked(park);
-        event.write(1).map_err(Error::Devices)?;
+        park.event.write(1).map_err(Error::Devices)?;
         let state = crate::lock(&park.state);
         let (state, wait) = park
             .changed

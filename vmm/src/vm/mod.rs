@@ -122,8 +122,6 @@ pub enum Error {
     Devices(std::io::Error),
     #[error("{0}")]
     Unsupported(&'static str),
-    #[error("guest memory image: {0}")]
-    MemoryImage(std::io::Error),
     #[cfg(unix)]
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
@@ -485,15 +483,14 @@ where
         if let Some(difference) = snapshot::cpuid_difference(&state.cpuid, &vm.cpuid) {
             return Err(refuse(difference).into());
         }
-        let (cpus, devices) = state.cpus();
-        if cpus.vcpus.len() != vm.vcpus.len() {
+        if state.vcpus.len() != vm.vcpus.len() {
             return Err(refuse("saved for another number of vCPUs".into()).into());
         }
-        vm.vm.restore_state(&cpus.vm)?;
-        for (vcpu, state) in vm.vcpus.iter_mut().zip(&cpus.vcpus) {
-            vcpu.restore_state(state)?;
+        vm.vm.restore_state(&state.vm)?;
+        for (vcpu, saved) in vm.vcpus.iter_mut().zip(&state.vcpus) {
+            vcpu.restore_state(saved)?;
         }
-        vm.buses.restore(&devices)?;
+        vm.buses.restore(&state.devices)?;
         vm.restored = true;
         Ok(vm)
     }

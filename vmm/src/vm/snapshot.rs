@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{CpuState, DeviceState, VcpuOf};
+use super::{DeviceState, VcpuOf};
 use crate::hypervisor::{CpuidEntry, Hypervisor, Stateful};
 use crate::pvm::HostKind;
 
@@ -68,20 +68,6 @@ where
     pub vcpus: Vec<<VcpuOf<H> as Stateful>::State>,
     pub vm: <H::Vm as Stateful>::State,
     pub devices: DeviceState,
-}
-
-impl<H: Hypervisor> State<H>
-where
-    H::Vm: Stateful,
-    VcpuOf<H>: Stateful,
-{
-    pub fn cpus(self) -> (CpuState<H>, DeviceState) {
-        let cpus = CpuState {
-            vcpus: self.vcpus,
-            vm: self.vm,
-        };
-        (cpus, self.devices)
-    }
 }
 
 /// A snapshot read and checked, its memory file open.
