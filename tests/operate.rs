@@ -261,6 +261,9 @@ fn a_vm_whose_vmm_died_is_dead_and_a_foreground_one_is_listed() {
         &["exec", "fg", "--", "/bin/sh", "-c", "exit 5"],
     ));
     assert_eq!(code.status.code(), Some(5), "{}", stderr(&code));
+    // Its stdio is its uvm's: a VM restored from it would lose them.
+    let out = run(&mut uvm_at(&root, &["snapshot", "fg", "-o", "/tmp/never"]));
+    assert_fails_naming(&out, "only a VM in the background (run -d) can be saved");
 
     // kill -9 of the detached VM's uvm: dead, never running, never a hang.
     let vms = ps(&root);
@@ -295,6 +298,172 @@ fn a_vm_whose_vmm_died_is_dead_and_a_foreground_one_is_listed() {
     assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
     assert!(fg_lines.recv().is_err(), "nothing after `started`");
     assert!(ps(&root).is_empty(), "{:?}", ps(&root));
+}
+
+/// Writes `line` into the FIFO the [`MAIN`] process of `vm` reads.
+fn poke(root: &Path, vm: &str, line: &str) {
+    let write = format!("echo {line} > /tmp/f");
+    let out = exec(&mut uvm_at(
+        root,
+        &["exec", vm, "--", "/bin/sh", "-c", &write],
+    ));
+    assert!(out.status.success(), "exec in {vm}: {}", stderr(&out));
+}
+
+/// `logs -f` of `vm`, line by line.
+fn follow(root: &Path, vm: &str) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut child = uvm_at(root, &["logs", "-f", vm])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = read_lines(child.stdout.take().unwrap());
+    (child, lines)
+}
+
+/// What `command` prints in `vm`'s container.
+fn exec_output(root: &Path, vm: &str, command: &str) -> String {
+    let out = exec(&mut uvm_at(
+        root,
+        &["exec", vm, "--", "/bin/sh", "-c", command],
+    ));
+    assert!(out.status.success(), "{command} in {vm}: {}", stderr(&out));
+    stdout(&out)
+}
+
+fn unix_seconds() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.unwrap().as_secs()
+}
+
+#[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
+fn a_snapshot_of_a_detached_vm_restores_into_vms_that_carry_on() {
+    require_kvm("a_snapshot_of_a_detached_vm_restores_into_vms_that_carry_on");
+    let dir = tempdir("snapshot");
+    let root = dir.join("root");
+    let scratch = dir.join("scratch.img");
+    let main = format!("echo kept > /kept; sync; {MAIN}");
+    let out = detached(
+        &root,
+        &["--name", "a", "--scratch", scratch.to_str().unwrap()],
+        &main,
+    );
+    assert!(out.status.success(), "run -d: {}", stderr(&out));
+    let (mut follow_a, lines_a) = follow(&root, "a");
+    assert_eq!(next_line(&lines_a), "started");
+    poke(&root, "a", "before");
+    assert_eq!(next_line(&lines_a), "before");
+
+    // The snapshot: the VM saved while it runs, and running on.
+    let saved = dir.join("saved");
+    let out = run(uvm_at(&root, &["snapshot", "a", "-o"]).arg(&saved));
+    assert!(out.status.success(), "snapshot: {}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), saved.to_str().unwrap());
+    for file in ["memory", "state", "vm.json", "scratch"] {
+        assert!(saved.join(file).is_file(), "the snapshot has its {file}");
+    }
+    poke(&root, "a", "after");
+    assert_eq!(next_line(&lines_a), "after");
+    exec_output(&root, "a", "echo a-only > /a-only; sync");
+    let out = run(uvm_at(&root, &["snapshot", "a", "-o"]).arg(&saved));
+    assert_fails_naming(&out, "exists already");
+
+    // Two VMs from it: the container carries on in each, its output in
+    // each one's log, its scratch disk as it was at the snapshot.
+    let began = unix_seconds();
+    for name in ["b", "c"] {
+        let out = run(uvm_at(&root, &["restore", "--name", name]).arg(&saved));
+        assert!(out.status.success(), "restore: {}", stderr(&out));
+        assert_eq!(stdout(&out).trim().len(), 32, "prints the ID");
+    }
+    let mut random = Vec::new();
+    for name in ["b", "c"] {
+        assert_eq!(field(&wait_until_listed(&root, name), "status"), "running");
+        let (mut follow_vm, lines) = follow(&root, name);
+        poke(&root, name, &format!("in-{name}"));
+        assert_eq!(next_line(&lines), format!("in-{name}"), "its first line");
+        assert_eq!(exec_output(&root, name, "cat /kept"), "kept\n");
+        let a_only = exec_output(&root, name, "test -e /a-only && echo yes || echo no");
+        assert_eq!(a_only, "no\n", "a's writes after the snapshot are its own");
+        let date: u64 = exec_output(&root, name, "date +%s").trim().parse().unwrap();
+        assert!(
+            (began..=unix_seconds()).contains(&date),
+            "the guest's clock {date} is the host's ({began}…)"
+        );
+        random.push(exec_output(
+            &root,
+            name,
+            "head -c 16 /dev/urandom | od -A n -t x1",
+        ));
+        let stop = run(&mut uvm_at(&root, &["stop", "-t", "1", name]));
+        assert!(stop.status.success(), "{}", stderr(&stop));
+        assert!(support::wait_or_kill(&mut follow_vm).success());
+    }
+    assert_ne!(
+        random[0], random[1],
+        "VMs from one snapshot share no randomness"
+    );
+    poke(&root, "a", "still");
+    assert_eq!(next_line(&lines_a), "still");
+
+    // A damaged copy, or one whose layer changed, is refused and leaves
+    // nothing behind.
+    let damaged = dir.join("damaged");
+    copy_dir(&saved, &damaged);
+    let mut state = std::fs::read(damaged.join("state")).unwrap();
+    let last = state.len() - 2;
+    state[last] ^= 1;
+    std::fs::write(damaged.join("state"), state).unwrap();
+    let out = run(uvm_at(&root, &["restore"]).arg(&damaged));
+    assert_fails_naming(&out, "state");
+    let changed = dir.join("changed");
+    copy_dir(&saved, &changed);
+    let other_layer = dir.join("layer.img");
+    std::fs::copy(layer("base"), &other_layer).unwrap();
+    let mut bytes = std::fs::read(&other_layer).unwrap();
+    let end = bytes.len() - 1;
+    bytes[end] ^= 1; // past the file system: its content differs, not its use
+    std::fs::write(&other_layer, bytes).unwrap();
+    let vm_json = changed.join("vm.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&vm_json).unwrap()).unwrap();
+    config["layers"][0] = other_layer.to_str().unwrap().into();
+    std::fs::write(&vm_json, config.to_string()).unwrap();
+    let out = run(uvm_at(&root, &["restore"]).arg(&changed));
+    assert_fails_naming(&out, "taken of a VM with other inputs");
+    let names: Vec<String> = ps(&root).iter().map(|v| v["name"].to_string()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+
+    let stop = run(&mut uvm_at(&root, &["stop", "-t", "1", "a"]));
+    assert!(stop.status.success(), "{}", stderr(&stop));
+    assert!(support::wait_or_kill(&mut follow_a).success());
+    let rm = run(&mut uvm_at(&root, &["rm", "a", "b", "c"]));
+    assert!(rm.status.success(), "{}", stderr(&rm));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn restoring_a_missing_or_garbled_snapshot_is_a_clear_error() {
+    let dir = tempdir("snapshot-errors");
+    let root = dir.join("root");
+    let out = run(uvm_at(&root, &["restore"]).arg(dir.join("nope")));
+    assert_fails_naming(&out, "nope/vm.json: No such file or directory");
+    std::fs::write(dir.join("vm.json"), "{not json").unwrap();
+    let out = run(uvm_at(&root, &["restore"]).arg(&dir));
+    assert_fails_naming(&out, "vm.json: key must be a string");
+    let out = run(&mut uvm_at(&root, &["snapshot", "nope", "-o", "x"]));
+    assert_fails_naming(&out, "no utility VM named or with ID `nope`");
+    assert!(ps(&root).is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
 }
 
 #[test]

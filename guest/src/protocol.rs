@@ -56,6 +56,12 @@ pub struct Run {
     /// saved guest's; a cold-booted agent ignores it.
     #[serde(default)]
     pub fresh: Fresh,
+    /// The VM runs in the background: the agent relays the process's
+    /// output through pipes instead of handing it the streams, so that its
+    /// output outlives the streams when a snapshot of the VM is restored
+    /// (see [`Resumed`]); its stdin is /dev/null.
+    #[serde(default)]
+    pub detached: bool,
 }
 
 /// Fresh randomness and the time, from the host.
@@ -123,6 +129,16 @@ pub struct Resize {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ready {}
 
+/// Agent → host, first on the control stream of a VM restored from a
+/// snapshot taken while its detached main process (the message's id) ran:
+/// the agent connected again and waits for [`Fresh`], then connects the
+/// process's stdio ports again (output from then on goes to the new host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    pub pid: i32,
+    pub tty: bool,
+}
+
 /// Agent → host: the process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Started {
@@ -181,6 +197,9 @@ impl Message for Resize {
 impl Message for Exec {
     const KIND: u32 = 4;
 }
+impl Message for Fresh {
+    const KIND: u32 = 5;
+}
 impl Message for Ready {
     const KIND: u32 = 0x100;
 }
@@ -192,6 +211,9 @@ impl Message for Failed {
 }
 impl Message for Exited {
     const KIND: u32 = 0x103;
+}
+impl Message for Resumed {
+    const KIND: u32 = 0x104;
 }
 
 /// One received message, not yet decoded.
@@ -339,6 +361,7 @@ mod tests {
                 entropy: vec![1, 2, 3],
                 realtime_ns: 1_796_566_416_000_000_000,
             },
+            detached: true,
         };
         let mut wire = Vec::new();
         send(&mut wire, 7, &run).unwrap();

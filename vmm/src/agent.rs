@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use devices::virtio::vsock::{HostPorts, PortsHandle};
 use guest::protocol::{
-    self, Exec, Exited, Failed, Frame, Fresh, Message, Process, Ready, Resize, Run, Signal,
-    Started, TtySize, CONTROL_PORT,
+    self, Exec, Exited, Failed, Frame, Fresh, Message, Process, Ready, Resize, Resumed, Run,
+    Signal, Started, TtySize, CONTROL_PORT,
 };
 
 use crate::process::{Outcome, ProcessSpec};
@@ -436,8 +436,14 @@ impl Session {
 
     fn serve(&self, stdio: Stdio, ending: &Arc<Ending>, held: &mut Held) -> io::Result<Exit> {
         let control = held.control.insert(recv(&self.ports.control)?);
-        expect_ready(control)?;
+        let resumed = first_message(control)?;
         *crate::lock(&self.agent.0.agent_connected) = Some(Instant::now());
+        if let Some(resumed) = resumed {
+            protocol::send(control, RUN_ID, &self.fresh())?;
+            self.agent.0.main_started.store(true, Ordering::SeqCst);
+            ending.notify();
+            return self.follow(resumed.tty, stdio, ending, held);
+        }
         ending.notify();
         if let Some(gate) = &self.gate {
             if let Err(exit) = ending.wait_for(|| gate.is_open()) {
@@ -449,16 +455,34 @@ impl Session {
         };
         let request = Run {
             tools: self.tools,
-            fresh: Fresh {
-                entropy: self.entropy.clone(),
-                realtime_ns: realtime_ns(),
-            },
+            fresh: self.fresh(),
             ..run_request(process)
         };
         protocol::send(control, RUN_ID, &request)?;
+        self.follow(process.tty.is_some(), stdio, ending, held)
+    }
+
+    /// What a restored guest needs to be its own (see [`protocol::Fresh`]).
+    fn fresh(&self) -> Fresh {
+        Fresh {
+            entropy: self.entropy.clone(),
+            realtime_ns: realtime_ns(),
+        }
+    }
+
+    /// Carries the main process's stdio and the agent's messages until the
+    /// process's outcome.
+    fn follow(
+        &self,
+        tty: bool,
+        stdio: Stdio,
+        ending: &Arc<Ending>,
+        held: &mut Held,
+    ) -> io::Result<Exit> {
+        let control = held.control.as_mut().expect("connected first");
         *crate::lock(&self.agent.0.control) = Some(control.try_clone()?);
-        self.connect_stdio(process.tty.is_some(), stdio, ending, held)?;
-        let control = held.control.as_mut().expect("set above");
+        self.connect_stdio(tty, stdio, ending, held)?;
+        let control = held.control.as_mut().expect("connected first");
         let outcome = dispatch(&self.agent, control, ending)?;
         // The agent closes the streams before it reports: once the copiers
         // are done, all output is in. (Without an outcome they may still
@@ -573,17 +597,19 @@ impl MainProcess {
     }
 }
 
-/// The agent's first message.
-fn expect_ready(control: &mut impl Read) -> io::Result<()> {
+/// The agent's first message: `Ready`, or `Resumed` from the agent of a
+/// restored VM whose main process runs.
+fn first_message(control: &mut impl Read) -> io::Result<Option<Resumed>> {
+    let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     match protocol::receive(control)? {
-        Some(frame) if frame.kind == Ready::KIND => Ok(()),
-        Some(frame) => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "the agent began with message kind {:#x}, not Ready",
-                frame.kind
-            ),
-        )),
+        Some(frame) if frame.kind == Ready::KIND => Ok(None),
+        Some(frame) if frame.kind == Resumed::KIND && frame.id == RUN_ID => {
+            frame.decode().map(Some)
+        }
+        Some(frame) => Err(invalid(format!(
+            "the agent began with message kind {:#x} (id {}), not Ready",
+            frame.kind, frame.id
+        ))),
         None => Err(io::ErrorKind::UnexpectedEof.into()),
     }
 }

@@ -98,6 +98,10 @@ enum Command {
     #[cfg(target_os = "linux")]
     #[command(flatten)]
     Operate(commands::Command),
+    /// Start a VM in the background from a directory `uvm snapshot` wrote:
+    /// its container carries on where the saved one was. Prints its ID.
+    #[cfg(target_os = "linux")]
+    Restore(commands::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -311,15 +315,31 @@ fn main() {
         Command::Template(command) => templates::run(command),
         #[cfg(target_os = "linux")]
         Command::Operate(command) => commands::run(command, cli.root),
+        #[cfg(target_os = "linux")]
+        Command::Restore(args) => {
+            commands::restore(args, cli.root, start, |report| exit_code(report, false))
+        }
     };
     let code = match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("uvm: error: {e:#}");
+            eprintln!("uvm: error: {}", describe(&e));
             1
         }
     };
     std::process::exit(code)
+}
+
+/// `e` and its causes, each said once: a library error's message often
+/// ends with its source's already.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1).map(ToString::to_string) {
+        if !text.ends_with(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 /// `started_at`: `start` on the monotonic clock, for `--timings` readers.
@@ -346,7 +366,8 @@ fn run(
             use vmm::sys::seccomp;
             seccomp::enable(seccomp::Mode::from_env()).context("compiling the seccomp filters")?;
         }
-        let launch = commands::Launch::new(root, args.name.clone(), args.detach, args.cold)?;
+        let origin = commands::Origin::Run { cold: args.cold };
+        let launch = commands::Launch::new(root, args.name.clone(), args.detach, origin)?;
         launch.run(&config, start, finish)
     }
     #[cfg(not(target_os = "linux"))]
@@ -380,6 +401,7 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
         cwd: container.workdir,
         user: container.user,
         tty: args.tty.then(terminal_size),
+        detached: args.detach,
     });
     let config = VmConfig {
         kernel: artifact(args.kernel.clone(), "vmlinux", "--kernel")?,
@@ -617,6 +639,20 @@ mod tests {
     use vmm::vm::Timings;
 
     use super::*;
+
+    #[test]
+    fn an_error_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("state directory /x: {source}")]
+        struct Io {
+            source: std::io::Error,
+        }
+        let io = || std::io::Error::from_raw_os_error(libc::ENOTDIR);
+        let e = anyhow::Error::from(Io { source: io() });
+        assert_eq!(describe(&e), format!("state directory /x: {}", io()));
+        let e = anyhow::Error::from(io()).context("reading the config");
+        assert_eq!(describe(&e), format!("reading the config: {}", io()));
+    }
 
     fn report(exit: Exit) -> Report {
         Report {

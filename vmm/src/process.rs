@@ -4,7 +4,7 @@
 use guest::protocol::{Exited, Failed, Process, Root, Run, TtySize};
 
 /// The process to run in the guest.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ProcessSpec {
     pub argv: Vec<String>,
     /// `KEY=VALUE` entries.
@@ -16,6 +16,8 @@ pub struct ProcessSpec {
     pub tty: Option<TtySize>,
     /// The container root, if the process runs in one.
     pub root: Option<Root>,
+    /// The VM runs in the background (see [`Run::detached`]).
+    pub detached: bool,
 }
 
 impl ProcessSpec {
@@ -33,6 +35,7 @@ impl ProcessSpec {
                 ..Process::default()
             },
             root: self.root,
+            detached: self.detached,
             ..Run::default()
         }
     }
@@ -73,8 +76,15 @@ mod tests {
             user: Some("1000:50".into()),
             tty: Some(TtySize { rows: 5, cols: 9 }),
             root: Some(Root::default()),
+            detached: true,
         };
-        let Run { process, root, .. } = spec.request();
+        let Run {
+            process,
+            root,
+            detached,
+            ..
+        } = spec.request();
+        assert!(detached);
         assert_eq!(
             (process.argv, process.env, process.cwd, process.user),
             (spec.argv, spec.env, spec.cwd, spec.user)

@@ -102,6 +102,81 @@ fn create(path: &Path, size: u64) -> Result<(), String> {
     made
 }
 
+/// Copies the scratch image `from` to a new file `to` (created private),
+/// holes and all: a copy takes the disk space of what the guest wrote.
+#[cfg(target_os = "linux")]
+pub fn copy(from: &Path, to: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let source = File::open(from).map_err(|e| Error {
+        path: from.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let fail = |reason: String| Error {
+        path: to.to_owned(),
+        reason,
+    };
+    let target = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(|e| fail(e.to_string()))?;
+    let copied = source
+        .metadata()
+        .and_then(|meta| target.set_len(meta.len()))
+        .and_then(|()| copy_data(&source, &target));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(to);
+        return Err(fail(format!("copying {}: {e}", from.display())));
+    }
+    Ok(())
+}
+
+/// Copies each run of data `source` has (between its holes) to the same
+/// place in `target`.
+#[cfg(target_os = "linux")]
+fn copy_data(source: &File, target: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seek = |offset: i64, whence| {
+        // SAFETY: plain system call on a descriptor we own.
+        let at = unsafe { libc::lseek(source.as_raw_fd(), offset, whence) };
+        match at {
+            -1 => match std::io::Error::last_os_error() {
+                // No data after `offset`.
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                e => Err(e),
+            },
+            at => Ok(Some(at)),
+        }
+    };
+    let mut at = 0;
+    while let Some(data) = seek(at, libc::SEEK_DATA)? {
+        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(data);
+        let (mut from, mut to) = (data, data);
+        while from < end {
+            // SAFETY: both descriptors are open; the offsets are valid
+            // storage the kernel updates.
+            let n = unsafe {
+                libc::copy_file_range(
+                    source.as_raw_fd(),
+                    &mut from,
+                    target.as_raw_fd(),
+                    &mut to,
+                    (end - from) as usize,
+                    0,
+                )
+            };
+            match n {
+                -1 => return Err(std::io::Error::last_os_error()),
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                _ => {}
+            }
+        }
+        at = end;
+    }
+    target.sync_all()
+}
+
 /// Parses a size such as `1G`, `512M`, `65536K` or a plain byte count.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let (digits, shift) = match text.as_bytes().last() {

@@ -133,7 +133,7 @@ impl Templates {
             return cold_vm(None, None);
         }
         // An input that cannot be read is the cold build's to report.
-        let Ok((identity, inputs)) = self.identity(config) else {
+        let Ok((identity, inputs)) = identity(config, &self.dir) else {
             return cold_vm(None, None);
         };
         let key = sha256(identity.as_bytes());
@@ -169,51 +169,6 @@ impl Templates {
                 cold_vm(Some(pending), Some(notice))
             }
         }
-    }
-
-    /// The identity text of `config`'s VM (see the module's doc) and the
-    /// inputs it names.
-    fn identity(&self, config: &VmConfig) -> Result<(String, Inputs)> {
-        let mut digests = Digests::load(&self.dir.join(DIGESTS));
-        let files: Vec<&PathBuf> = [&config.kernel, &config.initrd]
-            .into_iter()
-            .chain(config.images())
-            .collect();
-        let mut named = Vec::with_capacity(files.len());
-        for path in files {
-            let path = fs::canonicalize(path).map_err(io_at(path))?;
-            let digest = digests.of(&path).map_err(io_at(&path))?;
-            named.push((path, digest));
-        }
-        digests.store(&self.dir);
-        let scratch = match &config.scratch {
-            Some((path, size)) => fs::metadata(path).map_or(*size, |m| m.len()).to_string(),
-            None => "none".into(),
-        };
-        let mut identity = format!(
-            "uvm {}\nhost {:?}\nflags {} {}\nmemory {} MiB\ncpus {}\ncid {}\nscratch {scratch}\n",
-            env!("CARGO_PKG_VERSION"),
-            config.host,
-            vm::guest_flags(config),
-            vm::root_entry(config).unwrap_or_default(),
-            config.memory_mib,
-            config.cpus,
-            config.vsock.guest_cid,
-        );
-        let roles = ["kernel", "initrd"]
-            .into_iter()
-            .chain(std::iter::repeat("image"));
-        for (role, (_, digest)) in roles.zip(&named) {
-            identity.push_str(&format!("{role} {digest}\n"));
-        }
-        let inputs = Inputs {
-            files: named,
-            memory_mib: config.memory_mib,
-            cpus: config.cpus,
-            created: SystemTime::now(),
-            save_ms: 0.0,
-        };
-        Ok((identity, inputs))
     }
 
     /// Every template, newest first.
@@ -353,6 +308,51 @@ impl Pending {
         }
         placed
     }
+}
+
+/// The identity text of `config`'s VM (see the module's doc) and the
+/// inputs it names; file digests are remembered in `cache` (a directory).
+pub(crate) fn identity(config: &VmConfig, cache: &Path) -> Result<(String, Inputs)> {
+    let mut digests = Digests::load(&cache.join(DIGESTS));
+    let files: Vec<&PathBuf> = [&config.kernel, &config.initrd]
+        .into_iter()
+        .chain(config.images())
+        .collect();
+    let mut named = Vec::with_capacity(files.len());
+    for path in files {
+        let path = fs::canonicalize(path).map_err(io_at(path))?;
+        let digest = digests.of(&path).map_err(io_at(&path))?;
+        named.push((path, digest));
+    }
+    digests.store(cache);
+    let scratch = match &config.scratch {
+        Some((path, size)) => fs::metadata(path).map_or(*size, |m| m.len()).to_string(),
+        None => "none".into(),
+    };
+    let mut identity = format!(
+        "uvm {}\nhost {:?}\nflags {} {}\nmemory {} MiB\ncpus {}\ncid {}\nscratch {scratch}\n",
+        env!("CARGO_PKG_VERSION"),
+        config.host,
+        vm::guest_flags(config),
+        vm::root_entry(config).unwrap_or_default(),
+        config.memory_mib,
+        config.cpus,
+        config.vsock.guest_cid,
+    );
+    let roles = ["kernel", "initrd"]
+        .into_iter()
+        .chain(std::iter::repeat("image"));
+    for (role, (_, digest)) in roles.zip(&named) {
+        identity.push_str(&format!("{role} {digest}\n"));
+    }
+    let inputs = Inputs {
+        files: named,
+        memory_mib: config.memory_mib,
+        cpus: config.cpus,
+        created: SystemTime::now(),
+        save_ms: 0.0,
+    };
+    Ok((identity, inputs))
 }
 
 /// Whether a restore failed because of the template (its files, or state

@@ -65,16 +65,16 @@ pub enum Place<'a> {
 pub struct Child {
     pub pid: libc::pid_t,
     pub pidfd: OwnedFd,
-    /// Copies between its terminal and the host, with a tty.
+    /// Copies between it and the host, with a tty or detached.
     pub relay: Option<Relay>,
-    /// The agent's own ends of its stdio streams (without a tty): shut
+    /// The agent's own ends of its stdio streams (without a relay): shut
     /// down when it ends, so the host sees their end even if something it
     /// started still holds them.
     pub streams: Vec<File>,
 }
 
 impl Child {
-    /// Ends the host's streams: the terminal's last output first.
+    /// Ends the host's streams: the relayed last output first.
     pub fn close_streams(&mut self) {
         if let Some(relay) = &mut self.relay {
             relay.drain();
@@ -87,11 +87,18 @@ impl Child {
     }
 }
 
-/// Starts `process` at `place` with `streams` as its stdio.
-pub fn start(process: &Process, place: Place, streams: Streams) -> Result<Child, Failed> {
-    let started = match process.tty {
-        Some(size) => start_on_tty(process, place, size, streams),
-        None => start_plain(process, place, streams),
+/// Starts `process` at `place` with `streams` as its stdio; `detached`:
+/// through a relay even without a tty (see [`guest::protocol::Run`]).
+pub fn start(
+    process: &Process,
+    place: Place,
+    streams: Streams,
+    detached: bool,
+) -> Result<Child, Failed> {
+    let started = match (process.tty, detached) {
+        (Some(size), _) => start_on_tty(process, place, size, streams),
+        (None, true) => start_relayed(process, place, streams),
+        (None, false) => start_plain(process, place, streams),
     };
     started.map_err(|e| failure(process, &e))
 }
@@ -122,6 +129,31 @@ fn start_plain(process: &Process, place: Place, streams: Streams) -> io::Result<
     })
 }
 
+/// A detached process: /dev/null for input, its output through pipes
+/// the agent copies to the host streams.
+fn start_relayed(process: &Process, place: Place, streams: Streams) -> io::Result<Child> {
+    let (stdout, stdout_end) = pipe()?;
+    let (stderr, stderr_end) = pipe()?;
+    let child = command(process, place)?
+        .stdin(StdStdio::null())
+        .stdout(stdout_end)
+        .stderr(stderr_end)
+        .spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut relay = Relay {
+        terminal: None,
+        stdin: None,
+        outputs: vec![Output::new(stdout), Output::new(stderr)],
+    };
+    relay.connect(streams);
+    Ok(Child {
+        pid,
+        pidfd: pidfd_open(pid)?,
+        relay: Some(relay),
+        streams: Vec::new(),
+    })
+}
+
 fn start_on_tty(
     process: &Process,
     place: Place,
@@ -148,10 +180,13 @@ fn start_on_tty(
         pid,
         pidfd: pidfd_open(pid)?,
         relay: Some(Relay {
-            master,
-            hung_up: false,
+            outputs: vec![Output {
+                from: master.try_clone()?,
+                to: Some(streams.stdout),
+                ended: false,
+            }],
+            terminal: Some(master),
             stdin: Some(streams.stdin),
-            stdout: streams.stdout,
         }),
         streams: Vec::new(),
     })
@@ -221,45 +256,105 @@ fn command(process: &Process, place: Place) -> io::Result<Command> {
     Ok(cmd)
 }
 
-/// The agent's side of a pseudo-terminal: it copies between the master and
-/// the host streams.
+/// The agent between a process and the host: the master of its
+/// pseudo-terminal, or the pipes of a detached process's output.
 pub struct Relay {
-    pub master: File,
-    /// Every slave end is closed: stop polling the master, which would
-    /// report the hang-up at once, forever.
-    pub hung_up: bool,
+    /// The terminal's master, for input and its size.
+    terminal: Option<File>,
     pub stdin: Option<File>,
-    stdout: File,
+    pub outputs: Vec<Output>,
+}
+
+/// Output the agent copies to a host stream.
+pub struct Output {
+    pub from: File,
+    /// `None` while there is no host stream to write to (it was reset by a
+    /// restore, until the new host's is connected): not read meanwhile.
+    to: Option<File>,
+    /// Every writer is gone (for a terminal: every slave end is closed,
+    /// and polling the master would report the hang-up at once, forever).
+    ended: bool,
+}
+
+impl Output {
+    fn new(from: File) -> Self {
+        Self {
+            from,
+            to: None,
+            ended: false,
+        }
+    }
+
+    /// Whether to wait for its output.
+    pub fn open(&self) -> bool {
+        !self.ended && self.to.is_some()
+    }
+
+    /// One read copied to the host. A host stream that fails is gone, not
+    /// the output: it waits for the next host.
+    pub fn forward(&mut self) {
+        let Some(to) = &mut self.to else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        match self.from.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                if to.write_all(&buf[..n]).is_err() {
+                    self.to = None;
+                }
+            }
+            _ => self.ended = true,
+        }
+    }
+
+    fn drain(&mut self) {
+        // SAFETY: plain fcntl on a descriptor we own.
+        unsafe { libc::fcntl(self.from.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        while self.open() {
+            self.forward();
+        }
+    }
 }
 
 impl Relay {
-    /// The terminal's output to the host.
-    pub fn forward_output(&mut self) {
-        self.hung_up = !matches!(copy_once(&mut self.master, &mut self.stdout), Ok(n) if n > 0);
-    }
-
     /// Host input to the terminal; at its end, the terminal's EOF character.
     pub fn forward_input(&mut self) {
-        let Some(stdin) = &mut self.stdin else {
+        let (Some(stdin), Some(terminal)) = (&mut self.stdin, &mut self.terminal) else {
             return;
         };
-        if !matches!(copy_once(stdin, &mut self.master), Ok(n) if n > 0) {
-            let _ = self.master.write_all(&[4]); // ^D
+        if !matches!(copy_once(stdin, terminal), Ok(n) if n > 0) {
+            let _ = terminal.write_all(&[4]); // ^D
             self.stdin = None;
         }
     }
 
     pub fn resize(&self, size: TtySize) {
+        let Some(terminal) = &self.terminal else {
+            return;
+        };
         let winsize = winsize(size);
         // SAFETY: TIOCSWINSZ reads a valid winsize from the pointer.
-        unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &winsize) };
+        unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &winsize) };
+    }
+
+    /// The host's streams are gone (a restore reset them).
+    pub fn disconnect(&mut self) {
+        self.stdin = None;
+        self.outputs.iter_mut().for_each(|o| o.to = None);
+    }
+
+    /// Output goes to `streams` from now on. Their stdin is not read: a
+    /// detached process's input is empty.
+    pub fn connect(&mut self, streams: Streams) {
+        let to = [Some(streams.stdout), streams.stderr];
+        for (output, to) in self.outputs.iter_mut().zip(to) {
+            output.to = to;
+        }
     }
 
     /// What the process wrote before it ended.
     fn drain(&mut self) {
-        // SAFETY: plain fcntl on a descriptor we own.
-        unsafe { libc::fcntl(self.master.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        while matches!(copy_once(&mut self.master, &mut self.stdout), Ok(n) if n > 0) {}
+        self.outputs.iter_mut().for_each(Output::drain);
     }
 }
 
@@ -269,6 +364,16 @@ fn copy_once(from: &mut File, to: &mut File) -> io::Result<usize> {
     let n = from.read(&mut buf)?;
     to.write_all(&buf[..n])?;
     Ok(n)
+}
+
+/// A pipe whose read end (first) stays with the agent.
+fn pipe() -> io::Result<(File, File)> {
+    let mut fds = [-1; 2];
+    // SAFETY: `fds` is valid storage for two descriptors.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 made two new descriptors that nothing else owns.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((File::from(read), File::from(write)))
 }
 
 fn mount_devpts() -> io::Result<()> {

@@ -7,9 +7,14 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use guest::boot_mark;
-use guest::protocol::{self, Exec, Failed, Message, Resize, Run, Signal, Started};
+use guest::protocol::{
+    self, Exec, Failed, Fresh, Message, Process, Resize, Resumed, Run, Signal, Started,
+    CONTROL_PORT,
+};
+use guest::vsock;
 
 use crate::process::{self, Child, Place, Streams};
+use crate::restore;
 use crate::root::{self, Container, Prepared};
 use crate::{check, write_boot_mark};
 
@@ -35,6 +40,10 @@ pub struct Supervisor {
     /// The main process's request id, environment and working directory
     /// (execs start from them, as `docker exec` does), and its container.
     main: u64,
+    /// The main process's request: its stdio ports, and whether it is
+    /// detached (its output relayed, to outlive a restore).
+    main_process: Process,
+    detached: bool,
     env: Vec<String>,
     cwd: Option<String>,
     container: Option<Container>,
@@ -55,6 +64,8 @@ pub fn serve(control: File, run: Run, id: u64, prepared: Option<Prepared>) -> io
         control_open: true,
         watched: Vec::new(),
         main: id,
+        main_process: run.process.clone(),
+        detached: run.detached,
         env: run.process.env.clone(),
         cwd: run.process.cwd.clone(),
         container: None,
@@ -107,7 +118,7 @@ fn start_main_process(
     prepared: Option<&Prepared>,
 ) -> Result<Child, Failed> {
     let Some(root) = run.root else {
-        return process::start(&run.process, Place::Vm, streams);
+        return process::start(&run.process, Place::Vm, streams, run.detached);
     };
     let failed = |what: &str, e: io::Error| Failed {
         message: format!("{what}: {e}"),
@@ -119,7 +130,7 @@ fn start_main_process(
     // agent's children from now on.
     check(unsafe { libc::unshare(libc::CLONE_NEWPID) })
         .map_err(|e| failed("creating a PID namespace", e))?;
-    process::start(&run.process, Place::NewContainer, streams)
+    process::start(&run.process, Place::NewContainer, streams, run.detached)
 }
 
 impl Supervisor {
@@ -171,8 +182,10 @@ impl Supervisor {
                 let Some(relay) = &mut w.child.relay else {
                     continue;
                 };
-                if !relay.hung_up && ready(relay.master.as_raw_fd()) {
-                    relay.forward_output();
+                for output in &mut relay.outputs {
+                    if output.open() && ready(output.from.as_raw_fd()) {
+                        output.forward();
+                    }
                 }
                 if relay.stdin.as_ref().is_some_and(|s| ready(s.as_raw_fd())) {
                     relay.forward_input();
@@ -192,9 +205,8 @@ impl Supervisor {
         for w in &self.watched {
             fds.push(poll_in(w.child.pidfd.as_raw_fd()));
             if let Some(relay) = &w.child.relay {
-                if !relay.hung_up {
-                    fds.push(poll_in(relay.master.as_raw_fd()));
-                }
+                let outputs = relay.outputs.iter().filter(|o| o.open());
+                fds.extend(outputs.map(|o| poll_in(o.from.as_raw_fd())));
                 fds.extend(relay.stdin.as_ref().map(|s| poll_in(s.as_raw_fd())));
             }
         }
@@ -217,10 +229,12 @@ impl Supervisor {
     }
 
     /// Handles one message from the host. A host that is gone takes every
-    /// process with it: nobody is left to see their output.
+    /// process with it: nobody is left to see their output. A detached
+    /// process outlives a restore, which resets the stream.
     fn handle_request(&mut self) {
         let frame = match protocol::receive(&mut self.control) {
             Ok(Some(frame)) => frame,
+            Err(e) if self.detached && restore::was_reset(&e) && self.resumed() => return,
             _ => {
                 self.control_open = false;
                 for w in &self.watched {
@@ -304,7 +318,54 @@ impl Supervisor {
             }
             _ => Place::Vm,
         };
-        self.fork_into(place, || process::start(&process, place, streams))
+        self.fork_into(place, || process::start(&process, place, streams, false))
+    }
+
+    fn resumed(&mut self) -> bool {
+        let resumed = self.resume();
+        if let Err(e) = &resumed {
+            let _ = writeln!(io::stderr(), "uvm-agent: resuming after a restore: {e}");
+        }
+        resumed.is_ok()
+    }
+
+    /// The VM was restored from a snapshot and has a new host: connects to
+    /// it, says which process runs, makes the guest its own with the
+    /// host's [`Fresh`], and relays the main process's output to it. The
+    /// exec'd processes end: the commands that asked for them are the old
+    /// host's.
+    fn resume(&mut self) -> io::Result<()> {
+        let main = self.main;
+        for w in self.watched.iter().filter(|w| w.id != main) {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(w.child.pid, libc::SIGKILL) };
+        }
+        self.watched.retain(|w| w.id == main);
+        let Some(w) = self.watched.first_mut() else {
+            return Err(io::Error::other("the main process is not running"));
+        };
+        let relay = w
+            .child
+            .relay
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the main process's output is not relayed"))?;
+        relay.disconnect();
+        let mut control = vsock::connect(CONTROL_PORT)?;
+        let resumed = Resumed {
+            pid: w.child.pid,
+            tty: w.tty,
+        };
+        protocol::send(&mut control, main, &resumed)?;
+        let frame = protocol::receive(&mut control)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        if frame.kind != Fresh::KIND {
+            let e = format!("the host answered with message kind {:#x}", frame.kind);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        restore::refresh(&frame.decode::<Fresh>()?)?;
+        relay.connect(Streams::connect(&self.main_process)?);
+        self.control = control;
+        Ok(())
     }
 
     /// The VM's tools, for processes in the VM itself: mounted on first use

@@ -312,6 +312,7 @@ impl Launcher {
             tty: None,
             user: None,
             root,
+            detached: false,
         };
         protocol::to_cmdline(&process.request())
     }

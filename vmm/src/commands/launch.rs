@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use vmm::state::control::Server;
 use vmm::state::log::LogWriter;
+use vmm::state::snapshot::{self, Requests};
 use vmm::state::{Config, Instance, Root, StateFiles};
 use vmm::sys::{self, Stdio};
 use vmm::template::Prepared;
@@ -27,15 +28,23 @@ const DETACHED: &str = "UVM_DETACHED_VMM";
 /// container's process runs.
 const STARTED: &[u8] = b"started\n";
 
-/// How this `uvm run` runs its VM.
+/// How this `uvm run` (or `uvm restore`) runs its VM.
 pub struct Launch {
     root: PathBuf,
     name: Option<String>,
     detach: bool,
     /// This process is the background VMM that a `run -d` started.
     vmm: Option<(String, RawFd, RawFd)>,
-    /// Neither restore nor save a template.
-    cold: bool,
+    origin: Origin,
+}
+
+/// Where the VM comes from.
+pub enum Origin {
+    /// Restored from its template or booted (and then saved as one), or
+    /// with `cold` booted only.
+    Run { cold: bool },
+    /// Restored from a snapshot directory (`uvm restore`).
+    Snapshot(PathBuf),
 }
 
 impl Launch {
@@ -43,7 +52,7 @@ impl Launch {
         root: Option<PathBuf>,
         name: Option<String>,
         detach: bool,
-        cold: bool,
+        origin: Origin,
     ) -> anyhow::Result<Self> {
         let vmm = match std::env::var(DETACHED) {
             Ok(value) => {
@@ -57,7 +66,7 @@ impl Launch {
             name,
             detach,
             vmm,
-            cold,
+            origin,
         })
     }
 
@@ -74,7 +83,7 @@ impl Launch {
             let vmm = Vmm {
                 config,
                 start,
-                cold: self.cold,
+                origin: &self.origin,
             };
             return background_vmm(&root, id, *lock, *ready, &vmm, finish);
         }
@@ -88,9 +97,9 @@ impl Launch {
         let vmm = Vmm {
             config,
             start,
-            cold: self.cold,
+            origin: &self.origin,
         };
-        let report = serve(&mut instance, &vmm, stdio, || {});
+        let report = serve(&mut instance, &vmm, stdio, None);
         let removed = instance.remove();
         let code = finish(&report?);
         removed?;
@@ -132,35 +141,30 @@ fn summary(config: &VmConfig) -> Config {
 struct Vmm<'a> {
     config: &'a VmConfig,
     start: Instant,
-    cold: bool,
+    origin: &'a Origin,
 }
 
 /// Runs the VM with its control socket served, recording when the
-/// container's process runs (and calling `started` then).
+/// container's process runs (and then writing `started` to `ready`); a VM
+/// in the background (with `ready`) takes snapshots when asked.
 fn serve(
     instance: &mut Instance,
     vmm: &Vmm,
     stdio: Stdio,
-    started: impl FnOnce(),
+    ready: Option<File>,
 ) -> anyhow::Result<Report> {
-    let open = || sys::open_hypervisor(vmm.config);
-    let prepared = match templates() {
-        Some(templates) => templates.prepare(open, vmm.config, vmm.start, vmm.cold)?,
-        None => Prepared {
-            vm: UtilityVm::build(open, vmm.config, vmm.start)?,
-            save: None,
-            notice: None,
-        },
-    };
+    let (prepared, config) = prepare(instance, vmm)?;
     if let Some(notice) = &prepared.notice {
         eprintln!("uvm: {notice}");
     }
     let mut running = prepared.vm.start(stdio)?;
+    let snapshots = ready.is_some().then(Requests::default);
     let server = match running.link().agent() {
         Some(agent) => Some(Server::start(
             &instance.socket(),
             agent.clone(),
             running.ending(),
+            snapshots.clone(),
         )?),
         None => None,
     };
@@ -175,14 +179,50 @@ fn serve(
     running.release()?;
     if running.wait_started().is_ok() {
         instance.update(|record| record.set_running())?;
-        started();
+        if let Some(mut ready) = ready {
+            let _ = ready.write_all(STARTED);
+        }
     }
-    running.wait();
+    match snapshots {
+        Some(snapshots) => snapshots.serve(&mut running, &config),
+        None => running.wait(),
+    };
     let report = running.shutdown();
     if let Some(server) = server {
         server.stop();
     }
     Ok(report)
+}
+
+/// The VM to run, and the config it was built from.
+fn prepare(
+    instance: &Instance,
+    vmm: &Vmm,
+) -> anyhow::Result<(Prepared<sys::HostHypervisor>, VmConfig)> {
+    let config = match vmm.origin {
+        Origin::Run { .. } => vmm.config.clone(),
+        Origin::Snapshot(_) => VmConfig {
+            scratch: (vmm.config.scratch.clone()).map(|(_, size)| (instance.scratch(), size)),
+            ..vmm.config.clone()
+        },
+    };
+    let open = || sys::open_hypervisor(&config);
+    let prepared = match (vmm.origin, templates()) {
+        (Origin::Snapshot(dir), _) => Prepared {
+            vm: snapshot::restore(open, dir, &config, vmm.start)?,
+            save: None,
+            notice: None,
+        },
+        (Origin::Run { cold }, Some(templates)) => {
+            templates.prepare(open, &config, vmm.start, *cold)?
+        }
+        (Origin::Run { .. }, None) => Prepared {
+            vm: UtilityVm::build(open, &config, vmm.start)?,
+            save: None,
+            notice: None,
+        },
+    };
+    Ok((prepared, config))
 }
 
 /// `run -d`: starts this same command again as the VM's VMM, in a session
@@ -243,7 +283,7 @@ fn background_vmm(
     finish: impl FnOnce(&Report) -> anyhow::Result<i32>,
 ) -> anyhow::Result<i32> {
     // SAFETY: the parent uvm made this pipe's write end for us alone.
-    let mut ready = File::from(unsafe { OwnedFd::from_raw_fd(ready) });
+    let ready = File::from(unsafe { OwnedFd::from_raw_fd(ready) });
     let mut instance = root.adopt(id, lock)?;
     let log = File::options()
         .create(true)
@@ -256,13 +296,11 @@ fn background_vmm(
         stdout: Box::new(stdout),
         stderr: Box::new(stderr),
     };
-    let report = serve(&mut instance, vmm, stdio, move || {
-        let _ = ready.write_all(STARTED);
-    })?;
+    let report = serve(&mut instance, vmm, stdio, Some(ready))?;
     let code = finish(&report);
     let (status, error) = match &code {
         Ok(code) => (*code, None),
-        Err(e) => (1, Some(format!("{e:#}"))),
+        Err(e) => (1, Some(crate::describe(e))),
     };
     instance.update(|record| record.set_exited(status, error))?;
     code

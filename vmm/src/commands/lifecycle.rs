@@ -117,7 +117,7 @@ fn each(vms: &VmsArgs, mut one: impl FnMut(&str) -> anyhow::Result<()>) -> anyho
             if vms.vms.len() == 1 {
                 return Err(e);
             }
-            eprintln!("uvm: error: {e:#}");
+            eprintln!("uvm: error: {}", crate::describe(&e));
             failed = Some(1);
         }
     }

@@ -7,6 +7,7 @@ mod launch;
 mod lifecycle;
 mod logs;
 mod ps;
+mod snapshot;
 
 use std::path::PathBuf;
 
@@ -15,7 +16,8 @@ use clap::Subcommand;
 use vmm::state::control::{Channel, Reply, Request};
 use vmm::state::{Entry, Root, StateFiles, Status};
 
-pub use self::launch::Launch;
+pub use self::launch::{Launch, Origin};
+pub use self::snapshot::{restore, RestoreArgs};
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -37,6 +39,9 @@ pub enum Command {
     Rm(lifecycle::RmArgs),
     /// A VM's state as JSON.
     Inspect(lifecycle::VmsArgs),
+    /// Save a VM in the background to a directory (`uvm restore` starts
+    /// VMs from it); the VM runs on.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 pub fn run(command: Command, root: Option<PathBuf>) -> anyhow::Result<i32> {
@@ -51,6 +56,7 @@ pub fn run(command: Command, root: Option<PathBuf>) -> anyhow::Result<i32> {
         Command::Wait(args) => lifecycle::wait(&root, &args),
         Command::Rm(args) => lifecycle::rm(&root, &args),
         Command::Inspect(args) => ps::inspect(&root, &args),
+        Command::Snapshot(args) => snapshot::snapshot(&root, &args),
     }
 }
 

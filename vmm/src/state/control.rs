@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::snapshot::Requests;
 use crate::agent::{Agent, ExecError, ExecSpec, Execution};
 use crate::vm::threads::{Ending, ThreadKind, Worker};
 use crate::vm::{Error, Exit};
@@ -50,6 +51,10 @@ pub enum Request {
     /// VM ends.
     Stop {
         timeout_secs: u64,
+    },
+    /// Save the VM into this directory (see [`super::snapshot`]); it runs on.
+    Snapshot {
+        dir: PathBuf,
     },
 }
 
@@ -184,8 +189,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Serves `path` for the VM that `agent` and `ending` belong to.
-    pub fn start(path: &Path, agent: Agent, ending: &Arc<Ending>) -> Result<Self, Error> {
+    /// Serves `path` for the VM that `agent` and `ending` belong to;
+    /// snapshots go to `snapshots`, if its owner takes them.
+    pub fn start(
+        path: &Path,
+        agent: Agent,
+        ending: &Arc<Ending>,
+        snapshots: Option<Requests>,
+    ) -> Result<Self, Error> {
         let listener = UnixListener::bind(path).map_err(|source| Error::ControlSocket {
             path: path.to_owned(),
             source,
@@ -194,7 +205,7 @@ impl Server {
         let stopped = stop.try_clone().map_err(Error::Devices)?;
         let vm = ending.clone();
         let worker = Worker::spawn("control", ThreadKind::Control, ending, move || {
-            accept_clients(&listener, &stopped, &agent, &vm);
+            accept_clients(&listener, &stopped, &agent, &vm, &snapshots);
             None
         })?;
         Ok(Self { stop, worker })
@@ -211,7 +222,13 @@ impl Server {
     }
 }
 
-fn accept_clients(listener: &UnixListener, stop: &EventFd, agent: &Agent, vm: &Arc<Ending>) {
+fn accept_clients(
+    listener: &UnixListener,
+    stop: &EventFd,
+    agent: &Agent,
+    vm: &Arc<Ending>,
+    snapshots: &Option<Requests>,
+) {
     let mut clients: Vec<Worker> = Vec::new();
     loop {
         let mut fds = [poll_in(listener.as_raw_fd()), poll_in(stop.as_raw_fd())];
@@ -237,9 +254,9 @@ fn accept_clients(listener: &UnixListener, stop: &EventFd, agent: &Agent, vm: &A
             let _ = channel.send(&Reply::Error(busy), &[]);
             continue;
         }
-        let (agent, ending) = (agent.clone(), vm.clone());
+        let (agent, ending, snapshots) = (agent.clone(), vm.clone(), snapshots.clone());
         match Worker::spawn("control-client", ThreadKind::Control, vm, move || {
-            serve_client(channel, &agent, &ending);
+            serve_client(channel, &agent, &ending, snapshots.as_ref());
             None
         }) {
             Ok(worker) => clients.push(worker),
@@ -249,7 +266,12 @@ fn accept_clients(listener: &UnixListener, stop: &EventFd, agent: &Agent, vm: &A
     clients.into_iter().for_each(Worker::join);
 }
 
-fn serve_client(mut channel: Channel, agent: &Agent, vm: &Arc<Ending>) {
+fn serve_client(
+    mut channel: Channel,
+    agent: &Agent,
+    vm: &Arc<Ending>,
+    snapshots: Option<&Requests>,
+) {
     let request = channel
         .set_read_timeout(Some(REQUEST_TIMEOUT))
         .and_then(|()| channel.recv::<Request>())
@@ -264,10 +286,25 @@ fn serve_client(mut channel: Channel, agent: &Agent, vm: &Arc<Ending>) {
             let _ = channel.send(&Reply::Ok, &[]);
             return stop(agent, vm, Duration::from_secs(timeout_secs));
         }
+        Ok(Request::Snapshot { dir }) => snapshot(dir, agent, vm, snapshots),
         Ok(other) => Reply::Error(format!("{other:?} needs an exec first")),
         Err(e) => Reply::Error(format!("bad request: {e}")),
     };
     let _ = channel.send(&reply, &[]);
+}
+
+fn snapshot(dir: PathBuf, agent: &Agent, vm: &Ending, snapshots: Option<&Requests>) -> Reply {
+    let Some(snapshots) = snapshots else {
+        // A restore would lose its container's stdio: it is this command's.
+        return Reply::Error("only a VM in the background (run -d) can be saved".into());
+    };
+    if !agent.main_started() {
+        return Reply::Error("the container is not running".into());
+    }
+    match snapshots.ask(dir, vm) {
+        Ok(()) => Reply::Ok,
+        Err(e) => Reply::Error(e),
+    }
 }
 
 /// `docker stop`: SIGTERM, SIGKILL after `timeout`, and if the guest still

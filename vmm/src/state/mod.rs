@@ -8,6 +8,7 @@
 pub mod control;
 pub mod log;
 mod record;
+pub mod snapshot;
 
 use std::fs::File;
 use std::io;
@@ -27,6 +28,7 @@ const SOCKET: &str = "control.sock";
 const LOG: &str = "log.json";
 /// uvm's own messages for a VM in the background.
 const VMM_LOG: &str = "vmm.log";
+const SCRATCH: &str = "scratch.img";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -323,6 +325,11 @@ pub trait StateFiles {
     /// uvm's own messages for a VM in the background.
     fn vmm_log(&self) -> PathBuf {
         self.dir().join(VMM_LOG)
+    }
+
+    /// A restored VM's own copy of its snapshot's scratch disk.
+    fn scratch(&self) -> PathBuf {
+        self.dir().join(SCRATCH)
     }
 }
 

@@ -223,6 +223,13 @@ mod ioctl {
         iowr(0xAE, 0x88, std::mem::size_of::<kvm_msrs>() as u64), // KVM_GET_MSRS
         kvm_get::<kvm_vcpu_events>(0x9f),
     ];
+    /// What saving the VM itself reads (vm/mod.rs `save`, on the thread
+    /// that owns the VM).
+    pub const KVM_SAVE_VM: &[u64] = &[
+        iowr(0xAE, 0x62, std::mem::size_of::<kvm_irqchip>() as u64), // KVM_GET_IRQCHIP
+        kvm_get::<kvm_pit_state2>(0x9f),
+        kvm_get::<kvm_clock_data>(0x7c),
+    ];
     pub const TCGETS: u64 = 0x5401;
     pub const TCSETS: u64 = 0x5402;
     pub const TIOCGWINSZ: u64 = 0x5413;
@@ -356,6 +363,8 @@ fn allowed(kind: ThreadKind) -> Vec<Group> {
                 &[SYS_ioctl][..],
                 Conditions::Ioctls(&[ioctl::TCGETS, ioctl::TCSETS, ioctl::TIOCGWINSZ]),
             ),
+            // `uvm snapshot`: the VM's interrupt controllers, timer and clock.
+            (&[SYS_ioctl][..], Conditions::Ioctls(ioctl::KVM_SAVE_VM)),
             // The VM's state directory: the record rewritten (atomically),
             // removed at the end; the VMM's memory read from smaps for the
             // report. glibc and musl spell some of these differently.
@@ -376,6 +385,26 @@ fn allowed(kind: ThreadKind) -> Vec<Group> {
                     SYS_rmdir,
                     SYS_getdents64,
                     SYS_flock,
+                ][..],
+                Conditions::Any,
+            ),
+            // `uvm snapshot` of a VM in the background (state/snapshot.rs):
+            // its directory made, the inputs' paths resolved (glibc checks
+            // a directory before a `..` with faccessat) and digests kept,
+            // memory and state written, the scratch disk copied.
+            (
+                &[
+                    SYS_mkdir,
+                    SYS_mkdirat,
+                    SYS_readlink,
+                    SYS_readlinkat,
+                    SYS_faccessat,
+                    SYS_faccessat2,
+                    SYS_getcwd,
+                    SYS_pwrite64,
+                    SYS_ftruncate,
+                    SYS_fsync,
+                    SYS_copy_file_range,
                 ][..],
                 Conditions::Any,
             ),
@@ -457,6 +486,7 @@ mod tests {
             0x8040_ae9f,
         ];
         assert_eq!(ioctl::KVM_SAVE, save);
+        assert_eq!(ioctl::KVM_SAVE_VM, [0xc208_ae62, 0x8070_ae9f, 0x8030_ae7c]);
         assert_eq!(ioctl::FIONBIO, libc::FIONBIO);
         assert_eq!(ioctl::TIOCGWINSZ, libc::TIOCGWINSZ);
     }

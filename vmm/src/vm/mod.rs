@@ -46,7 +46,7 @@ use crate::{boot, cpuid, lock, memory, scratch};
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 no_timer_check \
     initcall_blacklist=param_sysfs_builtin_init";
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -86,7 +86,7 @@ impl VmConfig {
 /// reserved; the host is 2).
 pub const DEFAULT_GUEST_CID: u64 = 3;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     pub guest_cid: u64,
     /// Hybrid vsock: host programs reach guest ports through this Unix
