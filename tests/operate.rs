@@ -458,12 +458,13 @@ fn restoring_a_missing_or_garbled_snapshot_is_a_clear_error() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A copy of the snapshot in `from`, sparse as it is.
 fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
+    let out = run(Command::new("cp")
+        .args(["-r", "--sparse=always"])
+        .arg(from)
+        .arg(to));
+    assert!(out.status.success(), "cp: {}", stderr(&out));
 }
 
 #[test]

@@ -775,14 +775,15 @@ mod tests {
         program: &str,
         tools: Option<u32>,
     ) -> (HostPorts, Agent, UnixStream, Arc<Ending>, Worker) {
-        start_session_saying(program, tools, &Ready {})
+        start_session_saying(program, tools, (0, &Ready {}))
     }
 
-    /// As [`start_session`], with `first` as the agent's first message.
+    /// As [`start_session`], with `first` (id, message) as the agent's
+    /// first message.
     fn start_session_saying<M: Message>(
         program: &str,
         tools: Option<u32>,
-        first: &M,
+        (id, first): (u64, &M),
     ) -> (HostPorts, Agent, UnixStream, Arc<Ending>, Worker) {
         let mut ports = HostPorts::new(None);
         let main = ProcessSpec {
@@ -792,7 +793,7 @@ mod tests {
         let session = Session::new(Some(main), tools, &ports, Vec::new());
         let agent = session.agent();
         let mut guest = ports.connect(CONTROL_PORT).unwrap();
-        protocol::send(&mut guest, 0, first).unwrap();
+        protocol::send(&mut guest, id, first).unwrap();
         let ending = Arc::new(Ending::default());
         let stdio = Stdio {
             stdin: std::fs::File::open("/dev/null").unwrap().into(),
@@ -806,7 +807,7 @@ mod tests {
     #[test]
     fn an_agent_that_does_not_say_it_is_ready_gets_no_request() {
         let (ports, _, mut agent, ending, worker) =
-            start_session_saying("/bin/true", None, &Started { pid: 1 });
+            start_session_saying("/bin/true", None, (0, &Started { pid: 1 }));
         let exit = ending.wait();
         assert!(
             matches!(&exit, Exit::Session(m) if m.contains("not Ready")),
@@ -818,6 +819,37 @@ mod tests {
             protocol::receive(&mut agent).unwrap().is_none(),
             "a request"
         );
+    }
+
+    #[test]
+    fn a_resumed_agent_gets_fresh_state_not_a_run_and_is_followed() {
+        let resumed = Resumed { pid: 9, tty: false };
+        let (mut ports, handle, mut guest, ending, worker) =
+            start_session_saying("/bin/true", None, (RUN_ID, &resumed));
+        let fresh = protocol::receive(&mut guest).unwrap().unwrap();
+        assert_eq!((fresh.kind, fresh.id), (Fresh::KIND, RUN_ID));
+        assert!(fresh.decode::<Fresh>().unwrap().realtime_ns > 0);
+        let main_stdio: Vec<_> = (1025..=1027).map(|p| ports.connect(p).unwrap()).collect();
+        ending.wait_for(|| handle.main_started()).unwrap();
+        drop(main_stdio);
+        protocol::send(&mut guest, RUN_ID, &Exited::Code(3)).unwrap();
+        assert_eq!(
+            ending.wait(),
+            Exit::Process(Outcome::Exited(Exited::Code(3)))
+        );
+        drop((guest, ports));
+        worker.join();
+
+        // Only the main process can be resumed.
+        let (ports, _, _guest, ending, worker) =
+            start_session_saying("/bin/true", None, (RUN_ID + 1, &resumed));
+        let exit = ending.wait();
+        assert!(
+            matches!(&exit, Exit::Session(m) if m.contains("not Ready")),
+            "{exit:?}"
+        );
+        drop(ports);
+        worker.join();
     }
 
     #[test]

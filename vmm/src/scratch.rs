@@ -247,6 +247,29 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_keeps_data_and_holes_and_never_overwrites() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = std::env::temp_dir().join(format!("uvm-scratch-copy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (from, to) = (dir.join("from.img"), dir.join("to.img"));
+        let file = File::create(&from).unwrap();
+        file.set_len(256 << 20).unwrap();
+        file.write_all_at(b"start", 0).unwrap();
+        file.write_all_at(b"middle", 100 << 20).unwrap();
+        file.write_all_at(b"end", (256 << 20) - 3).unwrap();
+        copy(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
+        let used = std::fs::metadata(&to).unwrap().blocks() * 512;
+        assert!(used < 1 << 20, "the holes stay holes: {used} bytes used");
+        let err = copy(&from, &to).unwrap_err().to_string();
+        assert!(err.contains("to.img") && err.contains("exists"), "{err}");
+        let err = copy(&dir.join("none.img"), &dir.join("new.img")).unwrap_err();
+        assert!(err.to_string().contains("none.img"), "{err}");
+        assert!(!dir.join("new.img").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn unusable_paths_are_refused_and_nothing_is_left() {
         let err = open_or_create(Path::new("/proc/uvm-scratch.img"), 64 << 20).unwrap_err();
         assert!(err

@@ -143,7 +143,7 @@ fn start_relayed(process: &Process, place: Place, streams: Streams) -> io::Resul
     let mut relay = Relay {
         terminal: None,
         stdin: None,
-        outputs: vec![Output::new(stdout), Output::new(stderr)],
+        outputs: vec![Output::new(stdout, None), Output::new(stderr, None)],
     };
     relay.connect(streams);
     Ok(Child {
@@ -180,11 +180,7 @@ fn start_on_tty(
         pid,
         pidfd: pidfd_open(pid)?,
         relay: Some(Relay {
-            outputs: vec![Output {
-                from: master.try_clone()?,
-                to: Some(streams.stdout),
-                ended: false,
-            }],
+            outputs: vec![Output::new(master.try_clone()?, Some(streams.stdout))],
             terminal: Some(master),
             stdin: Some(streams.stdin),
         }),
@@ -271,16 +267,20 @@ pub struct Output {
     /// `None` while there is no host stream to write to (it was reset by a
     /// restore, until the new host's is connected): not read meanwhile.
     to: Option<File>,
+    /// Read but not yet written: at most one read's worth, kept when the
+    /// host stream failed, for the next one.
+    pending: Vec<u8>,
     /// Every writer is gone (for a terminal: every slave end is closed,
     /// and polling the master would report the hang-up at once, forever).
     ended: bool,
 }
 
 impl Output {
-    fn new(from: File) -> Self {
+    fn new(from: File, to: Option<File>) -> Self {
         Self {
             from,
-            to: None,
+            to,
+            pending: Vec::new(),
             ended: false,
         }
     }
@@ -290,21 +290,36 @@ impl Output {
         !self.ended && self.to.is_some()
     }
 
-    /// One read copied to the host. A host stream that fails is gone, not
-    /// the output: it waits for the next host.
+    /// One read copied to the host.
     pub fn forward(&mut self) {
-        let Some(to) = &mut self.to else {
+        if self.to.is_none() {
             return;
-        };
+        }
         let mut buf = [0u8; 16 * 1024];
         match self.from.read(&mut buf) {
             Ok(n) if n > 0 => {
-                if to.write_all(&buf[..n]).is_err() {
-                    self.to = None;
-                }
+                self.pending.extend_from_slice(&buf[..n]);
+                self.send_pending();
             }
             _ => self.ended = true,
         }
+    }
+
+    /// A host stream that fails is gone, not the output: what it did not
+    /// take waits for the next host.
+    fn send_pending(&mut self) {
+        let Some(to) = &mut self.to else {
+            return;
+        };
+        match to.write_all(&self.pending) {
+            Ok(()) => self.pending.clear(),
+            Err(_) => self.to = None,
+        }
+    }
+
+    fn connect(&mut self, to: Option<File>) {
+        self.to = to;
+        self.send_pending();
     }
 
     fn drain(&mut self) {
@@ -348,7 +363,7 @@ impl Relay {
     pub fn connect(&mut self, streams: Streams) {
         let to = [Some(streams.stdout), streams.stderr];
         for (output, to) in self.outputs.iter_mut().zip(to) {
-            output.to = to;
+            output.connect(to);
         }
     }
 
@@ -442,5 +457,50 @@ pub fn failure(process: &Process, e: &io::Error) -> Failed {
     Failed {
         message: format!("{program}: {e}"),
         exit_code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn stream() -> (UnixStream, File) {
+        let (host, agent) = UnixStream::pair().unwrap();
+        (host, File::from(OwnedFd::from(agent)))
+    }
+
+    fn read_some(host: &mut UnixStream) -> String {
+        let mut buf = [0u8; 64];
+        let n = host.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[test]
+    fn relayed_output_outlives_its_host_stream() {
+        let (from, mut process) = pipe().unwrap();
+        let (mut first, to) = stream();
+        let mut output = Output::new(from, Some(to));
+        process.write_all(b"one").unwrap();
+        output.forward();
+        assert_eq!(read_some(&mut first), "one");
+
+        // The host's stream is gone (a restore reset it): what was read
+        // waits, the rest stays in the pipe, the output is not over.
+        drop(first);
+        process.write_all(b"two").unwrap();
+        output.forward();
+        assert!(!output.open() && !output.ended);
+        process.write_all(b"three").unwrap();
+
+        let (mut second, to) = stream();
+        output.connect(Some(to));
+        assert_eq!(read_some(&mut second), "two");
+        output.forward();
+        assert_eq!(read_some(&mut second), "three");
+        drop(process);
+        output.forward();
+        assert!(output.ended, "every writer is gone");
     }
 }

@@ -174,8 +174,9 @@ pub fn config(dir: &Path) -> Result<VmConfig> {
 }
 
 /// The VM saved in `dir`, for `config` (from [`config`], with a path of its
-/// own for the scratch disk, where the saved copy is copied first), then its inputs checked against the saved ones (by
-/// content), then its memory and state restored.
+/// own for the scratch disk): its inputs checked against the saved ones
+/// (by content) and its state read first, then the saved scratch disk
+/// copied to that path, then its memory and state restored.
 pub fn restore<H, F>(open: F, dir: &Path, config: &VmConfig, start: Instant) -> Result<UtilityVm<H>>
 where
     H: Hypervisor + Send,
@@ -183,10 +184,55 @@ where
     VcpuOf<H>: Stateful,
     F: FnOnce() -> hypervisor::Result<H> + Send,
 {
-    if let Some((disk, _)) = &config.scratch {
-        scratch::copy(&dir.join(SCRATCH), disk)?;
-    }
-    let (identity, _) = template::identity(config, dir)?;
+    let saved_scratch = dir.join(SCRATCH);
+    let saved_config = VmConfig {
+        scratch: (config.scratch.clone()).map(|(_, size)| (saved_scratch.clone(), size)),
+        ..config.clone()
+    };
+    let (identity, _) = template::identity(&saved_config, dir)?;
     let saved = snapshot::read(dir, config.host).map_err(vm::Error::from)?;
+    saved.check_identity(&identity).map_err(vm::Error::from)?;
+    if let Some((disk, _)) = &config.scratch {
+        scratch::copy(&saved_scratch, disk)?;
+    }
     Ok(UtilityVm::restore(open, config, start, saved, &identity)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_snapshot_is_asked_for_at_a_time_and_an_ending_vm_answers() {
+        let (requests, ending) = (Requests::default(), Arc::new(Ending::default()));
+        let first = {
+            let (requests, ending) = (requests.clone(), ending.clone());
+            std::thread::spawn(move || requests.ask("/one".into(), &ending))
+        };
+        while lock(&requests.0).is_none() {
+            std::thread::yield_now();
+        }
+        let second = requests.ask("/two".into(), &ending).unwrap_err();
+        assert!(second.contains("another snapshot"), "{second}");
+        // What the owner does when the VM ends while a client waits.
+        let asked = lock(&requests.0).take().unwrap();
+        assert_eq!(asked.dir, Path::new("/one"));
+        drop(asked);
+        assert_eq!(first.join().unwrap().unwrap_err(), "the VM ended");
+    }
+
+    #[test]
+    fn a_missing_or_garbled_config_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("uvm-snapshot-config-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let err = config(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("vm.json") && err.contains("No such file"),
+            "{err}"
+        );
+        fs::write(dir.join(CONFIG), "7").unwrap();
+        let err = config(&dir).unwrap_err().to_string();
+        assert!(err.contains("vm.json: invalid type"), "{err}");
+        fs::remove_dir_all(dir).unwrap();
+    }
 }

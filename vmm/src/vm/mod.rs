@@ -467,18 +467,12 @@ where
     where
         F: FnOnce() -> hypervisor::Result<H> + Send,
     {
+        snapshot.check_identity(identity)?;
         let snapshot::Snapshot { state, memory, dir } = snapshot;
         let refuse = |reason: String| snapshot::Error::Invalid {
             path: dir.clone(),
             reason,
         };
-        if state.identity != identity {
-            return Err(refuse(
-                "taken of a VM with other inputs (kernel, initrd, layers, memory, vCPUs or flags)"
-                    .into(),
-            )
-            .into());
-        }
         let mut vm = Self::assemble(open, config, start, Guest::Image(memory))?;
         if let Some(difference) = snapshot::cpuid_difference(&state.cpuid, &vm.cpuid) {
             return Err(refuse(difference).into());

@@ -210,6 +210,25 @@ pub fn sha256(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
+impl<H: Hypervisor> Snapshot<H>
+where
+    H::Vm: Stateful,
+    VcpuOf<H>: Stateful,
+{
+    /// Refuses a snapshot of a VM whose config had another identity.
+    pub fn check_identity(&self, identity: &str) -> Result<(), Error> {
+        match self.state.identity == identity {
+            true => Ok(()),
+            false => Err(Error::Invalid {
+                path: self.dir.clone(),
+                reason: "taken of a VM with other inputs (kernel, initrd, layers, memory, \
+                         vCPUs or flags)"
+                    .into(),
+            }),
+        }
+    }
+}
+
 /// The first CPUID leaf a restored vCPU would see differently from the
 /// snapshot's: its guest may use features this host's CPU lacks.
 pub fn cpuid_difference(saved: &[Vec<CpuidEntry>], here: &[Vec<CpuidEntry>]) -> Option<String> {
