@@ -804,10 +804,10 @@ mod tests {
         (ports, agent, guest, ending, worker)
     }
 
-    #[test]
-    fn an_agent_that_does_not_say_it_is_ready_gets_no_request() {
-        let (ports, _, mut agent, ending, worker) =
-            start_session_saying("/bin/true", None, (0, &Started { pid: 1 }));
+    /// A session whose agent begins with `first`, which must end it as a
+    /// broken one; the agent's end of the control stream.
+    fn refused_session<M: Message>(first: (u64, &M)) -> UnixStream {
+        let (ports, _, agent, ending, worker) = start_session_saying("/bin/true", None, first);
         let exit = ending.wait();
         assert!(
             matches!(&exit, Exit::Session(m) if m.contains("not Ready")),
@@ -815,6 +815,12 @@ mod tests {
         );
         drop(ports);
         worker.join();
+        agent
+    }
+
+    #[test]
+    fn an_agent_that_does_not_say_it_is_ready_gets_no_request() {
+        let mut agent = refused_session((0, &Started { pid: 1 }));
         assert!(
             protocol::receive(&mut agent).unwrap().is_none(),
             "a request"
@@ -841,15 +847,7 @@ mod tests {
         worker.join();
 
         // Only the main process can be resumed.
-        let (ports, _, _guest, ending, worker) =
-            start_session_saying("/bin/true", None, (RUN_ID + 1, &resumed));
-        let exit = ending.wait();
-        assert!(
-            matches!(&exit, Exit::Session(m) if m.contains("not Ready")),
-            "{exit:?}"
-        );
-        drop(ports);
-        worker.join();
+        refused_session((RUN_ID + 1, &resumed));
     }
 
     #[test]
