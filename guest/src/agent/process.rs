@@ -4,14 +4,13 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio as StdStdio};
 
 use guest::protocol::{Exited, Failed, Process, TtySize};
 use guest::vsock;
 
 use crate::check;
 use crate::root::{self, Container};
+use crate::spawn::{Spawn, Step};
 use crate::user;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -105,22 +104,23 @@ pub fn start(
 
 fn start_plain(process: &Process, place: Place, streams: Streams) -> io::Result<Child> {
     let stderr = match &streams.stderr {
-        Some(file) => StdStdio::from(file.try_clone()?),
-        None => StdStdio::null(),
+        Some(file) => file.try_clone()?,
+        None => File::open("/dev/null")?,
     };
-    let child = command(process, place)?
-        .stdin(streams.stdin.try_clone()?)
-        .stdout(streams.stdout.try_clone()?)
-        .stderr(stderr)
-        .spawn()?;
+    let stdio = [
+        streams.stdin.try_clone()?.into(),
+        streams.stdout.try_clone()?.into(),
+        stderr.into(),
+    ];
+    let pid = spawn(process, place, stdio, None)?;
     let Streams {
         stdin,
         stdout,
         stderr,
     } = streams;
     Ok(Child {
-        pid: child.id() as libc::pid_t,
-        pidfd: pidfd_open(child.id() as libc::pid_t)?,
+        pid,
+        pidfd: pidfd_open(pid)?,
         relay: None,
         streams: [Some(stdin), Some(stdout), stderr]
             .into_iter()
@@ -134,12 +134,12 @@ fn start_plain(process: &Process, place: Place, streams: Streams) -> io::Result<
 fn start_relayed(process: &Process, place: Place, streams: Streams) -> io::Result<Child> {
     let (stdout, stdout_end) = pipe()?;
     let (stderr, stderr_end) = pipe()?;
-    let child = command(process, place)?
-        .stdin(StdStdio::null())
-        .stdout(stdout_end)
-        .stderr(stderr_end)
-        .spawn()?;
-    let pid = child.id() as libc::pid_t;
+    let stdio = [
+        File::open("/dev/null")?.into(),
+        stdout_end.into(),
+        stderr_end.into(),
+    ];
+    let pid = spawn(process, place, stdio, None)?;
     let mut relay = Relay {
         terminal: None,
         stdin: None,
@@ -162,20 +162,19 @@ fn start_on_tty(
 ) -> io::Result<Child> {
     mount_devpts()?;
     let (master, slave) = openpty(size)?;
-    let mut cmd = command(process, place)?;
-    cmd.stdin(slave.try_clone()?)
-        .stdout(slave.try_clone()?)
-        .stderr(slave);
-    // SAFETY: between fork and exec only async-signal-safe calls (setsid,
-    // ioctl) run; both act on the child alone.
-    unsafe {
-        cmd.pre_exec(|| {
+    let stdio = [
+        slave.try_clone()?.into(),
+        slave.try_clone()?.into(),
+        slave.into(),
+    ];
+    let controlling_terminal: Step = Box::new(|| {
+        // SAFETY: plain system calls acting on the child alone.
+        unsafe {
             check(libc::setsid())?;
             check(libc::ioctl(0, libc::TIOCSCTTY, 0))
-        });
-    }
-    let child = cmd.spawn()?;
-    let pid = child.id() as libc::pid_t;
+        }
+    });
+    let pid = spawn(process, place, stdio, Some(controlling_terminal))?;
     Ok(Child {
         pid,
         pidfd: pidfd_open(pid)?,
@@ -188,13 +187,15 @@ fn start_on_tty(
     })
 }
 
-/// The command line, environment and working directory of `process`, to
-/// run at `place`.
-fn command(process: &Process, place: Place) -> io::Result<Command> {
-    let (program, args) = process
-        .argv
-        .split_first()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
+/// Starts `process` at `place` with `stdio`, its command line,
+/// environment, working directory and user; `last` is the child's final
+/// step before it executes the program.
+fn spawn(
+    process: &Process,
+    place: Place,
+    stdio: [OwnedFd; 3],
+    last: Option<Step>,
+) -> io::Result<libc::pid_t> {
     let cwd = process.cwd.as_deref().unwrap_or("/");
     // Seen from the agent, the container's directories are under its root.
     let prefix = match place {
@@ -214,42 +215,43 @@ fn command(process: &Process, place: Place) -> io::Result<Command> {
         .map(|spec| user::resolve(spec, prefix))
         .transpose()?;
     let home = ids.as_ref().and_then(|ids| ids.home.as_deref());
-    let mut cmd = Command::new(program);
-    cmd.args(args).env_clear();
-    cmd.env("PATH", DEFAULT_PATH)
-        .env("HOME", home.unwrap_or("/root"));
-    if process.tty.is_some() {
-        cmd.env("TERM", "xterm");
-    }
-    for entry in &process.env {
-        match entry.split_once('=') {
-            Some((key, value)) => cmd.env(key, value),
-            None => cmd.env(entry, ""),
-        };
-    }
+    let env = environment(process, home.unwrap_or("/root"));
+    let mut spawn = Spawn::new(&process.argv, env, stdio)?;
     let (tty, cwd_c) = (process.tty.is_some(), root::cstring(cwd.to_string())?);
-    match place {
-        Place::Vm => {
-            cmd.current_dir(cwd);
-        }
-        Place::NewContainer => {
-            // SAFETY: between fork and exec only system calls run (mount,
-            // chroot, chdir: async-signal-safe), on the child alone.
-            unsafe { cmd.pre_exec(move || root::enter(tty, &cwd_c)) };
-        }
+    spawn.step(match place {
+        // SAFETY: plain system call on a NUL-terminated string.
+        Place::Vm => Box::new(move || check(unsafe { libc::chdir(cwd_c.as_ptr()) })),
+        Place::NewContainer => Box::new(move || root::enter(tty, &cwd_c)),
         Place::Container(container) => {
             let joined = container.namespaces()?;
-            // SAFETY: between fork and exec only system calls run (setns,
-            // fchdir, chroot, chdir: async-signal-safe), on the child alone.
-            unsafe { cmd.pre_exec(move || joined.enter(&cwd_c)) };
+            Box::new(move || joined.enter(&cwd_c))
         }
-    }
+    });
     if let Some(ids) = ids {
-        // SAFETY: only system calls run (setgroups, setgid, setuid:
-        // async-signal-safe), on the child alone, after it entered its root.
-        unsafe { cmd.pre_exec(move || user::become_ids(&ids)) };
+        // After it entered its root: it may no longer be allowed to.
+        spawn.step(Box::new(move || user::become_ids(&ids)));
     }
-    Ok(cmd)
+    if let Some(last) = last {
+        spawn.step(last);
+    }
+    spawn.spawn()
+}
+
+/// The agent's defaults, then the process's own entries over them.
+fn environment(process: &Process, home: &str) -> Vec<String> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOME".into(), home.into()),
+    ];
+    if process.tty.is_some() {
+        env.push(("TERM".into(), "xterm".into()));
+    }
+    for entry in &process.env {
+        let (key, value) = entry.split_once('=').unwrap_or((entry, ""));
+        env.retain(|(k, _)| k != key);
+        env.push((key.into(), value.into()));
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
 /// The agent between a process and the host: the master of its
