@@ -90,6 +90,17 @@ pub struct Prepared<H: Hypervisor> {
     pub notice: Option<String>,
 }
 
+impl<H: Hypervisor> Prepared<H> {
+    /// A VM with nothing more to do before it starts.
+    pub fn ready(vm: UtilityVm<H>) -> Self {
+        Self {
+            vm,
+            save: None,
+            notice: None,
+        }
+    }
+}
+
 /// A template to save of a VM booting cold: it holds the VM's run request
 /// until [`Pending::save`].
 pub struct Pending {
@@ -154,11 +165,7 @@ impl Templates {
             .map_err(vm::Error::from)
             .and_then(|snapshot| UtilityVm::restore(&open, config, start, snapshot, &identity));
         match restored {
-            Ok(vm) => Ok(Prepared {
-                vm,
-                save: None,
-                notice: None,
-            }),
+            Ok(vm) => Ok(Prepared::ready(vm)),
             // The run's own inputs (its scratch disk in use, a socket path)
             // would fail a cold boot the same way.
             Err(e) if !unusable(&e) => Err(e.into()),

@@ -208,19 +208,13 @@ fn prepare(
     };
     let open = || sys::open_hypervisor(&config);
     let prepared = match (vmm.origin, templates()) {
-        (Origin::Snapshot(dir), _) => Prepared {
-            vm: snapshot::restore(open, dir, &config, vmm.start)?,
-            save: None,
-            notice: None,
-        },
+        (Origin::Snapshot(dir), _) => {
+            Prepared::ready(snapshot::restore(open, dir, &config, vmm.start)?)
+        }
         (Origin::Run { cold }, Some(templates)) => {
             templates.prepare(open, &config, vmm.start, *cold)?
         }
-        (Origin::Run { .. }, None) => Prepared {
-            vm: UtilityVm::build(open, &config, vmm.start)?,
-            save: None,
-            notice: None,
-        },
+        (Origin::Run { .. }, None) => Prepared::ready(UtilityVm::build(open, &config, vmm.start)?),
     };
     Ok((prepared, config))
 }
