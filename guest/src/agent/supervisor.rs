@@ -37,15 +37,13 @@ pub struct Supervisor {
     control: File,
     control_open: bool,
     watched: Vec<Watched>,
-    /// The main process's request id, environment and working directory
-    /// (execs start from them, as `docker exec` does), and its container.
+    /// The main process's request id and request: its environment and
+    /// working directory (execs start from them, as `docker exec` does),
+    /// its stdio ports, and whether it is detached (its output relayed, to
+    /// outlive a restore).
     main: u64,
-    /// The main process's request: its stdio ports, and whether it is
-    /// detached (its output relayed, to outlive a restore).
     main_process: Process,
     detached: bool,
-    env: Vec<String>,
-    cwd: Option<String>,
     container: Option<Container>,
     /// The pmem device of the VM's tools, until they are mounted.
     tools: Option<u32>,
@@ -66,8 +64,6 @@ pub fn serve(control: File, run: Run, id: u64, prepared: Option<Prepared>) -> io
         main: id,
         main_process: run.process.clone(),
         detached: run.detached,
-        env: run.process.env.clone(),
-        cwd: run.process.cwd.clone(),
         container: None,
         tools: run.tools,
         tools_mounted: false,
@@ -312,8 +308,9 @@ impl Supervisor {
             .map_err(|e| refused(format!("connecting the process's stdio: {e}")))?;
         let place = match (&self.container, exec.in_vm) {
             (Some(container), false) => {
-                process.env.splice(0..0, self.env.iter().cloned());
-                process.cwd = process.cwd.or_else(|| self.cwd.clone());
+                let main = &self.main_process;
+                process.env.splice(0..0, main.env.iter().cloned());
+                process.cwd = process.cwd.or_else(|| main.cwd.clone());
                 Place::Container(container)
             }
             _ => Place::Vm,

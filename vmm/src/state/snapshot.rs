@@ -11,6 +11,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -123,7 +124,8 @@ where
     partial.push(format!(".partial-{}", std::process::id()));
     let partial = dir.with_file_name(partial);
     // The guest's memory is the owner's alone to read.
-    std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+    fs::DirBuilder::new()
+        .mode(0o700)
         .create(&partial)
         .map_err(io_at(&partial))?;
     let written = write(running, config, &partial)
