@@ -62,6 +62,35 @@ pub struct Run {
     /// (see [`Resumed`]); its stdin is /dev/null.
     #[serde(default)]
     pub detached: bool,
+    /// The container's host name [default: `uvm`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Mounts in the container besides its root, made in this order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+}
+
+/// A mount in the container (OCI config.json's mounts, `uvm run -v`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// An absolute path in the container.
+    pub destination: String,
+    pub kind: MountKind,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountKind {
+    /// A host directory, or its one file `file`, as the read-only ext4
+    /// image `/dev/pmem{layer}` holds it. Writable, the container's writes
+    /// go to a tmpfs over it: they stay in the VM.
+    Bind {
+        layer: u32,
+        file: Option<String>,
+    },
+    Tmpfs,
+    Sysfs,
 }
 
 /// Fresh randomness and the time, from the host.
@@ -362,6 +391,15 @@ mod tests {
                 realtime_ns: 1_796_566_416_000_000_000,
             },
             detached: true,
+            hostname: Some("box".into()),
+            mounts: vec![Mount {
+                destination: "/data".into(),
+                kind: MountKind::Bind {
+                    layer: 2,
+                    file: Some("hosts".into()),
+                },
+                read_only: true,
+            }],
         };
         let mut wire = Vec::new();
         send(&mut wire, 7, &run).unwrap();

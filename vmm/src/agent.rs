@@ -403,9 +403,12 @@ impl Session {
         }
     }
 
-    /// From now on the run request waits for the returned gate to open.
+    /// From now on the run request waits for the returned gate to open:
+    /// one more hold on it.
     pub fn hold_run(&mut self) -> RunGate {
-        self.gate.insert(RunGate::default()).clone()
+        let gate = self.gate.get_or_insert_with(RunGate::default);
+        gate.hold();
+        gate.clone()
     }
 
     pub fn agent(&self) -> Agent {

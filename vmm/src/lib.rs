@@ -27,6 +27,9 @@ pub mod template;
 #[cfg(unix)]
 pub mod terminal;
 pub mod vm;
+// Host directories and files in the container, as layer images.
+#[cfg(target_os = "linux")]
+pub mod volume;
 
 /// `N` bytes from the host's random pool.
 #[cfg(target_os = "linux")]

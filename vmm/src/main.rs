@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use guest::protocol::{Root, TtySize};
-use vmm::process::{Outcome, ProcessSpec};
+use vmm::process::{ContainerMount, MountSource, Outcome, ProcessSpec};
 use vmm::pvm::{self, HostKind};
 use vmm::sys;
 use vmm::vm::{Exit, Report, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
@@ -53,6 +53,10 @@ enum Command {
     /// Boot a utility VM and run COMMAND in it, with its stdio and exit code.
     /// Without COMMAND, boot until the guest agent is up.
     Run(Box<RunArgs>),
+    /// Boot a utility VM in the background, ready to run COMMAND when `uvm
+    /// start` says so (docker create); prints its ID once it is ready.
+    #[cfg(target_os = "linux")]
+    Create(Box<RunArgs>),
     /// Container image layers.
     #[command(subcommand)]
     Layer(LayerCommand),
@@ -150,6 +154,22 @@ struct RunArgs {
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
 
+    /// In the background: the container's stdin, stdout and stderr are this
+    /// command's own, kept by the VM, instead of /dev/null and the VM's log
+    /// (as conmon and containerd's shim pass them to an OCI runtime); the
+    /// ID is then not printed.
+    #[arg(long)]
+    keep_stdio: bool,
+
+    /// In the background: write the pid of the VM's VMM process to FILE. It
+    /// lives as long as the VM and exits with the container's status.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+
+    /// `uvm create`: the container waits for `uvm start`.
+    #[arg(skip)]
+    held: bool,
+
     /// The VM's own tools for `uvm console` (an ext4 image, mapped like a
     /// layer, read only when a console starts).
     /// [default: target/guest/tools.img if `cargo xtask guest` made it]
@@ -194,6 +214,16 @@ struct RunArgs {
     /// Override the image's Entrypoint (and, like docker, drop its Cmd).
     #[arg(long, value_name = "CMD", requires = "image")]
     entrypoint: Option<String>,
+
+    /// A host directory or file in the container, at GUEST: a copy taken
+    /// when the VM starts (what the container writes there stays in the
+    /// VM); `:ro` makes it read-only (repeatable).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]", value_parser = parse_volume)]
+    volumes: Vec<ContainerMount>,
+
+    /// The container's host name [default: uvm].
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
 
     /// Run COMMAND as `user`, `uid`, `user:group` or `uid:gid` (names from
     /// the container's /etc/passwd and /etc/group) [default: the image's
@@ -273,6 +303,28 @@ impl VmArgs {
     }
 }
 
+/// `HOST:GUEST` or `HOST:GUEST:ro`, HOST made absolute.
+fn parse_volume(text: &str) -> Result<ContainerMount, String> {
+    let (rest, read_only) = match text.strip_suffix(":ro") {
+        Some(rest) => (rest, true),
+        None => (text.strip_suffix(":rw").unwrap_or(text), false),
+    };
+    let Some((host, guest)) = rest.split_once(':') else {
+        return Err(format!("expected HOST:GUEST[:ro], got `{text}`"));
+    };
+    if host.is_empty() || !guest.starts_with('/') {
+        return Err(format!(
+            "`{text}`: HOST must be given and GUEST be absolute"
+        ));
+    }
+    let host = std::path::absolute(host).map_err(|e| format!("{host}: {e}"))?;
+    Ok(ContainerMount {
+        destination: guest.to_string(),
+        source: MountSource::Host(host),
+        read_only,
+    })
+}
+
 fn parse_env(entry: &str) -> Result<String, String> {
     match entry.split_once('=') {
         Some((key, _)) if !key.is_empty() => Ok(entry.to_string()),
@@ -290,6 +342,17 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args, cli.root, start, started_at),
+        #[cfg(target_os = "linux")]
+        Command::Create(args) => run(
+            RunArgs {
+                detach: true,
+                held: true,
+                ..*args
+            },
+            cli.root,
+            start,
+            started_at,
+        ),
         Command::Layer(LayerCommand::Create { from, output }) => create_layer(&from, &output),
         #[cfg(target_os = "linux")]
         Command::Image(command) => images::run(command),
@@ -367,7 +430,12 @@ fn run(
             seccomp::enable(seccomp::Mode::from_env()).context("compiling the seccomp filters")?;
         }
         let origin = commands::Origin::Run { cold: args.cold };
-        let launch = commands::Launch::new(root, args.name.clone(), args.detach, origin)?;
+        let background = args.detach.then(|| commands::Background {
+            held: args.held,
+            keep_stdio: args.keep_stdio,
+            pid_file: args.pid_file.clone(),
+        });
+        let launch = commands::Launch::new(root, args.name.clone(), background, origin)?;
         launch.run(&config, start, finish)
     }
     #[cfg(not(target_os = "linux"))]
@@ -391,8 +459,14 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
     if args.detach && container.argv.is_empty() {
         bail!("-d needs a COMMAND (or an IMAGE that names one)");
     }
+    if !args.detach && (args.keep_stdio || args.pid_file.is_some()) {
+        bail!("--keep-stdio and --pid-file are for VMs in the background (-d, create)");
+    }
     if args.scratch.is_some() && container.layers.is_empty() {
         bail!("--scratch needs layers to go over (--layer or IMAGE)");
+    }
+    if (!args.volumes.is_empty() || args.hostname.is_some()) && container.layers.is_empty() {
+        bail!("-v and --hostname are for a container: give its layers (--layer or IMAGE)");
     }
     let process = (!container.argv.is_empty()).then(|| ProcessSpec {
         root: vm.root(container.layers.len(), args.scratch.is_some()),
@@ -401,7 +475,9 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
         cwd: container.workdir,
         user: container.user,
         tty: args.tty.then(terminal_size),
-        detached: args.detach,
+        detached: args.detach && !args.keep_stdio,
+        hostname: args.hostname.clone(),
+        mounts: args.volumes.clone(),
     });
     let config = VmConfig {
         kernel: artifact(args.kernel.clone(), "vmlinux", "--kernel")?,

@@ -1,7 +1,9 @@
 //! The one process a utility VM runs: what the host asks for and how it
 //! ended, whichever way the request reaches the agent.
 
-use guest::protocol::{Exited, Failed, Process, Root, Run, TtySize};
+use std::path::PathBuf;
+
+use guest::protocol::{Exited, Failed, Mount, MountKind, Process, Root, Run, TtySize};
 
 /// The process to run in the guest.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -18,12 +20,69 @@ pub struct ProcessSpec {
     pub root: Option<Root>,
     /// The VM runs in the background (see [`Run::detached`]).
     pub detached: bool,
+    /// The container's host name [default: `uvm`].
+    pub hostname: Option<String>,
+    /// Mounts in the container besides its root, in order.
+    pub mounts: Vec<ContainerMount>,
+}
+
+/// A mount in the container, as the host asks for it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ContainerMount {
+    /// An absolute path in the container.
+    pub destination: String,
+    pub source: MountSource,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum MountSource {
+    /// A host directory or file (`-v`, an OCI bind mount): the VM gets a
+    /// copy as a layer image ([`crate::volume::attach`]).
+    Host(PathBuf),
+    /// What a host source became: the VM's layer `index`, its root or its
+    /// one file `file`.
+    Layer {
+        index: u32,
+        file: Option<String>,
+    },
+    Tmpfs,
+    Sysfs,
+}
+
+impl ContainerMount {
+    /// The agent's mount, once its source is in the VM.
+    fn request(&self) -> Option<Mount> {
+        let kind = match &self.source {
+            MountSource::Host(_) => return None,
+            MountSource::Layer { index, file } => MountKind::Bind {
+                layer: *index,
+                file: file.clone(),
+            },
+            MountSource::Tmpfs => MountKind::Tmpfs,
+            MountSource::Sysfs => MountKind::Sysfs,
+        };
+        Some(Mount {
+            destination: self.destination.clone(),
+            kind,
+            read_only: self.read_only,
+        })
+    }
 }
 
 impl ProcessSpec {
+    /// A host source no layer stands for yet: what the VM cannot mount.
+    pub fn unattached(&self) -> Option<&std::path::Path> {
+        self.mounts.iter().find_map(|m| match &m.source {
+            MountSource::Host(path) => Some(path.as_path()),
+            _ => None,
+        })
+    }
+
     /// The agent's run request for this process, without stdio ports (a
     /// request on the kernel command line has none; the vsock link adds
-    /// its own).
+    /// its own). Host sources not attached ([`Self::unattached`]) are left
+    /// out.
     pub fn request(&self) -> Run {
         Run {
             process: Process {
@@ -36,6 +95,12 @@ impl ProcessSpec {
             },
             root: self.root,
             detached: self.detached,
+            hostname: self.hostname.clone(),
+            mounts: self
+                .mounts
+                .iter()
+                .filter_map(ContainerMount::request)
+                .collect(),
             ..Run::default()
         }
     }
@@ -77,14 +142,44 @@ mod tests {
             tty: Some(TtySize { rows: 5, cols: 9 }),
             root: Some(Root::default()),
             detached: true,
+            hostname: Some("box".into()),
+            mounts: vec![
+                ContainerMount {
+                    destination: "/data".into(),
+                    source: MountSource::Layer {
+                        index: 1,
+                        file: None,
+                    },
+                    read_only: false,
+                },
+                ContainerMount {
+                    destination: "/dev/shm".into(),
+                    source: MountSource::Tmpfs,
+                    read_only: false,
+                },
+            ],
         };
+        assert_eq!(spec.unattached(), None);
         let Run {
             process,
             root,
             detached,
+            hostname,
+            mounts,
             ..
         } = spec.request();
         assert!(detached);
+        assert_eq!(hostname.as_deref(), Some("box"));
+        assert_eq!(
+            mounts.iter().map(|m| &m.kind).collect::<Vec<_>>(),
+            [
+                &MountKind::Bind {
+                    layer: 1,
+                    file: None
+                },
+                &MountKind::Tmpfs
+            ]
+        );
         assert_eq!(
             (process.argv, process.env, process.cwd, process.user),
             (spec.argv, spec.env, spec.cwd, spec.user)
@@ -94,6 +189,20 @@ mod tests {
             (process.stdin_port, process.stdout_port, process.stderr_port),
             (0, 0, None)
         );
+    }
+
+    #[test]
+    fn a_host_source_is_no_mount_until_a_layer_holds_it() {
+        let spec = ProcessSpec {
+            mounts: vec![ContainerMount {
+                destination: "/data".into(),
+                source: MountSource::Host("/srv".into()),
+                read_only: true,
+            }],
+            ..ProcessSpec::default()
+        };
+        assert_eq!(spec.unattached(), Some(std::path::Path::new("/srv")));
+        assert!(spec.request().mounts.is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use guest::protocol::{Exited, Failed, Process, TtySize};
 use guest::vsock;
 
 use crate::check;
-use crate::root::{self, Container};
+use crate::root::{self, Container, Setup};
 use crate::spawn::{Spawn, Step};
 use crate::user;
 
@@ -54,8 +54,9 @@ impl Streams {
 pub enum Place<'a> {
     /// In the agent's own root and namespaces: the utility VM itself.
     Vm,
-    /// In a new container on the assembled root (the main process).
-    NewContainer,
+    /// In a new container on the assembled root (the main process), set up
+    /// so.
+    NewContainer(&'a Setup),
     /// In the running container (an exec).
     Container(&'a Container),
 }
@@ -200,7 +201,7 @@ fn spawn(
     // Seen from the agent, the container's directories are under its root.
     let prefix = match place {
         Place::Vm => "",
-        Place::NewContainer => root::ROOT,
+        Place::NewContainer(_) => root::ROOT,
         Place::Container(_) => root::ROOT,
     };
     let dir = std::fs::metadata(format!("{prefix}/{cwd}"))
@@ -221,7 +222,10 @@ fn spawn(
     spawn.step(match place {
         // SAFETY: plain system call on a NUL-terminated string.
         Place::Vm => Box::new(move || check(unsafe { libc::chdir(cwd_c.as_ptr()) })),
-        Place::NewContainer => Box::new(move || root::enter(tty, &cwd_c)),
+        Place::NewContainer(setup) => {
+            let setup = setup.clone();
+            Box::new(move || root::enter(tty, &cwd_c, &setup))
+        }
         Place::Container(container) => {
             let joined = container.namespaces()?;
             Box::new(move || joined.enter(&cwd_c))

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use guest::disk_serial;
 use guest::protocol::Root;
 
+use crate::mounts::{self, Planned};
 use crate::{check, mount_with};
 
 /// Where the union is mounted in the agent's namespace.
@@ -140,6 +141,12 @@ fn mount_read_only(device: String, target: &str, dax: bool) -> io::Result<()> {
     mount(c"noload")
 }
 
+/// Mounts layer `index` (pmem, without DAX) read-only at `target`.
+pub fn mount_layer_at(index: u32, target: &str) -> io::Result<()> {
+    mount_read_only(pmem(index)?, target, false)
+        .map_err(|e| io::Error::new(e.kind(), format!("layer {index}: {e}")))
+}
+
 /// Mounts the VM's tools (pmem `index`) and links the VM's /bin, /sbin and
 /// /usr to theirs.
 pub fn mount_tools(index: u32) -> io::Result<()> {
@@ -193,11 +200,19 @@ fn wait_until<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> io::Result
     }
 }
 
+/// What the main process sets up as it enters its root, besides the root.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub hostname: CString,
+    pub mounts: Vec<Planned>,
+}
+
 /// Run in the process between fork and exec: a mount, UTS and IPC namespace
 /// of its own (the agent made a PID namespace for it), /proc, /dev (with the
-/// agent's /dev/pts for a `tty`), /tmp and the layers at /run/layers, then
-/// the union as `/` and `cwd` as the working directory.
-pub fn enter(tty: bool, cwd: &CStr) -> io::Result<()> {
+/// agent's /dev/pts for a `tty`), /tmp and the layers at /run/layers, the
+/// setup's mounts, then the union as `/`, the host name, and `cwd` as the
+/// working directory.
+pub fn enter(tty: bool, cwd: &CStr, setup: &Setup) -> io::Result<()> {
     // SAFETY: plain system calls on constant, NUL-terminated strings.
     unsafe {
         check(libc::unshare(
@@ -232,6 +247,7 @@ pub fn enter(tty: bool, cwd: &CStr) -> io::Result<()> {
         }
         mount_with(c"/dev/pts", c"/rootfs/dev/pts", c"", libc::MS_BIND, None)?;
     }
+    mounts::make(&setup.mounts)?;
     // The agent's root is the initramfs, which pivot_root cannot move away
     // from: move the union over `/` instead and chroot into it, as runc
     // does with --no-pivot. In this private mount namespace only the
@@ -242,7 +258,8 @@ pub fn enter(tty: bool, cwd: &CStr) -> io::Result<()> {
     // SAFETY: plain system calls on constant, NUL-terminated strings.
     unsafe {
         check(libc::chroot(c".".as_ptr()))?;
-        check(libc::sethostname(c"uvm".as_ptr(), 3))?;
+        let name = setup.hostname.as_bytes();
+        check(libc::sethostname(name.as_ptr().cast(), name.len()))?;
         check(libc::chdir(cwd.as_ptr()))
     }
 }

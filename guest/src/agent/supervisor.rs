@@ -13,9 +13,10 @@ use guest::protocol::{
 };
 use guest::vsock;
 
+use crate::mounts;
 use crate::process::{self, Child, Place, Streams};
 use crate::restore;
-use crate::root::{self, Container, Prepared};
+use crate::root::{self, Container, Prepared, Setup};
 use crate::{check, write_boot_mark};
 
 /// After a forwarded signal a process gets this long to end before it is
@@ -122,11 +123,17 @@ fn start_main_process(
     };
     root::assemble_prepared(root, prepared)
         .map_err(|e| failed("assembling the container root", e))?;
+    let setup = Setup {
+        hostname: root::cstring(run.hostname.clone().unwrap_or_else(|| "uvm".into()))
+            .map_err(|e| failed("the host name", e))?,
+        mounts: mounts::plan(&run.mounts).map_err(|e| failed("the container's mounts", e))?,
+    };
     // SAFETY: plain system call without pointers; it applies to the
     // agent's children from now on.
     check(unsafe { libc::unshare(libc::CLONE_NEWPID) })
         .map_err(|e| failed("creating a PID namespace", e))?;
-    process::start(&run.process, Place::NewContainer, streams, run.detached)
+    let place = Place::NewContainer(&setup);
+    process::start(&run.process, place, streams, run.detached)
 }
 
 impl Supervisor {

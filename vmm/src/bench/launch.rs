@@ -312,7 +312,7 @@ impl Launcher {
             tty: None,
             user: None,
             root,
-            detached: false,
+            ..ProcessSpec::default()
         };
         protocol::to_cmdline(&process.request())
     }

@@ -12,7 +12,7 @@ use std::process::Stdio as ChildStdio;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use vmm::state::control::Server;
+use vmm::state::control::{Handles, Server, Start};
 use vmm::state::log::LogWriter;
 use vmm::state::snapshot::{self, Requests};
 use vmm::state::{Config, Instance, Root, StateFiles};
@@ -25,17 +25,33 @@ use crate::templates::templates;
 /// Set for the background uvm: `ID,LOCK_FD,READY_FD`.
 const DETACHED: &str = "UVM_DETACHED_VMM";
 /// What the background uvm writes on its ready descriptor once the
-/// container's process runs.
+/// container's process runs, or with its start held, once the VM is ready
+/// to start it.
 const STARTED: &[u8] = b"started\n";
+const CREATED: &[u8] = b"created\n";
 
 /// How this `uvm run` (or `uvm restore`) runs its VM.
 pub struct Launch {
     root: PathBuf,
     name: Option<String>,
-    detach: bool,
+    /// `run -d` and `create`: how the VM runs in the background.
+    detach: Option<Background>,
     /// This process is the background VMM that a `run -d` started.
     vmm: Option<(String, RawFd, RawFd)>,
     origin: Origin,
+}
+
+/// A VM in the background.
+#[derive(Clone, Debug, Default)]
+pub struct Background {
+    /// The container's process waits for `uvm start` (`uvm create`).
+    pub held: bool,
+    /// The container's stdio are this command's (as OCI runtimes' callers
+    /// pass them), not /dev/null and the VM's log.
+    pub keep_stdio: bool,
+    /// Where to write the pid of the background VMM, which lives as long
+    /// as the VM and exits with the container's status.
+    pub pid_file: Option<PathBuf>,
 }
 
 /// Where the VM comes from.
@@ -51,7 +67,7 @@ impl Launch {
     pub fn new(
         root: Option<PathBuf>,
         name: Option<String>,
-        detach: bool,
+        detach: Option<Background>,
         origin: Origin,
     ) -> anyhow::Result<Self> {
         let vmm = match std::env::var(DETACHED) {
@@ -85,12 +101,13 @@ impl Launch {
                 start,
                 origin: &self.origin,
             };
-            return background_vmm(&root, id, *lock, *ready, &vmm, finish);
+            let background = self.detach.unwrap_or_default();
+            return background_vmm(&root, id, (*lock, *ready), &vmm, &background, finish);
         }
         let summary = summary(config);
-        let instance = root.create(self.name.as_deref(), summary, self.detach)?;
-        if self.detach {
-            return detach(instance);
+        let instance = root.create(self.name.as_deref(), summary, self.detach.is_some())?;
+        if let Some(background) = &self.detach {
+            return detach(instance, background);
         }
         let mut instance = instance;
         let stdio = Stdio::inherit().context("the process's stdio")?;
@@ -99,7 +116,7 @@ impl Launch {
             start,
             origin: &self.origin,
         };
-        let report = serve(&mut instance, &vmm, stdio, None);
+        let report = serve(&mut instance, &vmm, stdio, None, false);
         let removed = instance.remove();
         let code = finish(&report?);
         removed?;
@@ -146,26 +163,42 @@ struct Vmm<'a> {
 
 /// Runs the VM with its control socket served, recording when the
 /// container's process runs (and then writing `started` to `ready`); a VM
-/// in the background (with `ready`) takes snapshots when asked.
+/// in the background with its output in its log (`snapshots`) takes
+/// snapshots when asked. With `held`, the process waits for `uvm start`
+/// (and `created` goes to `ready` once the VM is ready for it).
 fn serve(
     instance: &mut Instance,
     vmm: &Vmm,
     stdio: Stdio,
     ready: Option<File>,
+    held: bool,
 ) -> anyhow::Result<Report> {
-    let (prepared, config) = prepare(instance, vmm)?;
+    let (mut prepared, config) = prepare(instance, vmm)?;
     if let Some(notice) = &prepared.notice {
         eprintln!("uvm: {notice}");
     }
+    let snapshots = ready.is_some() && config.process.as_ref().is_none_or(|p| p.detached);
+    let snapshots = snapshots.then(Requests::default);
+    if held {
+        prepared.vm.hold_run()?;
+    }
     let mut running = prepared.vm.start(stdio)?;
-    let snapshots = ready.is_some().then(Requests::default);
+    let start = held
+        .then(|| running.run_gate().cloned().map(Start::new))
+        .flatten();
     let server = match running.link().agent() {
-        Some(agent) => Some(Server::start(
-            &instance.socket(),
-            agent.clone(),
-            running.ending(),
-            snapshots.clone(),
-        )?),
+        Some(agent) => {
+            let handles = Handles {
+                agent: agent.clone(),
+                snapshots: snapshots.clone(),
+                start,
+            };
+            Some(Server::start(
+                &instance.socket(),
+                handles,
+                running.ending(),
+            )?)
+        }
         None => None,
     };
     // The main thread saves the template before it confines itself: until
@@ -177,6 +210,12 @@ fn serve(
         }
     }
     running.release()?;
+    let mut ready = ready;
+    if held && running.wait_agent_connected().is_ok() {
+        if let Some(ready) = ready.take().as_mut() {
+            let _ = ready.write_all(CREATED);
+        }
+    }
     if running.wait_started().is_ok() {
         instance.update(|record| record.set_running())?;
         if let Some(mut ready) = ready {
@@ -200,7 +239,7 @@ fn prepare(
     vmm: &Vmm,
 ) -> anyhow::Result<(Prepared<sys::HostHypervisor>, VmConfig)> {
     let config = match vmm.origin {
-        Origin::Run { .. } => vmm.config.clone(),
+        Origin::Run { .. } => vmm::volume::attach(vmm.config, &instance.volumes())?,
         Origin::Snapshot(_) => VmConfig {
             scratch: (vmm.config.scratch.clone()).map(|(_, size)| (instance.scratch(), size)),
             ..vmm.config.clone()
@@ -219,10 +258,11 @@ fn prepare(
     Ok((prepared, config))
 }
 
-/// `run -d`: starts this same command again as the VM's VMM, in a session
-/// of its own, and returns once that says the container's process runs
-/// (printing the ID) or has ended (with its errors and exit status).
-fn detach(instance: Instance) -> anyhow::Result<i32> {
+/// `run -d` (and `create`): starts this same command again as the VM's
+/// VMM, in a session of its own, and returns once that says the
+/// container's process runs, or is ready to (printing the ID), or has
+/// ended (with its errors and exit status).
+fn detach(instance: Instance, background: &Background) -> anyhow::Result<i32> {
     let vmm_log = File::create(instance.vmm_log())
         .with_context(|| format!("{}", instance.vmm_log().display()))?;
     let (mut ready, ready_writer) = pipe()?;
@@ -231,10 +271,13 @@ fn detach(instance: Instance) -> anyhow::Result<i32> {
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
         .args(std::env::args_os().skip(1))
-        .env(DETACHED, format!("{id},{lock},{writer}"))
-        .stdin(ChildStdio::null())
-        .stdout(ChildStdio::null())
-        .stderr(vmm_log);
+        .env(DETACHED, format!("{id},{lock},{writer}"));
+    if !background.keep_stdio {
+        command
+            .stdin(ChildStdio::null())
+            .stdout(ChildStdio::null())
+            .stderr(vmm_log);
+    }
     // SAFETY: between fork and exec only async-signal-safe calls run
     // (setsid, fcntl), on the child alone.
     unsafe {
@@ -254,8 +297,14 @@ fn detach(instance: Instance) -> anyhow::Result<i32> {
     drop(ready_writer);
     let mut said = Vec::new();
     ready.read_to_end(&mut said)?;
-    if said == STARTED {
-        println!("{id}");
+    if said == STARTED || said == CREATED {
+        if let Some(path) = &background.pid_file {
+            write_pid_file(path, vmm.id())?;
+        }
+        // Kept stdio: stdout is the container's now.
+        if !background.keep_stdio {
+            println!("{id}");
+        }
         return Ok(0);
     }
     let status = vmm.wait()?;
@@ -267,30 +316,24 @@ fn detach(instance: Instance) -> anyhow::Result<i32> {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
-/// The uvm that `run -d` started: the VM's VMM, its output in the log.
+/// The uvm that `run -d` started: the VM's VMM, its output in the log
+/// unless it keeps its stdio.
 fn background_vmm(
     root: &Root,
     id: &str,
-    lock: RawFd,
-    ready: RawFd,
+    (lock, ready): (RawFd, RawFd),
     vmm: &Vmm,
+    background: &Background,
     finish: impl FnOnce(&Report) -> anyhow::Result<i32>,
 ) -> anyhow::Result<i32> {
     // SAFETY: the parent uvm made this pipe's write end for us alone.
     let ready = File::from(unsafe { OwnedFd::from_raw_fd(ready) });
     let mut instance = root.adopt(id, lock)?;
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(instance.log())
-        .with_context(|| format!("{}", instance.log().display()))?;
-    let (stdout, stderr) = LogWriter::pair(log);
-    let stdio = Stdio {
-        stdin: File::open("/dev/null")?.into(),
-        stdout: Box::new(stdout),
-        stderr: Box::new(stderr),
+    let stdio = match background.keep_stdio {
+        true => Stdio::inherit().context("the process's stdio")?,
+        false => logged_stdio(&instance)?,
     };
-    let report = serve(&mut instance, vmm, stdio, Some(ready))?;
+    let report = serve(&mut instance, vmm, stdio, Some(ready), background.held)?;
     let code = finish(&report);
     let (status, error) = match &code {
         Ok(code) => (*code, None),
@@ -298,6 +341,34 @@ fn background_vmm(
     };
     instance.update(|record| record.set_exited(status, error))?;
     code
+}
+
+/// The container's stdio in the VM's log, stdin /dev/null.
+fn logged_stdio(instance: &Instance) -> anyhow::Result<Stdio> {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(instance.log())
+        .with_context(|| format!("{}", instance.log().display()))?;
+    let (stdout, stderr) = LogWriter::pair(log);
+    Ok(Stdio {
+        stdin: File::open("/dev/null")?.into(),
+        stdout: Box::new(stdout),
+        stderr: Box::new(stderr),
+    })
+}
+
+/// Writes `pid` to `path` whole (a reader never sees half of it).
+fn write_pid_file(path: &std::path::Path, pid: u32) -> anyhow::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(format!(".partial-{}", std::process::id()));
+    let partial = PathBuf::from(partial);
+    std::fs::write(&partial, pid.to_string())
+        .and_then(|()| std::fs::rename(&partial, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&partial);
+        })
+        .with_context(|| format!("pid file {}", path.display()))
 }
 
 fn pipe() -> anyhow::Result<(File, OwnedFd)> {

@@ -1,4 +1,4 @@
-//! `uvm stop`, `kill`, `wait` and `rm`.
+//! `uvm start`, `stop`, `kill`, `wait` and `rm`.
 
 use anyhow::bail;
 use vmm::state::control::Request;
@@ -54,6 +54,14 @@ fn stop_one(entry: &Entry, timeout_secs: u64) -> anyhow::Result<()> {
     ask(entry, &Request::Stop { timeout_secs })?;
     entry.wait_ended()?;
     Ok(())
+}
+
+pub fn start(root: &Root, args: &VmsArgs) -> anyhow::Result<i32> {
+    each(args, |key| {
+        ask(&running(root, key)?, &Request::Start)?;
+        println!("{key}");
+        Ok(())
+    })
 }
 
 pub fn kill(root: &Root, args: &KillArgs) -> anyhow::Result<i32> {

@@ -16,7 +16,7 @@ use clap::Subcommand;
 use vmm::state::control::{Channel, Reply, Request};
 use vmm::state::{Entry, Root, StateFiles, Status};
 
-pub use self::launch::{Launch, Origin};
+pub use self::launch::{Background, Launch, Origin};
 pub use self::snapshot::{restore, RestoreArgs};
 
 #[derive(Subcommand)]
@@ -39,6 +39,8 @@ pub enum Command {
     Rm(lifecycle::RmArgs),
     /// A VM's state as JSON.
     Inspect(lifecycle::VmsArgs),
+    /// Run the container of VMs that `uvm create` made.
+    Start(lifecycle::VmsArgs),
     /// Save a VM in the background to a directory (`uvm restore` starts
     /// VMs from it); the VM runs on.
     Snapshot(snapshot::SnapshotArgs),
@@ -57,6 +59,7 @@ pub fn run(command: Command, root: Option<PathBuf>) -> anyhow::Result<i32> {
         Command::Rm(args) => lifecycle::rm(&root, &args),
         Command::Inspect(args) => ps::inspect(&root, &args),
         Command::Snapshot(args) => snapshot::snapshot(&root, &args),
+        Command::Start(args) => lifecycle::start(&root, &args),
     }
 }
 

@@ -11,7 +11,7 @@ use vmm::state::snapshot;
 use vmm::state::Root;
 use vmm::vm::Report;
 
-use super::{ask, running, Launch, Origin};
+use super::{ask, running, Background, Launch, Origin};
 
 #[derive(clap::Args)]
 pub struct SnapshotArgs {
@@ -61,5 +61,11 @@ pub fn restore(
         use vmm::sys::seccomp;
         seccomp::enable(seccomp::Mode::from_env()).context("compiling the seccomp filters")?;
     }
-    Launch::new(root, args.name, true, Origin::Snapshot(dir))?.run(&config, start, finish)
+    Launch::new(
+        root,
+        args.name,
+        Some(Background::default()),
+        Origin::Snapshot(dir),
+    )?
+    .run(&config, start, finish)
 }

@@ -21,7 +21,8 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::snapshot::Requests;
 use crate::agent::{Agent, ExecError, ExecSpec, Execution};
-use crate::vm::threads::{Ending, ThreadKind, Worker};
+use crate::process::Outcome;
+use crate::vm::threads::{Ending, RunGate, ThreadKind, Worker};
 use crate::vm::{Error, Exit};
 
 /// Longest message: more than any request needs.
@@ -56,6 +57,9 @@ pub enum Request {
     Snapshot {
         dir: PathBuf,
     },
+    /// Run the main process of a VM created with its start held
+    /// (`uvm create`); the reply comes once it runs.
+    Start,
 }
 
 /// VMM → commands.
@@ -182,6 +186,38 @@ impl Channel {
     }
 }
 
+/// What the control socket reaches in its VM.
+#[derive(Clone)]
+pub struct Handles {
+    pub agent: Agent,
+    /// Where snapshots go, if the VM's owner takes them.
+    pub snapshots: Option<Requests>,
+    /// The hold on the main process's start, for a VM created with one.
+    pub start: Option<Start>,
+}
+
+/// The hold `uvm create` keeps on a VM's main process, released once.
+#[derive(Clone)]
+pub struct Start {
+    gate: RunGate,
+    taken: Arc<AtomicBool>,
+}
+
+impl Start {
+    /// For the hold the VM's owner took on `gate`.
+    pub fn new(gate: RunGate) -> Self {
+        Self {
+            gate,
+            taken: Arc::default(),
+        }
+    }
+
+    /// Whether the main process may still start (nobody asked yet).
+    pub fn pending(&self) -> bool {
+        !self.taken.load(Ordering::SeqCst)
+    }
+}
+
 /// The VMM's control socket while its VM runs.
 pub struct Server {
     stop: EventFd,
@@ -189,14 +225,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Serves `path` for the VM that `agent` and `ending` belong to;
-    /// snapshots go to `snapshots`, if its owner takes them.
-    pub fn start(
-        path: &Path,
-        agent: Agent,
-        ending: &Arc<Ending>,
-        snapshots: Option<Requests>,
-    ) -> Result<Self, Error> {
+    /// Serves `path` for the VM that `handles` and `ending` belong to.
+    pub fn start(path: &Path, handles: Handles, ending: &Arc<Ending>) -> Result<Self, Error> {
         let listener = UnixListener::bind(path).map_err(|source| Error::ControlSocket {
             path: path.to_owned(),
             source,
@@ -205,7 +235,7 @@ impl Server {
         let stopped = stop.try_clone().map_err(Error::Devices)?;
         let vm = ending.clone();
         let worker = Worker::spawn("control", ThreadKind::Control, ending, move || {
-            accept_clients(&listener, &stopped, &agent, &vm, &snapshots);
+            accept_clients(&listener, &stopped, &handles, &vm);
             None
         })?;
         Ok(Self { stop, worker })
@@ -222,13 +252,7 @@ impl Server {
     }
 }
 
-fn accept_clients(
-    listener: &UnixListener,
-    stop: &EventFd,
-    agent: &Agent,
-    vm: &Arc<Ending>,
-    snapshots: &Option<Requests>,
-) {
+fn accept_clients(listener: &UnixListener, stop: &EventFd, handles: &Handles, vm: &Arc<Ending>) {
     let mut clients: Vec<Worker> = Vec::new();
     loop {
         let mut fds = [poll_in(listener.as_raw_fd()), poll_in(stop.as_raw_fd())];
@@ -254,9 +278,9 @@ fn accept_clients(
             let _ = channel.send(&Reply::Error(busy), &[]);
             continue;
         }
-        let (agent, ending, snapshots) = (agent.clone(), vm.clone(), snapshots.clone());
+        let (handles, ending) = (handles.clone(), vm.clone());
         match Worker::spawn("control-client", ThreadKind::Control, vm, move || {
-            serve_client(channel, &agent, &ending, snapshots.as_ref());
+            serve_client(channel, &handles, &ending);
             None
         }) {
             Ok(worker) => clients.push(worker),
@@ -266,31 +290,59 @@ fn accept_clients(
     clients.into_iter().for_each(Worker::join);
 }
 
-fn serve_client(
-    mut channel: Channel,
-    agent: &Agent,
-    vm: &Arc<Ending>,
-    snapshots: Option<&Requests>,
-) {
+fn serve_client(mut channel: Channel, handles: &Handles, vm: &Arc<Ending>) {
+    let agent = &handles.agent;
     let request = channel
         .set_read_timeout(Some(REQUEST_TIMEOUT))
         .and_then(|()| channel.recv::<Request>())
         .and_then(|r| r.ok_or_else(|| io::ErrorKind::UnexpectedEof.into()));
     let reply = match request {
         Ok(Request::Exec(exec)) => return serve_exec(channel, exec, agent, vm),
-        Ok(Request::Kill(signal)) => match agent.signal_main(signal) {
-            true => Reply::Ok,
-            false => Reply::Error("the container is not running".into()),
-        },
+        Ok(Request::Kill(signal)) => kill(signal, handles, vm),
         Ok(Request::Stop { timeout_secs }) => {
             let _ = channel.send(&Reply::Ok, &[]);
             return stop(agent, vm, Duration::from_secs(timeout_secs));
         }
-        Ok(Request::Snapshot { dir }) => snapshot(dir, agent, vm, snapshots),
+        Ok(Request::Snapshot { dir }) => snapshot(dir, agent, vm, handles.snapshots.as_ref()),
+        Ok(Request::Start) => start(handles, vm),
         Ok(other) => Reply::Error(format!("{other:?} needs an exec first")),
         Err(e) => Reply::Error(format!("bad request: {e}")),
     };
     let _ = channel.send(&reply, &[]);
+}
+
+/// A signal for the main process; one that never started ends with its VM
+/// as if the signal had killed it (runc's kill of a created container).
+fn kill(signal: i32, handles: &Handles, vm: &Ending) -> Reply {
+    if handles.agent.signal_main(signal) {
+        return Reply::Ok;
+    }
+    match &handles.start {
+        Some(start) if !start.taken.swap(true, Ordering::SeqCst) => {
+            vm.end(Exit::Interrupted { signal });
+            Reply::Ok
+        }
+        _ => Reply::Error("the container is not running".into()),
+    }
+}
+
+/// Lets the held main process go and answers once it runs, or with why it
+/// could not.
+fn start(handles: &Handles, vm: &Ending) -> Reply {
+    let Some(start) = &handles.start else {
+        return Reply::Error("the VM was not created to be started: it runs already".into());
+    };
+    if start.taken.swap(true, Ordering::SeqCst) {
+        return Reply::Error("the container was started already".into());
+    }
+    start.gate.release(vm);
+    match vm.wait_for(|| handles.agent.main_started()) {
+        Ok(()) => Reply::Ok,
+        Err(Exit::Process(Outcome::Failed(failed))) => Reply::Error(failed.message),
+        Err(exit) => Reply::Error(format!(
+            "the VM ended before the container started: {exit:?}"
+        )),
+    }
 }
 
 fn snapshot(dir: PathBuf, agent: &Agent, vm: &Ending, snapshots: Option<&Requests>) -> Reply {

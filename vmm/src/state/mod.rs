@@ -331,6 +331,11 @@ pub trait StateFiles {
     fn scratch(&self) -> PathBuf {
         self.dir().join(SCRATCH)
     }
+
+    /// The images of the container's volumes (`-v`).
+    fn volumes(&self) -> PathBuf {
+        self.dir().join("volumes")
+    }
 }
 
 impl StateFiles for Entry {

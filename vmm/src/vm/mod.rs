@@ -135,6 +135,8 @@ pub enum Error {
     Layer(#[from] layer::Error),
     #[error(transparent)]
     Scratch(#[from] scratch::Error),
+    #[error("mount of {0}: no layer holds it (volume::attach makes one)")]
+    Unattached(PathBuf),
 }
 
 /// How a VM ended: the first reason any part of it gave.
@@ -294,6 +296,9 @@ where
     where
         F: FnOnce() -> hypervisor::Result<H> + Send,
     {
+        if let Some(path) = config.process.as_ref().and_then(ProcessSpec::unattached) {
+            return Err(Error::Unattached(path.to_owned()));
+        }
         // First: it blocks the forwarded signals for every later thread.
         let mut link = AgentLink::new(config)?;
         let layers = config
@@ -389,8 +394,9 @@ where
     }
 
     /// Once started, the VM holds the process's run request back until
-    /// [`Running::release_run`]: [`Running::wait_agent_connected`] then
-    /// finds the agent idle, which is when a template is saved.
+    /// this hold is released ([`Running::release_run`]):
+    /// [`Running::wait_agent_connected`] then finds the agent idle, which
+    /// is when a template is saved. Holds add up.
     pub fn hold_run(&mut self) -> Result<(), Error> {
         self.run_gate = Some(self.link.hold_run()?);
         Ok(())
@@ -574,11 +580,17 @@ impl<H: Hypervisor> Running<H> {
             .wait_for(|| self.link.agent_connected().is_some())
     }
 
-    /// Lets a run request held back ([`UtilityVm::hold_run`]) go.
+    /// Lets go of the hold [`UtilityVm::hold_run`] took on the run request.
     pub fn release_run(&self) {
         if let Some(gate) = &self.run_gate {
-            gate.open(&self.ending);
+            gate.release(&self.ending);
         }
+    }
+
+    /// The gate the run request waits at, if it was held: for a hold
+    /// released elsewhere (`uvm start`).
+    pub fn run_gate(&self) -> Option<&RunGate> {
+        self.run_gate.as_ref()
     }
 
     /// Waits until the container's process has started, or says how the VM

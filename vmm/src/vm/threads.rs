@@ -2,26 +2,32 @@
 //! each tells the VM's [`Ending`] how it ended. The first reason to end the
 //! VM is the one [`super::Running::wait`] returns; later ones are logged.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use super::{Error, Exit};
 use crate::lock;
 
-/// Holds the main process's run request back until it opens: the agent is
-/// then connected and idle, the moment a template is saved.
+/// Holds the main process's run request back while anyone holds it: a
+/// template being saved (the agent is then connected and idle), a
+/// container created but not started yet (`uvm create`).
 #[derive(Clone, Default)]
-pub struct RunGate(Arc<AtomicBool>);
+pub struct RunGate(Arc<AtomicU32>);
 
 impl RunGate {
-    pub fn open(&self, ending: &Ending) {
-        self.0.store(true, Ordering::SeqCst);
+    pub fn hold(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Lets go of one hold; the last one opens the gate.
+    pub fn release(&self, ending: &Ending) {
+        let _ = (self.0).fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         ending.notify();
     }
 
     pub fn is_open(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::SeqCst) == 0
     }
 }
 
