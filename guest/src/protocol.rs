@@ -37,6 +37,17 @@ pub struct Process {
     /// container's /etc/passwd and /etc/group; absent: root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Resource limits to set before it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// A resource limit: `resource` by its name without `RLIMIT_` (`NOFILE`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: String,
+    pub soft: u64,
+    pub hard: u64,
 }
 
 /// Host → agent: start the VM's one container process (its main process).
@@ -378,6 +389,11 @@ mod tests {
                 stdout_port: 1026,
                 stderr_port: Some(1027),
                 user: Some("app".into()),
+                rlimits: vec![Rlimit {
+                    resource: "NOFILE".into(),
+                    soft: 1024,
+                    hard: 4096,
+                }],
             },
             root: Some(Root {
                 layers: 2,

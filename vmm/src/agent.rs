@@ -110,6 +110,9 @@ pub struct ExecSpec {
     pub env: Vec<String>,
     pub cwd: Option<String>,
     pub tty: Option<TtySize>,
+    /// Who it runs as (see [`Process::user`]) [default: root].
+    #[serde(default)]
+    pub user: Option<String>,
     /// In the utility VM, outside the container.
     pub in_vm: bool,
 }
@@ -193,7 +196,8 @@ impl Agent {
                 stdin_port: ports.stdin,
                 stdout_port: ports.stdout,
                 stderr_port: spec.tty.is_none().then_some(ports.stderr),
-                user: None,
+                user: spec.user,
+                rlimits: Vec::new(),
             },
             in_vm: spec.in_vm,
         };

@@ -44,3 +44,32 @@ pub(crate) fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
 pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// `e` and its causes, each said once: a library error's message often
+/// ends with its source's already.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1).map(ToString::to_string) {
+        if !text.ends_with(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("state directory /x: {source}")]
+        struct Io {
+            source: std::io::Error,
+        }
+        let io = || std::io::Error::from_raw_os_error(libc::ENOTDIR);
+        let e = anyhow::Error::from(Io { source: io() });
+        assert_eq!(super::describe(&e), format!("state directory /x: {}", io()));
+        let e = anyhow::Error::from(io()).context("reading the config");
+        assert_eq!(super::describe(&e), format!("reading the config: {}", io()));
+    }
+}

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use guest::protocol::{Root, TtySize};
+use guest::protocol::{Rlimit, Root, TtySize};
+use vmm::describe;
 use vmm::process::{ContainerMount, MountSource, Outcome, ProcessSpec};
 use vmm::pvm::{self, HostKind};
 use vmm::sys;
@@ -221,6 +222,18 @@ struct RunArgs {
     #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]", value_parser = parse_volume)]
     volumes: Vec<ContainerMount>,
 
+    /// A mount in the container, docker's way:
+    /// `type=bind,source=HOST,target=GUEST[,readonly]` (as -v),
+    /// `type=tmpfs,target=GUEST` or `type=sysfs,target=GUEST[,readonly]`
+    /// (repeatable; made after the -v ones, in order).
+    #[arg(long = "mount", value_name = "type=…,target=…", value_parser = parse_mount)]
+    mounts: Vec<ContainerMount>,
+
+    /// A resource limit for COMMAND: `nofile=1024` or `nofile=1024:4096`
+    /// (soft:hard) (repeatable).
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]", value_parser = parse_ulimit)]
+    ulimits: Vec<Rlimit>,
+
     /// The container's host name [default: uvm].
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
@@ -301,6 +314,59 @@ impl VmArgs {
             layer_disks: false,
         })
     }
+}
+
+/// `type=bind|tmpfs|sysfs,source=HOST,target=GUEST,readonly` (docker's
+/// `--mount`, with its synonyms src, destination, dst, ro).
+fn parse_mount(text: &str) -> Result<ContainerMount, String> {
+    let (mut kind, mut source, mut target, mut read_only) = (None, None, None, false);
+    for field in text.split(',') {
+        let (key, value) = field.split_once('=').unwrap_or((field, "true"));
+        match (key, value) {
+            ("type", value) => kind = Some(value),
+            ("source" | "src", value) => source = Some(value),
+            ("target" | "destination" | "dst", value) => target = Some(value),
+            ("readonly" | "ro", "true" | "1") => read_only = true,
+            ("readonly" | "ro", "false" | "0") => read_only = false,
+            _ => return Err(format!("`{text}`: unknown field `{field}`")),
+        }
+    }
+    let Some(target) = target.filter(|t| t.starts_with('/')) else {
+        return Err(format!("`{text}`: an absolute target=GUEST is needed"));
+    };
+    let source = match (kind, source) {
+        (Some("bind"), Some(host)) if !host.is_empty() => {
+            MountSource::Host(std::path::absolute(host).map_err(|e| format!("{host}: {e}"))?)
+        }
+        (Some("tmpfs"), None) => MountSource::Tmpfs,
+        (Some("sysfs"), None) => MountSource::Sysfs,
+        _ => {
+            return Err(format!(
+                "`{text}`: type=bind with source=HOST, or type=tmpfs or type=sysfs without one"
+            ))
+        }
+    };
+    Ok(ContainerMount {
+        destination: target.to_string(),
+        source,
+        read_only,
+    })
+}
+
+/// `nofile=1024` or `nofile=1024:4096`; the agent checks the name.
+fn parse_ulimit(text: &str) -> Result<Rlimit, String> {
+    let bad = || format!("expected NAME=SOFT[:HARD], got `{text}`");
+    let (name, values) = text.split_once('=').ok_or_else(bad)?;
+    let (soft, hard) = values.split_once(':').unwrap_or((values, values));
+    let number = |v: &str| match v {
+        "unlimited" | "-1" => Ok(u64::MAX),
+        v => v.parse::<u64>().map_err(|_| bad()),
+    };
+    Ok(Rlimit {
+        resource: name.to_ascii_uppercase(),
+        soft: number(soft)?,
+        hard: number(hard)?,
+    })
 }
 
 /// `HOST:GUEST` or `HOST:GUEST:ro`, HOST made absolute.
@@ -393,18 +459,6 @@ fn main() {
     std::process::exit(code)
 }
 
-/// `e` and its causes, each said once: a library error's message often
-/// ends with its source's already.
-fn describe(e: &anyhow::Error) -> String {
-    let mut text = e.to_string();
-    for cause in e.chain().skip(1).map(ToString::to_string) {
-        if !text.ends_with(&cause) {
-            text = format!("{text}: {cause}");
-        }
-    }
-    text
-}
-
 /// `started_at`: `start` on the monotonic clock, for `--timings` readers.
 fn run(
     args: RunArgs,
@@ -465,8 +519,9 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
     if args.scratch.is_some() && container.layers.is_empty() {
         bail!("--scratch needs layers to go over (--layer or IMAGE)");
     }
-    if (!args.volumes.is_empty() || args.hostname.is_some()) && container.layers.is_empty() {
-        bail!("-v and --hostname are for a container: give its layers (--layer or IMAGE)");
+    let mounts = !args.volumes.is_empty() || !args.mounts.is_empty();
+    if (mounts || args.hostname.is_some()) && container.layers.is_empty() {
+        bail!("-v, --mount and --hostname are for a container: give its layers (--layer or IMAGE)");
     }
     let process = (!container.argv.is_empty()).then(|| ProcessSpec {
         root: vm.root(container.layers.len(), args.scratch.is_some()),
@@ -477,7 +532,8 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
         tty: args.tty.then(terminal_size),
         detached: args.detach && !args.keep_stdio,
         hostname: args.hostname.clone(),
-        mounts: args.volumes.clone(),
+        mounts: args.volumes.iter().chain(&args.mounts).cloned().collect(),
+        rlimits: args.ulimits.clone(),
     });
     let config = VmConfig {
         kernel: artifact(args.kernel.clone(), "vmlinux", "--kernel")?,
@@ -716,20 +772,6 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn an_error_says_each_cause_once() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("state directory /x: {source}")]
-        struct Io {
-            source: std::io::Error,
-        }
-        let io = || std::io::Error::from_raw_os_error(libc::ENOTDIR);
-        let e = anyhow::Error::from(Io { source: io() });
-        assert_eq!(describe(&e), format!("state directory /x: {}", io()));
-        let e = anyhow::Error::from(io()).context("reading the config");
-        assert_eq!(describe(&e), format!("reading the config: {}", io()));
-    }
-
     fn report(exit: Exit) -> Report {
         Report {
             exit,
@@ -759,6 +801,49 @@ mod tests {
             (None, vec!["sh".into(), "-c".into(), "x".into()])
         );
         assert!(Cli::try_parse_from(["uvm", "run", "--layer", "l", "img"]).is_err());
+    }
+
+    #[test]
+    fn ulimits_are_soft_and_hard() {
+        let limit = parse_ulimit("nofile=10:20").unwrap();
+        assert_eq!(
+            (limit.resource.as_str(), limit.soft, limit.hard),
+            ("NOFILE", 10, 20)
+        );
+        let limit = parse_ulimit("core=unlimited").unwrap();
+        assert_eq!((limit.soft, limit.hard), (u64::MAX, u64::MAX));
+        assert!(parse_ulimit("nofile").is_err());
+        assert!(parse_ulimit("nofile=x").is_err());
+    }
+
+    #[test]
+    fn volumes_and_mounts_parse_docker_s_way() {
+        let host = |path: &str| MountSource::Host(std::path::absolute(path).unwrap());
+        let volume = parse_volume("data:/data:ro").unwrap();
+        assert_eq!(
+            (volume.source, volume.destination),
+            (host("data"), "/data".into())
+        );
+        assert!(volume.read_only);
+        assert!(!parse_volume("/a:/b").unwrap().read_only);
+        for bad in ["/a", ":/b", "/a:b"] {
+            assert!(parse_volume(bad).is_err(), "{bad}");
+        }
+        let bind = parse_mount("type=bind,src=/a,dst=/b,readonly").unwrap();
+        assert_eq!((bind.source, bind.read_only), (host("/a"), true));
+        let tmpfs = parse_mount("type=tmpfs,target=/dev/shm").unwrap();
+        assert_eq!((tmpfs.source, tmpfs.read_only), (MountSource::Tmpfs, false));
+        let sysfs = parse_mount("type=sysfs,destination=/sys,ro=true").unwrap();
+        assert_eq!((sysfs.source, sysfs.read_only), (MountSource::Sysfs, true));
+        for bad in [
+            "type=bind,target=/b",
+            "type=tmpfs,src=/a,target=/b",
+            "type=nfs,target=/b",
+            "type=tmpfs,target=b",
+            "type=tmpfs,target=/b,size=1",
+        ] {
+            assert!(parse_mount(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use guest::protocol::{Exited, Failed, Mount, MountKind, Process, Root, Run, TtySize};
+use guest::protocol::{Exited, Failed, Mount, MountKind, Process, Rlimit, Root, Run, TtySize};
 
 /// The process to run in the guest.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -24,6 +24,8 @@ pub struct ProcessSpec {
     pub hostname: Option<String>,
     /// Mounts in the container besides its root, in order.
     pub mounts: Vec<ContainerMount>,
+    /// Resource limits set before it runs.
+    pub rlimits: Vec<Rlimit>,
 }
 
 /// A mount in the container, as the host asks for it.
@@ -91,6 +93,7 @@ impl ProcessSpec {
                 cwd: self.cwd.clone(),
                 tty: self.tty,
                 user: self.user.clone(),
+                rlimits: self.rlimits.clone(),
                 ..Process::default()
             },
             root: self.root,

@@ -2,6 +2,8 @@
 //! guest system call costs about half a millisecond.
 
 #[cfg(target_os = "linux")]
+mod limits;
+#[cfg(target_os = "linux")]
 mod mounts;
 #[cfg(target_os = "linux")]
 mod process;

@@ -9,6 +9,7 @@ use guest::protocol::{Exited, Failed, Process, TtySize};
 use guest::vsock;
 
 use crate::check;
+use crate::limits;
 use crate::root::{self, Container, Setup};
 use crate::spawn::{Spawn, Step};
 use crate::user;
@@ -231,6 +232,10 @@ fn spawn(
             Box::new(move || joined.enter(&cwd_c))
         }
     });
+    let limits = limits::resolve(&process.rlimits)?;
+    if !limits.is_empty() {
+        spawn.step(Box::new(move || limits::set(&limits)));
+    }
     if let Some(ids) = ids {
         // After it entered its root: it may no longer be allowed to.
         spawn.step(Box::new(move || user::become_ids(&ids)));

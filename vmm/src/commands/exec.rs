@@ -31,6 +31,9 @@ pub struct ExecArgs {
     /// Working directory [default: the container's].
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]
     workdir: Option<String>,
+    /// Run it as `user`, `uid`, `user:group` or `uid:gid` [default: root].
+    #[arg(short = 'u', long, value_name = "USER")]
+    user: Option<String>,
     #[arg(value_name = "ID|NAME")]
     vm: String,
     /// The command and its arguments.
@@ -54,6 +57,7 @@ pub fn exec(root: &Root, args: ExecArgs) -> anyhow::Result<i32> {
         env: args.env,
         cwd: args.workdir,
         tty: args.tty.then(crate::terminal_size),
+        user: args.user,
         in_vm: false,
     };
     session(&entry, request, args.interactive)
@@ -72,6 +76,7 @@ pub fn console(root: &Root, args: ConsoleArgs) -> anyhow::Result<i32> {
         env: Vec::new(),
         cwd: None,
         tty: terminal.then(crate::terminal_size),
+        user: None,
         in_vm: true,
     };
     session(&entry, request, true)

@@ -299,7 +299,8 @@ fn detach(instance: Instance, background: &Background) -> anyhow::Result<i32> {
     ready.read_to_end(&mut said)?;
     if said == STARTED || said == CREATED {
         if let Some(path) = &background.pid_file {
-            write_pid_file(path, vmm.id())?;
+            vmm::state::write_pid_file(path, vmm.id())
+                .with_context(|| format!("pid file {}", path.display()))?;
         }
         // Kept stdio: stdout is the container's now.
         if !background.keep_stdio {
@@ -337,7 +338,7 @@ fn background_vmm(
     let code = finish(&report);
     let (status, error) = match &code {
         Ok(code) => (*code, None),
-        Err(e) => (1, Some(crate::describe(e))),
+        Err(e) => (1, Some(vmm::describe(e))),
     };
     instance.update(|record| record.set_exited(status, error))?;
     code
@@ -356,19 +357,6 @@ fn logged_stdio(instance: &Instance) -> anyhow::Result<Stdio> {
         stdout: Box::new(stdout),
         stderr: Box::new(stderr),
     })
-}
-
-/// Writes `pid` to `path` whole (a reader never sees half of it).
-fn write_pid_file(path: &std::path::Path, pid: u32) -> anyhow::Result<()> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(format!(".partial-{}", std::process::id()));
-    let partial = PathBuf::from(partial);
-    std::fs::write(&partial, pid.to_string())
-        .and_then(|()| std::fs::rename(&partial, path))
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&partial);
-        })
-        .with_context(|| format!("pid file {}", path.display()))
 }
 
 fn pipe() -> anyhow::Result<(File, OwnedFd)> {

@@ -125,7 +125,7 @@ fn each(vms: &VmsArgs, mut one: impl FnMut(&str) -> anyhow::Result<()>) -> anyho
             if vms.vms.len() == 1 {
                 return Err(e);
             }
-            eprintln!("uvm: error: {}", crate::describe(&e));
+            eprintln!("uvm: error: {}", vmm::describe(&e));
             failed = Some(1);
         }
     }

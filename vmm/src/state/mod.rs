@@ -350,7 +350,9 @@ impl StateFiles for Instance {
     }
 }
 
-fn check_name(name: &str) -> Result<()> {
+/// A VM name: letters, digits, `_`, `.` and `-`, starting with a letter or
+/// digit, at most 128 (a directory name elsewhere, too).
+pub fn check_name(name: &str) -> Result<()> {
     let mut chars = name.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
     let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
@@ -410,6 +412,19 @@ fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
             return Err(e);
         }
     }
+}
+
+/// Writes `pid` to `path` whole, by rename: a reader (conmon, a shim)
+/// never sees half of it.
+pub fn write_pid_file(path: &Path, pid: u32) -> io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(format!(".partial-{}", std::process::id()));
+    let partial = PathBuf::from(partial);
+    std::fs::write(&partial, pid.to_string())
+        .and_then(|()| std::fs::rename(&partial, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&partial);
+        })
 }
 
 #[cfg(test)]

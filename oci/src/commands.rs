@@ -1,0 +1,344 @@
+//! runc's commands, each on a container and its VM.
+
+use std::fs::File;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command as Process, ExitStatus};
+
+use anyhow::{bail, Context};
+use oci_spec::runtime::{Hook, Hooks};
+
+use crate::bundle::Bundle;
+use crate::log::Log;
+use crate::store::{Container, Record, Store};
+use crate::uvm::Uvm;
+use crate::{console, hooks, Command, CreateArgs, ExecArgs, OCI_VERSION};
+
+/// A container's state, as runtime-spec names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Creating,
+    Created,
+    Running,
+    Stopped,
+}
+
+impl Status {
+    fn word(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Stopped => "stopped",
+        }
+    }
+}
+
+pub fn run(command: Command, root: &Path, log: &Log) -> anyhow::Result<i32> {
+    if let Command::Features = command {
+        return features();
+    }
+    let store = Store::open(root)?;
+    let uvm = Uvm::new(store.vms())?;
+    match command {
+        Command::Create(args) => create(&store, &uvm, &args, log),
+        Command::Start { id } => start(&store, &uvm, &id, log),
+        Command::State { id } => state(&store, &uvm, &id),
+        Command::Kill { id, signal, .. } => kill(&store, &uvm, &id, signal.as_deref()),
+        Command::Delete { force, id } => delete(&store, &uvm, &id, force, log),
+        Command::Exec(args) => exec(&store, &uvm, &args),
+        Command::Ps { format, id, .. } => ps(&store, &uvm, &id, &format),
+        Command::Features => unreachable!("answered above"),
+    }
+}
+
+/// Where the container is, and the pid of its VMM while it has one.
+fn status(container: &Container, uvm: &Uvm) -> (Status, u32) {
+    let vm = uvm.vm(&container.record.id);
+    if !container.record.created {
+        return (Status::Creating, vm.map_or(0, |(_, pid)| pid));
+    }
+    match vm {
+        Some((vmm::state::Status::Created, pid)) => (Status::Created, pid),
+        Some((vmm::state::Status::Running, pid)) => (Status::Running, pid),
+        _ => (Status::Stopped, 0),
+    }
+}
+
+/// The runtime-spec state JSON.
+fn state_json(container: &Container, status: Status, pid: u32) -> String {
+    let record = &container.record;
+    serde_json::json!({
+        "ociVersion": record.oci_version,
+        "id": record.id,
+        "status": status.word(),
+        "pid": pid,
+        "bundle": record.bundle,
+        "annotations": record.annotations,
+    })
+    .to_string()
+}
+
+fn create(store: &Store, uvm: &Uvm, args: &CreateArgs, log: &Log) -> anyhow::Result<i32> {
+    let bundle = Bundle::load(&args.bundle)?;
+    if bundle.terminal() && args.console_socket.is_none() {
+        bail!("the container's process has a terminal: --console-socket is needed for it");
+    }
+    let record = Record {
+        id: args.id.clone(),
+        bundle: bundle.dir.clone(),
+        oci_version: bundle.spec.version().clone(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        hooks: bundle.spec.hooks().clone(),
+        created: false,
+    };
+    let mut container = store.create(record)?;
+    match boot(&container, &bundle, args, uvm, log) {
+        Ok(()) => {
+            container.record.created = true;
+            container.save()?;
+            Ok(0)
+        }
+        Err(e) => {
+            // Nothing left running or half made.
+            if uvm.vm(&args.id).is_some() {
+                let _ = uvm.run("rm", &["-f", &args.id]);
+            }
+            let _ = container.remove();
+            Err(e)
+        }
+    }
+}
+
+/// Makes the bundle's root a layer, boots the VM up to the point where
+/// `start` runs the process, then runs the create-time hooks.
+fn boot(
+    container: &Container,
+    bundle: &Bundle,
+    args: &CreateArgs,
+    uvm: &Uvm,
+    log: &Log,
+) -> anyhow::Result<()> {
+    let plan = bundle.plan();
+    for warning in &plan.warnings {
+        log.warn(warning);
+    }
+    let image = container.root_image();
+    uvm_image::convert::from_dir(&bundle.root, &image)
+        .with_context(|| format!("bundle {}: its root as a layer", bundle.dir.display()))?;
+    let mut command = uvm.command("create");
+    // Every bundle's root is a new layer: no template would match it.
+    command
+        .args(["--cold", "--keep-stdio", "--name", &args.id, "--layer"])
+        .arg(&image);
+    if let Some(pid_file) = &args.pid_file {
+        command
+            .arg("--pid-file")
+            .arg(std::path::absolute(pid_file)?);
+    }
+    if bundle.terminal() {
+        let socket = args.console_socket.as_deref().expect("checked by create");
+        with_terminal(&mut command, console::open(socket)?)?;
+    }
+    command.args(&plan.flags).arg("--").args(bundle.argv());
+    let status = command.status().context("running uvm create")?;
+    if !status.success() {
+        bail!("the container's VM did not come up (uvm create: {status})");
+    }
+    let state = state_json(container, Status::Creating, 0);
+    let hooks = bundle.spec.hooks().as_ref();
+    hooks::run("prestart", hooks_of(hooks, Hooks::prestart), &state)?;
+    hooks::run(
+        "createRuntime",
+        hooks_of(hooks, Hooks::create_runtime),
+        &state,
+    )
+}
+
+/// The hooks `pick` chooses, if there are any.
+fn hooks_of(hooks: Option<&Hooks>, pick: fn(&Hooks) -> &Option<Vec<Hook>>) -> &[Hook] {
+    hooks.and_then(|h| pick(h).as_deref()).unwrap_or(&[])
+}
+
+/// `command` on a terminal: `-t`, and the pty's slave as its stdio.
+fn with_terminal(command: &mut Process, slave: File) -> anyhow::Result<()> {
+    command
+        .arg("-t")
+        .stdin(slave.try_clone()?)
+        .stdout(slave.try_clone()?)
+        .stderr(slave);
+    Ok(())
+}
+
+fn start(store: &Store, uvm: &Uvm, id: &str, log: &Log) -> anyhow::Result<i32> {
+    let container = store.get(id)?;
+    match status(&container, uvm) {
+        (Status::Created, _) => {}
+        (other, _) => bail!("cannot start container {id}: it is {}", other.word()),
+    }
+    uvm.run("start", &[id])?;
+    let (status, pid) = status(&container, uvm);
+    let state = state_json(&container, status, pid);
+    let poststart = hooks_of(container.record.hooks.as_ref(), Hooks::poststart);
+    if let Err(e) = hooks::run("poststart", poststart, &state) {
+        log.warn(&format!("{e:#}"));
+    }
+    Ok(0)
+}
+
+fn state(store: &Store, uvm: &Uvm, id: &str) -> anyhow::Result<i32> {
+    let container = store.get(id)?;
+    let (status, pid) = status(&container, uvm);
+    println!("{}", state_json(&container, status, pid));
+    Ok(0)
+}
+
+fn kill(store: &Store, uvm: &Uvm, id: &str, signal: Option<&str>) -> anyhow::Result<i32> {
+    let container = store.get(id)?;
+    match status(&container, uvm) {
+        (Status::Created | Status::Running, _) => {}
+        (other, _) => bail!("cannot kill container {id}: it is {}", other.word()),
+    }
+    // uvm takes names (TERM, SIGTERM) and numbers alike.
+    uvm.run("kill", &["-s", signal.unwrap_or("TERM"), id])?;
+    Ok(0)
+}
+
+fn delete(store: &Store, uvm: &Uvm, id: &str, force: bool, log: &Log) -> anyhow::Result<i32> {
+    let container = store.get(id)?;
+    let (status, _) = status(&container, uvm);
+    if status == Status::Running && !force {
+        bail!("cannot delete container {id} that is not stopped: it is running");
+    }
+    if uvm.vm(id).is_some() {
+        uvm.run("rm", &["-f", id])?;
+    }
+    let state = state_json(&container, Status::Stopped, 0);
+    let poststop = hooks_of(container.record.hooks.as_ref(), Hooks::poststop);
+    if let Err(e) = hooks::run("poststop", poststop, &state) {
+        log.warn(&format!("{e:#}"));
+    }
+    container.remove()?;
+    Ok(0)
+}
+
+/// `uvm exec` in the container's VM. Detached, it runs on in a session of
+/// its own as the exec's host process (its pid in --pid-file), which the
+/// caller reaps; otherwise its status is ours.
+fn exec(store: &Store, uvm: &Uvm, args: &ExecArgs) -> anyhow::Result<i32> {
+    let container = store.get(&args.id)?;
+    if status(&container, uvm).0 != Status::Running {
+        bail!("cannot exec in container {}: it is not running", args.id);
+    }
+    let process = match &args.process {
+        Some(path) => Some(read_process(path)?),
+        None => None,
+    };
+    let argv = process
+        .as_ref()
+        .and_then(|p| p.args().clone())
+        .unwrap_or_else(|| args.args.clone());
+    if argv.is_empty() {
+        bail!("exec needs a command: ARGS or --process with args");
+    }
+    let terminal = args.tty || process.as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+    let mut command = uvm.command("exec");
+    command.arg("-i");
+    let env = process.as_ref().and_then(|p| p.env().clone());
+    for entry in env.iter().flatten().chain(&args.env) {
+        command.args(["-e", entry]);
+    }
+    let cwd = args.cwd.clone().or_else(|| {
+        process
+            .as_ref()
+            .map(|p| p.cwd().to_string_lossy().into_owned())
+    });
+    if let Some(cwd) = cwd {
+        command.args(["-w", &cwd]);
+    }
+    let user = args.user.clone().or_else(|| {
+        let user = process.as_ref()?.user();
+        Some(format!("{}:{}", user.uid(), user.gid()))
+    });
+    if let Some(user) = user {
+        command.args(["-u", &user]);
+    }
+    if terminal {
+        let Some(socket) = &args.console_socket else {
+            bail!("exec with a terminal needs --console-socket");
+        };
+        with_terminal(&mut command, console::open(socket)?)?;
+    }
+    command.arg(&args.id).arg("--").args(&argv);
+    if args.detach {
+        // SAFETY: between fork and exec only setsid runs, on the child.
+        unsafe {
+            command.pre_exec(|| match libc::setsid() {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            });
+        }
+    }
+    let mut child = command.spawn().context("running uvm exec")?;
+    if let Some(pid_file) = &args.pid_file {
+        vmm::state::write_pid_file(pid_file, child.id())
+            .with_context(|| format!("pid file {}", pid_file.display()))?;
+    }
+    if args.detach {
+        return Ok(0);
+    }
+    Ok(shell_status(child.wait()?))
+}
+
+fn read_process(path: &Path) -> anyhow::Result<oci_spec::runtime::Process> {
+    let text = std::fs::read(path).with_context(|| format!("process {}", path.display()))?;
+    serde_json::from_slice(&text)
+        .with_context(|| format!("process {}: not a runtime-spec process", path.display()))
+}
+
+fn shell_status(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+fn ps(store: &Store, uvm: &Uvm, id: &str, format: &str) -> anyhow::Result<i32> {
+    let container = store.get(id)?;
+    let pids: Vec<u32> = match status(&container, uvm) {
+        (Status::Created | Status::Running, pid) if pid > 0 => vec![pid],
+        _ => Vec::new(),
+    };
+    match format {
+        "json" => println!("{}", serde_json::to_string(&pids)?),
+        _ => {
+            println!("PID");
+            pids.iter().for_each(|pid| println!("{pid}"));
+        }
+    }
+    Ok(0)
+}
+
+/// runtime-spec's features document: what this runtime does with a
+/// config.json (README "uvm as an OCI runtime" says more).
+fn features() -> anyhow::Result<i32> {
+    let features = serde_json::json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": OCI_VERSION,
+        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
+        "mountOptions": ["ro", "rw", "bind", "rbind"],
+        "annotations": {
+            "io.uvm.kernel": "the guest kernel (uvm run --kernel)",
+            "io.uvm.initrd": "the guest initrd (uvm run --initrd)",
+        },
+        "linux": {
+            "namespaces": ["pid", "mount", "uts", "ipc"],
+            "capabilities": [],
+            "cgroup": {"v1": false, "v2": false},
+            "seccomp": {"enabled": false},
+            "apparmor": {"enabled": false},
+            "selinux": {"enabled": false},
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&features)?);
+    Ok(0)
+}
