@@ -161,6 +161,11 @@ mod tests {
                     read_only: false,
                 },
             ],
+            rlimits: vec![Rlimit {
+                resource: "NOFILE".into(),
+                soft: 8,
+                hard: 9,
+            }],
         };
         assert_eq!(spec.unattached(), None);
         let Run {
@@ -172,6 +177,7 @@ mod tests {
             ..
         } = spec.request();
         assert!(detached);
+        assert_eq!(process.rlimits, spec.rlimits);
         assert_eq!(hostname.as_deref(), Some("box"));
         assert_eq!(
             mounts.iter().map(|m| &m.kind).collect::<Vec<_>>(),
