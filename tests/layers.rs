@@ -157,6 +157,73 @@ fn eight_layers_at_once() {
     assert_eq!(stdout(&out), "8\n1\nhello from the app layer\n");
 }
 
+// Why boot: only the agent's mounts show what the container sees of a host
+// directory and file, what its writes do, and that the host keeps its own.
+#[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
+fn volumes_and_mounts_show_host_files_and_keep_the_container_s_writes() {
+    require_kvm("volumes_and_mounts_show_host_files_and_keep_the_container_s_writes");
+    let dir = tempdir("volumes");
+    std::fs::create_dir_all(dir.join("data/sub")).unwrap();
+    std::fs::write(dir.join("data/sub/a.txt"), "dir file\n").unwrap();
+    std::fs::write(dir.join("hosts"), "10.0.0.1 h\n").unwrap();
+    let volume = format!("{}:/data", dir.join("data").display());
+    let file = format!(
+        "type=bind,source={},target=/etc/extra/hosts,readonly",
+        dir.join("hosts").display()
+    );
+    let script = "cat /data/sub/a.txt /etc/extra/hosts; hostname; ulimit -n; \
+        echo new > /data/new && cat /data/new; \
+        echo x >> /etc/extra/hosts || echo read-only; \
+        echo t > /scratchy/t && cat /scratchy/t; \
+        grep -c ' /scratchy tmpfs' /proc/mounts";
+    let out = run(&mut uvm_run(
+        &[layer("base")],
+        &[
+            "-v",
+            &volume,
+            "--mount",
+            &file,
+            "--mount",
+            "type=tmpfs,target=/scratchy",
+            "--hostname",
+            "box",
+            "--ulimit",
+            "nofile=100:200",
+        ],
+        script,
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "dir file\n10.0.0.1 h\nbox\n100\nnew\nread-only\nt\n1\n"
+    );
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.join("data/new").exists(), "the write stayed in the VM");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("hosts")).unwrap(),
+        "10.0.0.1 h\n"
+    );
+}
+
+#[test]
+fn bad_volumes_are_refused_before_boot() {
+    let missing = run(&mut uvm_run(
+        &[layer("base")],
+        &["-v", "/nonexistent-uvm-volume:/data"],
+        "true",
+    ));
+    assert_fails_naming(&missing, "volume /nonexistent-uvm-volume");
+    let relative = run(&mut uvm_run(&[layer("base")], &["-v", "/tmp:data"], "true"));
+    assert_fails_naming(&relative, "GUEST be absolute");
+    let no_layers = run(&mut uvm_run(&[], &["-v", "/tmp:/data"], "true"));
+    assert_fails_naming(&no_layers, "are for a container");
+}
+
 #[test]
 fn bad_layers_are_refused_before_boot() {
     let dir = tempdir("bad");

@@ -17,16 +17,27 @@ pub const HANG_TIMEOUT: Duration = Duration::from_secs(300);
 /// devices must not depend on a template an earlier test left. Tests of
 /// templates use [`uvm_templated`].
 pub fn uvm() -> Command {
-    let mut uvm = Command::new(env!("CARGO_BIN_EXE_uvm"));
+    let mut uvm = Command::new(uvm_binary());
     uvm.env("UVM_COLD", "1");
     uvm
 }
 
 /// `uvm` as users run it, with its templates (and images) in `store`.
 pub fn uvm_templated(store: &std::path::Path) -> Command {
-    let mut uvm = Command::new(env!("CARGO_BIN_EXE_uvm"));
+    let mut uvm = Command::new(uvm_binary());
     uvm.env_remove("UVM_COLD").env("UVM_STORE", store);
     uvm
+}
+
+/// The uvm binary: this package's (vmm's tests), or the one built beside
+/// uvm-oci (uvm-oci's tests, which the workspace's build makes too).
+pub fn uvm_binary() -> PathBuf {
+    let beside_uvm_oci =
+        option_env!("CARGO_BIN_EXE_uvm-oci").map(|p| PathBuf::from(p).with_file_name("uvm"));
+    option_env!("CARGO_BIN_EXE_uvm")
+        .map(PathBuf::from)
+        .or(beside_uvm_oci)
+        .expect("a test of vmm or uvm-oci")
 }
 
 /// `target/guest/`, where `cargo xtask guest` puts the kernel and initrd.

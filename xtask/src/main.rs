@@ -308,8 +308,16 @@ fn test() -> Result<()> {
     guest()?;
     // The bench tests boot QEMU microvm next to uvm; the image tests
     // build their images with umoci and skopeo and pull them from a
-    // registry on loopback.
-    apt_install(&["qemu-system-x86", "umoci", "skopeo", "docker-registry"])?;
+    // registry on loopback; the OCI runtime's tests drive podman and
+    // containerd.
+    apt_install(&[
+        "qemu-system-x86",
+        "umoci",
+        "skopeo",
+        "docker-registry",
+        "podman",
+        "containerd",
+    ])?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -353,6 +361,8 @@ fn integration_tests() -> Result<Vec<PathBuf>> {
             "test",
             "-p",
             "vmm",
+            "-p",
+            "uvm-oci",
             "--tests",
             "--no-run",
             "--message-format=json",

@@ -7,27 +7,30 @@ use guest::protocol::Rlimit;
 
 use crate::check;
 
-const RESOURCES: [(&str, libc::__rlimit_resource_t); 16] = [
-    ("AS", libc::RLIMIT_AS),
-    ("CORE", libc::RLIMIT_CORE),
-    ("CPU", libc::RLIMIT_CPU),
-    ("DATA", libc::RLIMIT_DATA),
-    ("FSIZE", libc::RLIMIT_FSIZE),
-    ("LOCKS", libc::RLIMIT_LOCKS),
-    ("MEMLOCK", libc::RLIMIT_MEMLOCK),
-    ("MSGQUEUE", libc::RLIMIT_MSGQUEUE),
-    ("NICE", libc::RLIMIT_NICE),
-    ("NOFILE", libc::RLIMIT_NOFILE),
-    ("NPROC", libc::RLIMIT_NPROC),
-    ("RSS", libc::RLIMIT_RSS),
-    ("RTPRIO", libc::RLIMIT_RTPRIO),
-    ("RTTIME", libc::RLIMIT_RTTIME),
-    ("SIGPENDING", libc::RLIMIT_SIGPENDING),
-    ("STACK", libc::RLIMIT_STACK),
+/// glibc and musl type the resource differently: kept as an int here.
+type Resource = libc::c_int;
+
+const RESOURCES: [(&str, Resource); 16] = [
+    ("AS", libc::RLIMIT_AS as Resource),
+    ("CORE", libc::RLIMIT_CORE as Resource),
+    ("CPU", libc::RLIMIT_CPU as Resource),
+    ("DATA", libc::RLIMIT_DATA as Resource),
+    ("FSIZE", libc::RLIMIT_FSIZE as Resource),
+    ("LOCKS", libc::RLIMIT_LOCKS as Resource),
+    ("MEMLOCK", libc::RLIMIT_MEMLOCK as Resource),
+    ("MSGQUEUE", libc::RLIMIT_MSGQUEUE as Resource),
+    ("NICE", libc::RLIMIT_NICE as Resource),
+    ("NOFILE", libc::RLIMIT_NOFILE as Resource),
+    ("NPROC", libc::RLIMIT_NPROC as Resource),
+    ("RSS", libc::RLIMIT_RSS as Resource),
+    ("RTPRIO", libc::RLIMIT_RTPRIO as Resource),
+    ("RTTIME", libc::RLIMIT_RTTIME as Resource),
+    ("SIGPENDING", libc::RLIMIT_SIGPENDING as Resource),
+    ("STACK", libc::RLIMIT_STACK as Resource),
 ];
 
 /// The limits to set, each checked: a known resource, soft ≤ hard.
-pub type Limits = Vec<(libc::__rlimit_resource_t, libc::rlimit)>;
+pub type Limits = Vec<(Resource, libc::rlimit)>;
 
 pub fn resolve(rlimits: &[Rlimit]) -> io::Result<Limits> {
     rlimits
@@ -54,7 +57,7 @@ pub fn resolve(rlimits: &[Rlimit]) -> io::Result<Limits> {
 pub fn set(limits: &Limits) -> io::Result<()> {
     for (resource, rlimit) in limits {
         // SAFETY: `rlimit` is a valid struct for the call to read.
-        check(unsafe { libc::setrlimit(*resource, rlimit) })?;
+        check(unsafe { libc::setrlimit(*resource as _, rlimit) })?;
     }
     Ok(())
 }
@@ -71,9 +74,9 @@ mod tests {
             hard,
         };
         let limits = resolve(&[limit("RLIMIT_NOFILE", 10, 20), limit("NPROC", 5, 5)]).unwrap();
-        assert_eq!(limits[0].0, libc::RLIMIT_NOFILE);
+        assert_eq!(limits[0].0, libc::RLIMIT_NOFILE as Resource);
         assert_eq!((limits[0].1.rlim_cur, limits[0].1.rlim_max), (10, 20));
-        assert_eq!(limits[1].0, libc::RLIMIT_NPROC);
+        assert_eq!(limits[1].0, libc::RLIMIT_NPROC as Resource);
         assert!(resolve(&[limit("NOFILE", 30, 20)]).is_err());
         assert!(resolve(&[limit("BOGUS", 1, 1)]).is_err());
     }
