@@ -443,7 +443,9 @@ fn the_state_follows_runtime_spec_and_runc_s_refusals() {
 fn bad_bundles_are_clear_errors_in_stderr_and_the_json_log_and_leave_nothing() {
     let dir = tempdir("oci-bad");
     let root = dir.join("root");
-    let cases: [(&str, &dyn Fn(&Path), &str); 3] = [
+    /// A name, what spoils the bundle, and the reason the error gives.
+    type Case<'a> = (&'a str, &'a dyn Fn(&Path), &'a str);
+    let cases: [Case; 3] = [
         (
             "no-config",
             &|b| std::fs::remove_file(b.join("config.json")).unwrap(),
