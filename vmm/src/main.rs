@@ -167,8 +167,9 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
 
-    /// `uvm create`: the container waits for `uvm start`.
+    /// `uvm create` (Linux only): the container waits for `uvm start`.
     #[arg(skip)]
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     held: bool,
 
     /// The VM's own tools for `uvm console` (an ext4 image, mapped like a
