@@ -102,7 +102,9 @@ impl Podman {
             .arg(self.dir.join("run"))
             .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
             .args(["--runtime", "uvm-oci"])
-            .arg(format!("--runtime-flag=root={}", self.oci_root().display()));
+            // Not --runtime-flag: podman's cleanup after `run --rm` (an
+            // exit command conmon starts) would not pass it on.
+            .env("UVM_OCI_ROOT", self.oci_root());
         podman
     }
 
