@@ -327,6 +327,23 @@ fn state(root: &Path, id: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A copy of the image's bundle whose process is `args`, with `hooks`.
+fn bundle_with_hooks(name: &str, args: &[&str], hooks: serde_json::Value) -> PathBuf {
+    let bundle = bundle(name, args);
+    let config = bundle.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    spec["hooks"] = hooks;
+    std::fs::write(&config, spec.to_string()).unwrap();
+    bundle
+}
+
+/// A hook that writes the state it gets to `out`.
+fn hook_saving_state(out: &Path) -> serde_json::Value {
+    let script = format!("cat > {}", out.display());
+    serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c", script]}])
+}
+
 /// A copy of the image's bundle whose process is `args`.
 fn bundle(name: &str, args: &[&str]) -> PathBuf {
     let dir = tempdir(name);
@@ -354,9 +371,15 @@ fn alive(pid: i64) -> bool {
 fn the_state_follows_runtime_spec_and_runc_s_refusals() {
     require_kvm("the_state_follows_runtime_spec_and_runc_s_refusals");
     let script = "trap 'exit 3' TERM; while true; do sleep 1; done";
-    let bundle = bundle("oci-state", &["sh", "-c", script]);
     let root = tempdir("oci-state-root");
     let files = tempdir("oci-state-files");
+    let hooked = |name: &str| files.join(format!("{name}.json"));
+    let hooks = serde_json::json!({
+        "createRuntime": hook_saving_state(&hooked("createRuntime")),
+        "poststart": hook_saving_state(&hooked("poststart")),
+        "poststop": hook_saving_state(&hooked("poststop")),
+    });
+    let bundle = bundle_with_hooks("oci-state", &["sh", "-c", script], hooks);
     let pid_file = files.join("pid");
     let id = "state-test";
     // A file, not a pipe: the VM keeps create's stdio as its container's.
@@ -439,6 +462,38 @@ fn the_state_follows_runtime_spec_and_runc_s_refusals() {
         stderr(&gone)
     );
     assert_eq!(left_behind(&root), (vec![], vec![]));
+    // Each host hook ran once, at its step, with the state on its stdin.
+    for (hook, status) in [
+        ("createRuntime", "creating"),
+        ("poststart", "running"),
+        ("poststop", "stopped"),
+    ] {
+        let text = std::fs::read(hooked(hook)).unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(
+            (&state["id"], &state["status"]),
+            (&id.into(), &status.into()),
+            "{hook}"
+        );
+    }
+}
+
+#[test]
+fn features_and_version_say_what_the_runtime_is() {
+    let features = run(Command::new(UVM_OCI).arg("features"));
+    assert!(features.status.success(), "{}", stderr(&features));
+    let features: serde_json::Value = serde_json::from_slice(&features.stdout).unwrap();
+    assert_eq!(features["ociVersionMax"], "1.0.2");
+    assert!(features["hooks"]
+        .as_array()
+        .unwrap()
+        .contains(&"poststop".into()));
+    let version = run(Command::new(UVM_OCI).arg("--version"));
+    assert!(
+        stdout(&version).contains("spec: 1.0.2"),
+        "{}",
+        stdout(&version)
+    );
 }
 
 #[test]

@@ -404,6 +404,8 @@ ip link set lo up || fail
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 host /host || fail
 {mounts}mount -t proc proc /host/proc && mount -t sysfs sys /host/sys || fail
 mount -t devtmpfs dev /host/dev && mount -t tmpfs run /host/run && mkdir /host/run/tmp || fail
+# Where podman's image transports unpack archives (not $TMPDIR).
+mount -t tmpfs vartmp /host/var/tmp || fail
 mkdir -p /host/dev/pts /host/dev/shm && mount -t devpts -o ptmxmode=666 pts /host/dev/pts || fail
 mount -t tmpfs shm /host/dev/shm || fail
 cp /command /host/run/uvm-nested-command
@@ -477,6 +479,7 @@ mod tests {
         let init = init_script(&["a".into(), "b".into()], &["/w/target/bench".into()]);
         assert!(init.contains("for m in a b; do insmod /modules/$m.ko"));
         assert!(init.contains("ip link set lo up"));
+        assert!(init.contains("mount -t tmpfs vartmp /host/var/tmp"));
         assert!(init.contains("out0 '/host/w/target/bench'"));
         // On a line of its own, whatever COMMAND printed last.
         assert!(init.contains(&format!(r#"printf "\\n{STATUS_LINE}%d\\n" $?"#)));
