@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use support::{assert_fails_naming, run, stderr, stdout, tempdir, uvm};
+use support::{assert_fails_naming, run, sh, stderr, stdout, tempdir, uvm};
 
 /// The test image's default command shows who, where and with what it runs,
 /// and what its two upper layers deleted (/data/a) and replaced (/keep).
@@ -21,20 +21,6 @@ struct Images {
     layout: PathBuf,
     oci_archive: PathBuf,
     docker_archive: PathBuf,
-}
-
-fn sh(script: &str, args: &[&Path]) {
-    let out = run(Command::new("/bin/sh")
-        .arg("-ec")
-        .arg(script)
-        .arg("sh")
-        .args(args));
-    assert!(
-        out.status.success(),
-        "{script}\n{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
 }
 
 fn images() -> &'static Images {

@@ -11,25 +11,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use support::{require_kvm, run, stderr, stdout, tempdir};
+use support::{require_kvm, run, sh, stderr, stdout, tempdir};
 
 const UVM_OCI: &str = env!("CARGO_BIN_EXE_uvm-oci");
 /// The image's name once loaded.
 const IMAGE: &str = "localhost/uvm-oci-test:1";
-
-fn sh(script: &str, args: &[&Path]) {
-    let out = run(Command::new("/bin/sh")
-        .arg("-ec")
-        .arg(script)
-        .arg("sh")
-        .args(args));
-    assert!(
-        out.status.success(),
-        "{script}\n{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-}
 
 /// A busybox image as an OCI archive, and its unpacked bundle (config.json
 /// made by umoci), built once per test binary.
@@ -101,10 +87,7 @@ impl Podman {
             .arg("--runroot")
             .arg(self.dir.join("run"))
             .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
-            .args(["--runtime", "uvm-oci"])
-            // Not --runtime-flag: podman's cleanup after `run --rm` (an
-            // exit command conmon starts) would not pass it on.
-            .env("UVM_OCI_ROOT", self.oci_root());
+            .args(["--runtime", "uvm-oci"]);
         podman
     }
 
@@ -116,8 +99,10 @@ impl Podman {
             .args(args))
     }
 
+    /// uvm-oci's default root: podman's --runtime-flag does not reach the
+    /// runtime conmon starts.
     fn oci_root(&self) -> PathBuf {
-        self.dir.join("uvm-oci")
+        PathBuf::from("/run/uvm-oci")
     }
 }
 

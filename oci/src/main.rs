@@ -41,7 +41,6 @@ struct Cli {
         long,
         global = true,
         value_name = "DIR",
-        env = "UVM_OCI_ROOT",
         default_value = "/run/uvm-oci"
     )]
     root: PathBuf,

@@ -107,6 +107,22 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs `script` with `sh -e`, `args` as its $1…, and fails the test
+/// (with its output) if it fails.
+pub fn sh(script: &str, args: &[&std::path::Path]) {
+    let out = run(Command::new("/bin/sh")
+        .arg("-ec")
+        .arg(script)
+        .arg("sh")
+        .args(args));
+    assert!(
+        out.status.success(),
+        "{script}\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
 /// A fresh directory for one test's files.
 pub fn tempdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("uvm-test-{name}-{}", std::process::id()));

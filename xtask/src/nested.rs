@@ -19,8 +19,9 @@ use crate::{apt_install, cpio, kernel, run};
 /// Debian's kernel, which has kvm_amd and 9p as modules.
 const KERNEL_META_PACKAGE: &str = "linux-image-amd64";
 /// Loaded in this order (each after what it depends on): the virtio PCI
-/// transport and 9p for the host's root, then KVM for AMD.
-const MODULES: [&str; 14] = [
+/// transport and 9p for the host's root, overlayfs for a writable /tmp
+/// over it, then KVM for AMD.
+const MODULES: [&str; 15] = [
     "drivers/virtio/virtio_ring",
     "drivers/virtio/virtio",
     "drivers/virtio/virtio_pci_legacy_dev",
@@ -31,6 +32,7 @@ const MODULES: [&str; 14] = [
     "net/9p/9pnet",
     "net/9p/9pnet_virtio",
     "fs/9p/9p",
+    "fs/overlayfs/overlay",
     "virt/lib/irqbypass",
     "drivers/crypto/ccp/ccp",
     "arch/x86/kvm/kvm",
@@ -402,6 +404,9 @@ for m in {modules}; do insmod /modules/$m.ko || fail; done
 # Loopback: tests serve and reach programs on 127.0.0.1 (a registry).
 ip link set lo up || fail
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 host /host || fail
+# A writable /tmp over the host's (conmon makes its console sockets there).
+mkdir /tmpw && mount -t tmpfs tmpw /tmpw && mkdir /tmpw/upper /tmpw/work || fail
+mount -t overlay -o lowerdir=/host/tmp,upperdir=/tmpw/upper,workdir=/tmpw/work tmp /host/tmp || fail
 {mounts}mount -t proc proc /host/proc && mount -t sysfs sys /host/sys || fail
 mount -t devtmpfs dev /host/dev && mount -t tmpfs run /host/run && mkdir /host/run/tmp || fail
 # Where podman's image transports unpack archives (not $TMPDIR).
