@@ -2,7 +2,7 @@
 
 use anyhow::bail;
 use vmm::state::control::Request;
-use vmm::state::{Entry, Root, Status};
+use vmm::state::{Entry, Phase, Root, Status};
 
 use super::{ask, display_name, running};
 
@@ -58,11 +58,17 @@ fn stop_one(entry: &Entry, timeout_secs: u64) -> anyhow::Result<()> {
 
 pub fn start(root: &Root, args: &VmsArgs) -> anyhow::Result<i32> {
     each(args, |key| {
-        ask(&running(root, key)?, &Request::Start)?;
+        let entry = running(root, key)?;
+        ask(&entry, &Request::Start)?;
+        // So that `ps` (and an OCI runtime's state) says running from now.
+        entry.wait_past(Phase::Created, RECORD_UPDATE)?;
         println!("{key}");
         Ok(())
     })
 }
+
+/// How long a VMM may take to record what it answered for.
+const RECORD_UPDATE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn kill(root: &Root, args: &KillArgs) -> anyhow::Result<i32> {
     each(&args.vms, |key| {

@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-pub use self::record::{Config, Record, Status};
+pub use self::record::{Config, Phase, Record, Status};
 
 /// Bytes of randomness in an ID (shown as twice as many hex digits).
 const ID_BYTES: usize = 16;
@@ -263,6 +263,19 @@ impl Entry {
         let path = self.dir.join(LOCK);
         let file = File::open(&path).map_err(io_error(&path))?;
         flock(&file, libc::LOCK_SH).map_err(io_error(&path))
+    }
+
+    /// Waits (at most `limit`) until its record says it left `phase`, or
+    /// its VMM ended: the VMM records a change just after it answers for it.
+    pub fn wait_past(&self, phase: Phase, limit: std::time::Duration) -> Result<Record> {
+        let began = std::time::Instant::now();
+        loop {
+            let record = self.reread()?;
+            if record.phase != phase || self.ended() || began.elapsed() >= limit {
+                return Ok(record);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 
     /// Its record as it is now (the VMM updates it when the VM ends).
