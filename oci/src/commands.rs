@@ -1,9 +1,9 @@
 //! runc's commands, each on a container and its VM.
 
 use std::fs::File;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command as Process, ExitStatus};
+use std::process::Command as Process;
 
 use anyhow::{bail, Context};
 use oci_spec::runtime::{Hook, Hooks};
@@ -54,7 +54,11 @@ pub fn run(command: Command, root: &Path, log: &Log) -> anyhow::Result<i32> {
 
 /// Where the container is, and the pid of its VMM while it has one.
 fn status(container: &Container, uvm: &Uvm) -> (Status, u32) {
-    let vm = uvm.vm(&container.record.id);
+    status_of(container, uvm.vm(&container.record.id))
+}
+
+/// [`status`] from what uvm says of the container's VM.
+fn status_of(container: &Container, vm: Option<(vmm::state::Status, u32)>) -> (Status, u32) {
     if !container.record.created {
         return (Status::Creating, vm.map_or(0, |(_, pid)| pid));
     }
@@ -206,11 +210,12 @@ fn kill(store: &Store, uvm: &Uvm, id: &str, signal: Option<&str>) -> anyhow::Res
 
 fn delete(store: &Store, uvm: &Uvm, id: &str, force: bool, log: &Log) -> anyhow::Result<i32> {
     let container = store.get(id)?;
-    let (status, _) = status(&container, uvm);
-    if status == Status::Running && !force {
+    let vm = uvm.vm(id);
+    let has_vm = vm.is_some();
+    if status_of(&container, vm).0 == Status::Running && !force {
         bail!("cannot delete container {id} that is not stopped: it is running");
     }
-    if uvm.vm(id).is_some() {
+    if has_vm {
         uvm.run("rm", &["-f", id])?;
     }
     let state = state_json(&container, Status::Stopped, 0);
@@ -287,19 +292,13 @@ fn exec(store: &Store, uvm: &Uvm, args: &ExecArgs) -> anyhow::Result<i32> {
     if args.detach {
         return Ok(0);
     }
-    Ok(shell_status(child.wait()?))
+    Ok(vmm::process::shell_status(child.wait()?))
 }
 
 fn read_process(path: &Path) -> anyhow::Result<oci_spec::runtime::Process> {
     let text = std::fs::read(path).with_context(|| format!("process {}", path.display()))?;
     serde_json::from_slice(&text)
         .with_context(|| format!("process {}: not a runtime-spec process", path.display()))
-}
-
-fn shell_status(status: ExitStatus) -> i32 {
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 fn ps(store: &Store, uvm: &Uvm, id: &str, format: &str) -> anyhow::Result<i32> {

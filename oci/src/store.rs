@@ -91,11 +91,8 @@ impl Store {
 impl Container {
     pub fn save(&self) -> anyhow::Result<()> {
         let path = self.dir.join(RECORD);
-        let partial = self.dir.join(format!("{RECORD}.partial"));
         let text = serde_json::to_vec(&self.record)?;
-        std::fs::write(&partial, text)
-            .and_then(|()| std::fs::rename(&partial, &path))
-            .with_context(|| format!("{}", path.display()))
+        vmm::state::write_whole(&path, &text).with_context(|| format!("{}", path.display()))
     }
 
     /// The layer image made from the bundle's root.

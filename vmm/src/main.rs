@@ -336,9 +336,7 @@ fn parse_mount(text: &str) -> Result<ContainerMount, String> {
         return Err(format!("`{text}`: an absolute target=GUEST is needed"));
     };
     let source = match (kind, source) {
-        (Some("bind"), Some(host)) if !host.is_empty() => {
-            MountSource::Host(std::path::absolute(host).map_err(|e| format!("{host}: {e}"))?)
-        }
+        (Some("bind"), Some(host)) if !host.is_empty() => host_source(host)?,
         (Some("tmpfs"), None) => MountSource::Tmpfs,
         (Some("sysfs"), None) => MountSource::Sysfs,
         _ => {
@@ -384,12 +382,17 @@ fn parse_volume(text: &str) -> Result<ContainerMount, String> {
             "`{text}`: HOST must be given and GUEST be absolute"
         ));
     }
-    let host = std::path::absolute(host).map_err(|e| format!("{host}: {e}"))?;
     Ok(ContainerMount {
         destination: guest.to_string(),
-        source: MountSource::Host(host),
+        source: host_source(host)?,
         read_only,
     })
+}
+
+/// A host path of a bind mount, made absolute.
+fn host_source(host: &str) -> Result<MountSource, String> {
+    let path = std::path::absolute(host).map_err(|e| format!("{host}: {e}"))?;
+    Ok(MountSource::Host(path))
 }
 
 fn parse_env(entry: &str) -> Result<String, String> {

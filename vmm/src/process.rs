@@ -117,6 +117,16 @@ pub enum Outcome {
     Failed(Failed),
 }
 
+/// A host process's exit status as a shell reports it: its code, or 128 +
+/// the signal that killed it.
+#[cfg(unix)]
+pub fn shell_status(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
 /// What the agent prints on the console after running a request from the
 /// kernel command line (no vsock), before the VM ends.
 pub const EXIT_STATUS_LINE: &str = "uvm-agent: exit status ";

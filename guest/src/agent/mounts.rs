@@ -112,18 +112,8 @@ fn bind_source(index: usize, layer: u32, read_only: bool) -> io::Result<String> 
     let union = format!("{SOURCES}/{index}.union");
     std::fs::create_dir_all(&writes)?;
     std::fs::create_dir_all(&union)?;
-    let writes_c = cstring(writes.clone())?;
-    mount_with(c"tmpfs", &writes_c, c"tmpfs", 0, None)?;
-    std::fs::create_dir_all(format!("{writes}/upper"))?;
-    std::fs::create_dir_all(format!("{writes}/work"))?;
-    let options = format!("lowerdir={image},upperdir={writes}/upper,workdir={writes}/work");
-    mount_with(
-        c"overlay",
-        &cstring(union.clone())?,
-        c"overlay",
-        0,
-        Some(&cstring(options)?),
-    )?;
+    mount_with(c"tmpfs", &cstring(writes.clone())?, c"tmpfs", 0, None)?;
+    root::mount_union(&image, &writes, &cstring(union.clone())?)?;
     Ok(union)
 }
 
@@ -153,7 +143,8 @@ pub fn make(planned: &[Planned]) -> io::Result<()> {
     Ok(())
 }
 
-fn make_dir(path: &CStr) -> io::Result<()> {
+/// Makes directory `path` unless it is there (a system call).
+pub fn make_dir(path: &CStr) -> io::Result<()> {
     // SAFETY: a NUL-terminated path.
     match check(unsafe { libc::mkdir(path.as_ptr(), 0o755) }) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),

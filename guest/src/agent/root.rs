@@ -83,14 +83,8 @@ fn stack(root: Root) -> io::Result<()> {
     } else {
         mount_with(c"tmpfs", SCRATCH, c"tmpfs", 0, None)?;
     }
-    std::fs::create_dir_all("/scratch/upper")?;
-    std::fs::create_dir_all("/scratch/work")?;
     std::fs::create_dir_all(ROOT)?;
-    let options = format!(
-        "lowerdir={},upperdir=/scratch/upper,workdir=/scratch/work",
-        lower.join(":")
-    );
-    mount_with(c"overlay", ROOT_C, c"overlay", 0, Some(&cstring(options)?))?;
+    mount_union(&lower.join(":"), "/scratch", ROOT_C)?;
     for dir in ["proc", "dev", "tmp", "sys", "run/layers"] {
         std::fs::create_dir_all(format!("{ROOT}/{dir}"))?;
     }
@@ -143,8 +137,17 @@ fn mount_read_only(device: String, target: &str, dax: bool) -> io::Result<()> {
 
 /// Mounts layer `index` (pmem, without DAX) read-only at `target`.
 pub fn mount_layer_at(index: u32, target: &str) -> io::Result<()> {
-    mount_read_only(pmem(index)?, target, false)
-        .map_err(|e| io::Error::new(e.kind(), format!("layer {index}: {e}")))
+    mount_layer(index, target, Root::default())
+}
+
+/// Mounts overlayfs at `target`: `lower` (overlayfs's `a:b` list, top
+/// first) under a writable layer whose upper and work directories it
+/// makes in `writes` (a mounted file system).
+pub fn mount_union(lower: &str, writes: &str, target: &CStr) -> io::Result<()> {
+    std::fs::create_dir_all(format!("{writes}/upper"))?;
+    std::fs::create_dir_all(format!("{writes}/work"))?;
+    let options = format!("lowerdir={lower},upperdir={writes}/upper,workdir={writes}/work");
+    mount_with(c"overlay", target, c"overlay", 0, Some(&cstring(options)?))
 }
 
 /// Mounts the VM's tools (pmem `index`) and links the VM's /bin, /sbin and
@@ -240,11 +243,7 @@ pub fn enter(tty: bool, cwd: &CStr, setup: &Setup) -> io::Result<()> {
     )?;
     if tty {
         // devtmpfs is one instance: the agent's /dev/pts may be there already.
-        // SAFETY: a constant, NUL-terminated path.
-        match check(unsafe { libc::mkdir(c"/rootfs/dev/pts".as_ptr(), 0o755) }) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
-        }
+        mounts::make_dir(c"/rootfs/dev/pts")?;
         mount_with(c"/dev/pts", c"/rootfs/dev/pts", c"", libc::MS_BIND, None)?;
     }
     mounts::make(&setup.mounts)?;

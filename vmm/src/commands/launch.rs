@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio as ChildStdio;
 use std::time::Instant;
@@ -312,9 +312,7 @@ fn detach(instance: Instance, background: &Background) -> anyhow::Result<i32> {
     let log = std::fs::read_to_string(instance.vmm_log()).unwrap_or_default();
     eprint!("{log}");
     instance.remove()?;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    Ok(vmm::process::shell_status(status))
 }
 
 /// The uvm that `run -d` started: the VM's VMM, its output in the log

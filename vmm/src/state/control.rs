@@ -211,11 +211,6 @@ impl Start {
             taken: Arc::default(),
         }
     }
-
-    /// Whether the main process may still start (nobody asked yet).
-    pub fn pending(&self) -> bool {
-        !self.taken.load(Ordering::SeqCst)
-    }
 }
 
 /// The VMM's control socket while its VM runs.

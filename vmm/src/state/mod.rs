@@ -308,10 +308,8 @@ impl Instance {
 
     fn save(&self) -> Result<()> {
         let path = self.dir.join(RECORD);
-        let partial = self.dir.join(format!("{RECORD}.partial"));
         let json = serde_json::to_vec_pretty(&self.record).expect("a record serializes");
-        std::fs::write(&partial, json).map_err(io_error(&partial))?;
-        std::fs::rename(&partial, &path).map_err(io_error(&path))
+        write_whole(&path, &json).map_err(io_error(&path))
     }
 
     /// Removes the state of a VM that ran in the foreground (the lock goes
@@ -427,17 +425,22 @@ fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Writes `pid` to `path` whole, by rename: a reader (conmon, a shim)
-/// never sees half of it.
-pub fn write_pid_file(path: &Path, pid: u32) -> io::Result<()> {
+/// Writes `bytes` to `path` whole, by rename from a name of this
+/// process's: a reader sees the old file or the new one, never half.
+pub fn write_whole(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(format!(".partial-{}", std::process::id()));
     let partial = PathBuf::from(partial);
-    std::fs::write(&partial, pid.to_string())
+    std::fs::write(&partial, bytes)
         .and_then(|()| std::fs::rename(&partial, path))
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&partial);
         })
+}
+
+/// Writes `pid` to `path` whole (conmon, a shim read it).
+pub fn write_pid_file(path: &Path, pid: u32) -> io::Result<()> {
+    write_whole(path, pid.to_string().as_bytes())
 }
 
 #[cfg(test)]
