@@ -315,12 +315,17 @@ fn state(root: &Path, id: &str) -> serde_json::Value {
 /// A copy of the image's bundle whose process is `args`, with `hooks`.
 fn bundle_with_hooks(name: &str, args: &[&str], hooks: serde_json::Value) -> PathBuf {
     let bundle = bundle(name, args);
+    edit_config(&bundle, |spec| spec["hooks"] = hooks);
+    bundle
+}
+
+/// Changes the bundle's config.json with `edit`.
+fn edit_config(bundle: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let config = bundle.join("config.json");
     let mut spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
-    spec["hooks"] = hooks;
+    edit(&mut spec);
     std::fs::write(&config, spec.to_string()).unwrap();
-    bundle
 }
 
 /// A hook that writes the state it gets to `out`.
@@ -337,12 +342,10 @@ fn bundle(name: &str, args: &[&str]) -> PathBuf {
         r#"rm -rf "$2"; cp -a "$1" "$2""#,
         &[&image().bundle, &bundle],
     );
-    let config = bundle.join("config.json");
-    let mut spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
-    spec["process"]["args"] = serde_json::json!(args);
-    spec["process"]["terminal"] = serde_json::json!(false);
-    std::fs::write(&config, spec.to_string()).unwrap();
+    edit_config(&bundle, |spec| {
+        spec["process"]["args"] = serde_json::json!(args);
+        spec["process"]["terminal"] = serde_json::json!(false);
+    });
     bundle
 }
 
@@ -355,16 +358,23 @@ fn alive(pid: i64) -> bool {
 #[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
 fn the_state_follows_runtime_spec_and_runc_s_refusals() {
     require_kvm("the_state_follows_runtime_spec_and_runc_s_refusals");
-    let script = "trap 'exit 3' TERM; while true; do sleep 1; done";
+    // What the startContainer hook left in the container's /tmp (a tmpfs
+    // of its own) reaches create's stderr, which the container keeps.
+    let script = "cat /tmp/started >&2; trap 'exit 3' TERM; while true; do sleep 1; done";
     let root = tempdir("oci-state-root");
     let files = tempdir("oci-state-files");
     let hooked = |name: &str| files.join(format!("{name}.json"));
+    let in_container = r#"cat > /tmp/started; echo " $HOOK $(hostname)" >> /tmp/started"#;
     let hooks = serde_json::json!({
         "createRuntime": hook_saving_state(&hooked("createRuntime")),
+        "createContainer": hook_saving_state(&hooked("createContainer")),
+        "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", in_container],
+                            "env": ["HOOK=in-the-vm"]}],
         "poststart": hook_saving_state(&hooked("poststart")),
         "poststop": hook_saving_state(&hooked("poststop")),
     });
     let bundle = bundle_with_hooks("oci-state", &["sh", "-c", script], hooks);
+    edit_config(&bundle, |spec| spec["hostname"] = "oci-state".into());
     let pid_file = files.join("pid");
     let id = "state-test";
     // A file, not a pipe: the VM keeps create's stdio as its container's.
@@ -394,8 +404,8 @@ fn the_state_follows_runtime_spec_and_runc_s_refusals() {
     }
     let created = create.wait().unwrap();
     drop(watchdog);
-    let errors = std::fs::read_to_string(&errors).unwrap();
-    assert!(created.success(), "create: {errors}");
+    let create_errors = std::fs::read_to_string(&errors).unwrap();
+    assert!(created.success(), "create: {create_errors}");
     assert!(seen_creating, "state said creating while create ran");
     let state_now = state(&root, id);
     assert_eq!(state_now["status"], "created");
@@ -408,6 +418,30 @@ fn the_state_follows_runtime_spec_and_runc_s_refusals() {
     let started = uvm_oci(&root, &["start", id]);
     assert!(started.status.success(), "start: {}", stderr(&started));
     assert_eq!(state(&root, id)["status"], "running");
+    // The startContainer hook ran in the container before its process,
+    // with the state runc gives it and its own environment.
+    let began = Instant::now();
+    let hooked_state = loop {
+        let text = std::fs::read_to_string(&errors).unwrap();
+        if let Some(line) = text.lines().find(|l| l.ends_with(" in-the-vm oci-state")) {
+            break line.to_string();
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(120),
+            "no hook output: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (json, _) = hooked_state.split_once(" in-the-vm").unwrap();
+    let hooked_state: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(
+        (
+            &hooked_state["id"],
+            &hooked_state["status"],
+            &hooked_state["pid"]
+        ),
+        (&id.into(), &"created".into(), &1.into())
+    );
     let again = uvm_oci(&root, &["start", id]);
     assert!(!again.status.success());
     assert!(
@@ -450,6 +484,7 @@ fn the_state_follows_runtime_spec_and_runc_s_refusals() {
     // Each host hook ran once, at its step, with the state on its stdin.
     for (hook, status) in [
         ("createRuntime", "creating"),
+        ("createContainer", "creating"),
         ("poststart", "running"),
         ("poststop", "stopped"),
     ] {

@@ -1,5 +1,7 @@
 //! What the uvm host and the guest agent share.
 
+#[cfg(unix)]
+pub mod hook;
 pub mod protocol;
 // The guest side: the agent and its test peer run in Linux guests.
 #[cfg(target_os = "linux")]

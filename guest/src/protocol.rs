@@ -79,6 +79,30 @@ pub struct Run {
     /// Mounts in the container besides its root, made in this order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<Mount>,
+    /// Programs run in the container before the process, in order, each
+    /// once the one before succeeded (OCI startContainer hooks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<Hook>,
+}
+
+/// A program run in the container just before its process: as its user,
+/// in its namespaces, root and working directory, with `input` on its
+/// stdin and its output on the process's stderr. One that fails or
+/// outlasts its timeout keeps the process from running: the container
+/// ends with status 125 and the reason on its stderr.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    /// An absolute path in the container.
+    pub path: String,
+    /// Its whole command line, `argv[0]` included [default: `path`].
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// `KEY=VALUE` entries: all of its environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub input: String,
 }
 
 /// A mount in the container (OCI config.json's mounts, `uvm run -v`).
@@ -415,6 +439,13 @@ mod tests {
                     file: Some("hosts".into()),
                 },
                 read_only: true,
+            }],
+            hooks: vec![Hook {
+                path: "/bin/hook".into(),
+                args: vec!["hook".into()],
+                env: vec!["A=1".into()],
+                timeout_secs: 3,
+                input: "{}".into(),
             }],
         };
         let mut wire = Vec::new();

@@ -237,14 +237,6 @@ impl Plan {
                 ignored.push("LSM labels");
             }
         }
-        let hooks = spec.hooks().as_ref();
-        let in_guest = hooks.is_some_and(|h| {
-            h.create_container().as_ref().is_some_and(|v| !v.is_empty())
-                || h.start_container().as_ref().is_some_and(|v| !v.is_empty())
-        });
-        if in_guest {
-            ignored.push("createContainer and startContainer hooks (they would run in the VM)");
-        }
         if !ignored.is_empty() {
             self.warn(format!(
                 "not applied: the VM is the container's boundary: {}",

@@ -144,17 +144,34 @@ fn boot(
         let socket = args.console_socket.as_deref().expect("checked by create");
         with_terminal(&mut command, console::open(socket)?)?;
     }
+    let hooks = bundle.spec.hooks().as_ref();
+    let start_container = hooks_of(hooks, Hooks::start_container);
+    if !start_container.is_empty() {
+        // Their state is the one runc's give them: created, and the pid
+        // the process has in its own namespace.
+        let state = state_json(container, Status::Created, 1);
+        let file = container.start_hooks();
+        vmm::state::write_whole(
+            &file,
+            &serde_json::to_vec(&hooks::with_state(start_container, &state))?,
+        )?;
+        command.arg("--hooks").arg(file);
+    }
     command.args(&plan.flags).arg("--").args(bundle.argv());
     let status = command.status().context("running uvm create")?;
     if !status.success() {
         bail!("the container's VM did not come up (uvm create: {status})");
     }
     let state = state_json(container, Status::Creating, 0);
-    let hooks = bundle.spec.hooks().as_ref();
     hooks::run("prestart", hooks_of(hooks, Hooks::prestart), &state)?;
     hooks::run(
         "createRuntime",
         hooks_of(hooks, Hooks::create_runtime),
+        &state,
+    )?;
+    hooks::run(
+        "createContainer",
+        hooks_of(hooks, Hooks::create_container),
         &state,
     )
 }
@@ -323,7 +340,14 @@ fn features() -> anyhow::Result<i32> {
     let features = serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": OCI_VERSION,
-        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
+        "hooks": [
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart",
+            "poststop"
+        ],
         "mountOptions": ["ro", "rw", "bind", "rbind"],
         "annotations": {
             "io.uvm.kernel": "the guest kernel (uvm run --kernel)",

@@ -1,72 +1,51 @@
-//! The bundle's host hooks (prestart, createRuntime, poststart, poststop):
-//! each runs on the host with the container's state on its stdin, within
-//! its timeout.
+//! The bundle's hooks. prestart, createRuntime, createContainer, poststart
+//! and poststop run on the host with the container's state on their stdin,
+//! within their timeouts; createContainer too, as Kata runs it: its path is
+//! the host's, and the VM is the container's namespace. startContainer
+//! hooks (paths in the container) go to the VM, where the agent runs them
+//! just before the process.
 
-use std::io::Write;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
-use anyhow::{bail, Context};
-use oci_spec::runtime::Hook;
+use anyhow::Context;
 
 /// A hook without a timeout may take this long before it counts as hung.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Runs `hooks` in order; the first that fails (or times out) stops them.
-pub fn run(kind: &str, hooks: &[Hook], state: &str) -> anyhow::Result<()> {
-    for hook in hooks {
-        run_one(hook, state).with_context(|| format!("{kind} hook {}", hook.path().display()))?;
+/// `hooks` as the VM's agent or [`run`] takes them, with `state` as input.
+pub fn with_state(hooks: &[oci_spec::runtime::Hook], state: &str) -> Vec<guest::protocol::Hook> {
+    let timeout = |hook: &oci_spec::runtime::Hook| {
+        hook.timeout()
+            .filter(|&t| t > 0)
+            .map_or(DEFAULT_TIMEOUT.as_secs(), |t| t as u64)
+    };
+    hooks
+        .iter()
+        .map(|hook| guest::protocol::Hook {
+            path: hook.path().display().to_string(),
+            args: hook.args().clone().unwrap_or_default(),
+            env: hook.env().clone().unwrap_or_default(),
+            timeout_secs: timeout(hook),
+            input: state.to_string(),
+        })
+        .collect()
+}
+
+/// Runs `hooks` on the host in order; the first that fails (or times out)
+/// stops them.
+pub fn run(kind: &str, hooks: &[oci_spec::runtime::Hook], state: &str) -> anyhow::Result<()> {
+    for hook in with_state(hooks, state) {
+        guest::hook::run(&hook, Stdio::null())
+            .with_context(|| format!("{kind} hook {}", hook.path))?;
     }
     Ok(())
 }
 
-fn run_one(hook: &Hook, state: &str) -> anyhow::Result<()> {
-    let args = hook.args().clone().unwrap_or_default();
-    let mut command = Command::new(hook.path());
-    if let Some((first, rest)) = args.split_first() {
-        command.arg0(first).args(rest);
-    }
-    command.env_clear();
-    for entry in hook.env().iter().flatten() {
-        if let Some((key, value)) = entry.split_once('=') {
-            command.env(key, value);
-        }
-    }
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting it")?;
-    // A hook that does not read its state still runs.
-    let _ = child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(state.as_bytes());
-    let timeout = hook
-        .timeout()
-        .filter(|&t| t > 0)
-        .map_or(DEFAULT_TIMEOUT, |t| Duration::from_secs(t as u64));
-    let began = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            if !status.success() {
-                bail!("it failed ({status})");
-            }
-            return Ok(());
-        }
-        if began.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("it did not end within {} s", timeout.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use oci_spec::runtime::Hook;
+
     use super::*;
 
     fn hook(script: &str, timeout: Option<i64>) -> Hook {
@@ -89,5 +68,18 @@ mod tests {
         assert!(format!("{e:#}").contains("prestart hook /bin/sh"), "{e:#}");
         let e = run("poststop", &[hook("sleep 5", Some(1))], "{}").unwrap_err();
         assert!(format!("{e:#}").contains("within 1 s"), "{e:#}");
+    }
+
+    #[test]
+    fn hooks_for_the_vm_carry_the_state_and_a_timeout() {
+        let hooks = with_state(&[hook("true", None), hook("true", Some(7))], "{}");
+        assert_eq!(hooks[0].timeout_secs, DEFAULT_TIMEOUT.as_secs());
+        assert_eq!(hooks[1].timeout_secs, 7);
+        assert_eq!(
+            (hooks[0].path.as_str(), hooks[0].input.as_str()),
+            ("/bin/sh", "{}")
+        );
+        assert_eq!(hooks[0].args, ["sh", "-c", "true"]);
+        assert_eq!(hooks[0].env, ["OUT=x"]);
     }
 }

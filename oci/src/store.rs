@@ -100,6 +100,11 @@ impl Container {
         self.dir.join("root.img")
     }
 
+    /// The startContainer hooks, as `uvm create --hooks` reads them.
+    pub fn start_hooks(&self) -> PathBuf {
+        self.dir.join("start-hooks.json")
+    }
+
     pub fn remove(self) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&self.dir).with_context(|| format!("{}", self.dir.display()))
     }

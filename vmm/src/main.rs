@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use guest::protocol::{Rlimit, Root, TtySize};
+use guest::protocol::{Hook, Rlimit, Root, TtySize};
 use vmm::describe;
 use vmm::process::{ContainerMount, MountSource, Outcome, ProcessSpec};
 use vmm::pvm::{self, HostKind};
@@ -235,6 +235,13 @@ struct RunArgs {
     #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]", value_parser = parse_ulimit)]
     ulimits: Vec<Rlimit>,
 
+    /// Programs to run in the container just before COMMAND (OCI
+    /// startContainer hooks): a JSON list of `{"path", "args", "env",
+    /// "timeout_secs", "input"}`; one that fails ends the container with
+    /// status 125.
+    #[arg(long, value_name = "FILE", value_parser = parse_hooks)]
+    hooks: Option<Hooks>,
+
     /// The container's host name [default: uvm].
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
@@ -350,6 +357,22 @@ fn parse_mount(text: &str) -> Result<ContainerMount, String> {
         source,
         read_only,
     })
+}
+
+/// The hooks `--hooks` names (a type of its own: clap takes a `Vec` as a
+/// repeated flag).
+#[derive(Clone, Debug)]
+struct Hooks(Vec<Hook>);
+
+/// A JSON file of hooks, each with an absolute path.
+fn parse_hooks(path: &str) -> Result<Hooks, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let hooks: Vec<Hook> =
+        serde_json::from_str(&text).map_err(|e| format!("{path}: not a list of hooks: {e}"))?;
+    match hooks.iter().find(|hook| !hook.path.starts_with('/')) {
+        Some(hook) => Err(format!("{path}: hook path `{}` is not absolute", hook.path)),
+        None => Ok(Hooks(hooks)),
+    }
 }
 
 /// `nofile=1024` or `nofile=1024:4096`; the agent checks the name.
@@ -524,8 +547,9 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
         bail!("--scratch needs layers to go over (--layer or IMAGE)");
     }
     let mounts = !args.volumes.is_empty() || !args.mounts.is_empty();
-    if (mounts || args.hostname.is_some()) && container.layers.is_empty() {
-        bail!("-v, --mount and --hostname are for a container: give its layers (--layer or IMAGE)");
+    let container_only = mounts || args.hostname.is_some() || args.hooks.is_some();
+    if container_only && container.layers.is_empty() {
+        bail!("-v, --mount, --hostname and --hooks are for a container: give its layers (--layer or IMAGE)");
     }
     let process = (!container.argv.is_empty()).then(|| ProcessSpec {
         root: vm.root(container.layers.len(), args.scratch.is_some()),
@@ -538,6 +562,7 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
         hostname: args.hostname.clone(),
         mounts: args.volumes.iter().chain(&args.mounts).cloned().collect(),
         rlimits: args.ulimits.clone(),
+        hooks: args.hooks.clone().map(|h| h.0).unwrap_or_default(),
     });
     let config = VmConfig {
         kernel: artifact(args.kernel.clone(), "vmlinux", "--kernel")?,
@@ -805,6 +830,29 @@ mod tests {
             (None, vec!["sh".into(), "-c".into(), "x".into()])
         );
         assert!(Cli::try_parse_from(["uvm", "run", "--layer", "l", "img"]).is_err());
+    }
+
+    #[test]
+    fn hooks_are_a_json_list_with_absolute_paths() {
+        let dir = std::env::temp_dir().join(format!("uvm-hooks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        let good = file("good", r#"[{"path": "/bin/h", "timeout_secs": 5}]"#);
+        let Hooks(hooks) = parse_hooks(&good).unwrap();
+        assert_eq!(
+            (hooks[0].path.as_str(), hooks[0].timeout_secs),
+            ("/bin/h", 5)
+        );
+        let relative = parse_hooks(&file("relative", r#"[{"path": "h", "timeout_secs": 5}]"#));
+        assert!(relative.unwrap_err().contains("not absolute"));
+        let invalid = parse_hooks(&file("invalid", "{")).unwrap_err();
+        assert!(invalid.contains("not a list of hooks"), "{invalid}");
+        assert!(parse_hooks("/nonexistent/hooks").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

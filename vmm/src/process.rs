@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use guest::protocol::{Exited, Failed, Mount, MountKind, Process, Rlimit, Root, Run, TtySize};
+use guest::protocol::{
+    Exited, Failed, Hook, Mount, MountKind, Process, Rlimit, Root, Run, TtySize,
+};
 
 /// The process to run in the guest.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -26,6 +28,8 @@ pub struct ProcessSpec {
     pub mounts: Vec<ContainerMount>,
     /// Resource limits set before it runs.
     pub rlimits: Vec<Rlimit>,
+    /// Programs run in the container just before it (see [`Hook`]).
+    pub hooks: Vec<Hook>,
 }
 
 /// A mount in the container, as the host asks for it.
@@ -104,6 +108,7 @@ impl ProcessSpec {
                 .iter()
                 .filter_map(ContainerMount::request)
                 .collect(),
+            hooks: self.hooks.clone(),
             ..Run::default()
         }
     }
@@ -176,6 +181,13 @@ mod tests {
                 soft: 8,
                 hard: 9,
             }],
+            hooks: vec![Hook {
+                path: "/bin/hook".into(),
+                args: Vec::new(),
+                env: Vec::new(),
+                timeout_secs: 3,
+                input: "{}".into(),
+            }],
         };
         assert_eq!(spec.unattached(), None);
         let Run {
@@ -184,8 +196,10 @@ mod tests {
             detached,
             hostname,
             mounts,
+            hooks,
             ..
         } = spec.request();
+        assert_eq!(hooks, spec.hooks);
         assert!(detached);
         assert_eq!(process.rlimits, spec.rlimits);
         assert_eq!(hostname.as_deref(), Some("box"));

@@ -2,6 +2,8 @@
 //! guest system call costs about half a millisecond.
 
 #[cfg(target_os = "linux")]
+mod hooks;
+#[cfg(target_os = "linux")]
 mod limits;
 #[cfg(target_os = "linux")]
 mod mounts;
@@ -38,6 +40,10 @@ fn main() {
 
 #[cfg(target_os = "linux")]
 fn main() {
+    let mut args = std::env::args();
+    if args.next().as_deref() == Some(hooks::ARGV0) {
+        std::process::exit(hooks::main(&args.next().unwrap_or_default()));
+    }
     if let Err(e) = start() {
         let _ = writeln!(io::stderr(), "uvm-agent: error: {e}");
     }

@@ -9,6 +9,7 @@ use guest::protocol::{Exited, Failed, Process, TtySize};
 use guest::vsock;
 
 use crate::check;
+use crate::hooks;
 use crate::limits;
 use crate::root::{self, Container, Setup};
 use crate::spawn::{Spawn, Step};
@@ -218,7 +219,19 @@ fn spawn(
         .transpose()?;
     let home = ids.as_ref().and_then(|ids| ids.home.as_deref());
     let env = environment(process, home.unwrap_or("/root"));
-    let mut spawn = Spawn::new(&process.argv, env, stdio)?;
+    let hooks = match place {
+        Place::NewContainer(setup) => setup.hooks.as_slice(),
+        _ => &[],
+    };
+    let mut spawn = match hooks.is_empty() {
+        true => Spawn::new(&process.argv, env, stdio)?,
+        false => {
+            let argv = hooks::command_line(hooks, &process.argv)?;
+            let mut spawn = Spawn::new(&argv, env, stdio)?;
+            spawn.program(hooks::agent_program()?);
+            spawn
+        }
+    };
     let (tty, cwd_c) = (process.tty.is_some(), root::cstring(cwd.to_string())?);
     spawn.step(match place {
         // SAFETY: plain system call on a NUL-terminated string.
@@ -461,13 +474,17 @@ pub fn exited(status: libc::c_int) -> Exited {
 /// Why the process could not start, with the shell's exit status for it.
 pub fn failure(process: &Process, e: &io::Error) -> Failed {
     let program = process.argv.first().map_or("", String::as_str);
-    let exit_code = match e.kind() {
-        io::ErrorKind::NotFound => 127,
-        _ => 126,
-    };
     Failed {
         message: format!("{program}: {e}"),
-        exit_code,
+        exit_code: exec_status(e),
+    }
+}
+
+/// The shell's exit status for a program that could not be executed.
+pub fn exec_status(e: &io::Error) -> i32 {
+    match e.kind() {
+        io::ErrorKind::NotFound => 127,
+        _ => 126,
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use guest::disk_serial;
-use guest::protocol::Root;
+use guest::protocol::{Hook, Root};
 
 use crate::mounts::{self, Planned};
 use crate::{check, mount_with};
@@ -208,6 +208,8 @@ fn wait_until<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> io::Result
 pub struct Setup {
     pub hostname: CString,
     pub mounts: Vec<Planned>,
+    /// Run in the container just before its program.
+    pub hooks: Vec<Hook>,
 }
 
 /// Run in the process between fork and exec: a mount, UTS and IPC namespace

@@ -29,6 +29,8 @@ pub struct Spawn {
     /// The program itself if it names a path, else each `PATH` directory
     /// joined with it, tried in order by the child once it is in its root.
     candidates: Vec<CString>,
+    /// The program, open, when it is not found by its name.
+    program: Option<OwnedFd>,
     stdio: [OwnedFd; 3],
     steps: Vec<Step>,
 }
@@ -70,6 +72,7 @@ impl Spawn {
             argv: cstrings(argv.to_vec())?,
             env: cstrings(env)?,
             candidates: cstrings(candidates)?,
+            program: None,
             stdio: [
                 above_stdio(stdin)?,
                 above_stdio(stdout)?,
@@ -77,6 +80,12 @@ impl Spawn {
             ],
             steps: Vec::new(),
         })
+    }
+
+    /// Executes `program` (opened with `O_PATH`) instead of the program
+    /// the command line names: one the child's root may not hold.
+    pub fn program(&mut self, program: OwnedFd) {
+        self.program = Some(program);
     }
 
     /// Adds a step the child takes, after its stdio is in place.
@@ -193,6 +202,23 @@ fn move_to(fd: RawFd, target: RawFd) -> io::Result<()> {
 /// Tries each candidate path; the error execvp would report if none runs
 /// (permission denied if any was found but not executable).
 fn execute(shared: &Shared) -> libc::c_int {
+    if let Some(program) = &shared.spawn.program {
+        // SAFETY: as for execve below, with an empty path that names the
+        // open program itself.
+        unsafe {
+            libc::syscall(
+                libc::SYS_execveat,
+                program.as_raw_fd(),
+                c"".as_ptr(),
+                shared.argv.as_ptr(),
+                shared.env.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        return io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::ENOENT);
+    }
     let mut errno = libc::ENOENT;
     for path in &shared.spawn.candidates {
         // SAFETY: the arrays are NUL-terminated arrays of pointers to
@@ -265,6 +291,26 @@ mod tests {
         let refused = run(&["/bin/true"], &[], vec![failing]).unwrap_err();
         assert_eq!(refused.raw_os_error(), Some(libc::EPERM));
         assert!(Spawn::new(&[], Vec::new(), stdio_null()).is_err());
+    }
+
+    #[test]
+    fn an_open_program_runs_in_place_of_the_named_one() {
+        let argv = ["not-sh".to_string(), "-c".into(), "echo $0".into()];
+        let (mut out, out_end) = std::io::pipe().unwrap();
+        let stdio = [
+            File::open("/dev/null").unwrap().into(),
+            OwnedFd::from(out_end.try_clone().unwrap()),
+            OwnedFd::from(out_end),
+        ];
+        let mut spawn = Spawn::new(&argv, Vec::new(), stdio).unwrap();
+        spawn.program(crate::hooks::open_path("/bin/sh").unwrap());
+        let pid = spawn.spawn().unwrap();
+        drop(spawn);
+        let mut output = String::new();
+        out.read_to_string(&mut output).unwrap();
+        // SAFETY: reaps the child; no memory is passed.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        assert_eq!(output, "not-sh\n");
     }
 
     fn stdio_null() -> [OwnedFd; 3] {

@@ -127,6 +127,7 @@ fn start_main_process(
         hostname: root::cstring(run.hostname.clone().unwrap_or_else(|| "uvm".into()))
             .map_err(|e| failed("the host name", e))?,
         mounts: mounts::plan(&run.mounts).map_err(|e| failed("the container's mounts", e))?,
+        hooks: run.hooks.clone(),
     };
     // SAFETY: plain system call without pointers; it applies to the
     // agent's children from now on.
