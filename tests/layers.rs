@@ -158,23 +158,28 @@ fn eight_layers_at_once() {
 }
 
 // Why boot: only the agent's mounts show what the container sees of a host
-// directory and file, what its writes do, and that the host keeps its own.
+// directory and file, and where its writes go: a directory is shared live
+// (virtio-fs), a file is a copy.
 #[test]
 #[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
-fn volumes_and_mounts_show_host_files_and_keep_the_container_s_writes() {
-    require_kvm("volumes_and_mounts_show_host_files_and_keep_the_container_s_writes");
+fn volumes_share_directories_live_and_copy_files() {
+    require_kvm("volumes_share_directories_live_and_copy_files");
     let dir = tempdir("volumes");
     std::fs::create_dir_all(dir.join("data/sub")).unwrap();
+    std::fs::create_dir_all(dir.join("ro")).unwrap();
     std::fs::write(dir.join("data/sub/a.txt"), "dir file\n").unwrap();
+    std::fs::write(dir.join("ro/kept"), "kept\n").unwrap();
     std::fs::write(dir.join("hosts"), "10.0.0.1 h\n").unwrap();
     let volume = format!("{}:/data", dir.join("data").display());
+    let read_only = format!("{}:/ro:ro", dir.join("ro").display());
     let file = format!(
         "type=bind,source={},target=/etc/extra/hosts,readonly",
         dir.join("hosts").display()
     );
     let script = "cat /data/sub/a.txt /etc/extra/hosts; hostname; ulimit -n; \
-        echo new > /data/new && cat /data/new; \
+        echo new > /data/new && mkdir /data/made && cat /data/new; \
         echo x >> /etc/extra/hosts || echo read-only; \
+        rm /ro/kept || echo kept; \
         echo t > /scratchy/t && cat /scratchy/t; \
         grep -c ' /scratchy tmpfs' /proc/mounts";
     let out = run(&mut uvm_run(
@@ -182,6 +187,8 @@ fn volumes_and_mounts_show_host_files_and_keep_the_container_s_writes() {
         &[
             "-v",
             &volume,
+            "-v",
+            &read_only,
             "--mount",
             &file,
             "--mount",
@@ -196,14 +203,24 @@ fn volumes_and_mounts_show_host_files_and_keep_the_container_s_writes() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
-        "dir file\n10.0.0.1 h\nbox\n100\nnew\nread-only\nt\n1\n"
+        "dir file\n10.0.0.1 h\nbox\n100\nnew\nread-only\nkept\nt\n1\n"
     );
     assert!(
         stderr(&out).contains("Read-only file system"),
         "{}",
         stderr(&out)
     );
-    assert!(!dir.join("data/new").exists(), "the write stayed in the VM");
+    // The directory's writes reached the host; the read-only one and the
+    // copied file are as they were.
+    assert_eq!(
+        std::fs::read_to_string(dir.join("data/new")).unwrap(),
+        "new\n"
+    );
+    assert!(dir.join("data/made").is_dir());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ro/kept")).unwrap(),
+        "kept\n"
+    );
     assert_eq!(
         std::fs::read_to_string(dir.join("hosts")).unwrap(),
         "10.0.0.1 h\n"

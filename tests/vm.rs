@@ -64,6 +64,7 @@ fn config(memory_mib: u64, script: &str) -> VmConfig {
         layers: vec![layer("base")],
         tools: None,
         scratch: None,
+        shares: Vec::new(),
         process: Some(ProcessSpec {
             argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
             root: Some(Root {

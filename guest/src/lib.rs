@@ -32,3 +32,9 @@ pub mod disk_serial {
         format!("uvm-layer{index}")
     }
 }
+
+/// The virtio-fs tag by which the agent mounts shared host directory
+/// `index` (see `MountKind::Share`).
+pub fn share_tag(index: u32) -> String {
+    format!("uvm-share{index}")
+}

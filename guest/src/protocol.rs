@@ -124,6 +124,11 @@ pub enum MountKind {
         layer: u32,
         file: Option<String>,
     },
+    /// A host directory shared live (virtio-fs, the tag
+    /// [`crate::share_tag`]`(index)`): writes reach the host.
+    Share {
+        index: u32,
+    },
     Tmpfs,
     Sysfs,
 }

@@ -579,6 +579,7 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
         layers: container.layers,
         tools: tools(args.tools.clone(), args.no_tools)?,
         scratch: args.scratch.clone().map(|path| (path, args.scratch_size)),
+        shares: Vec::new(),
         process,
     };
     Ok((config, hold))

@@ -43,14 +43,18 @@ pub struct ContainerMount {
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MountSource {
-    /// A host directory or file (`-v`, an OCI bind mount): the VM gets a
-    /// copy as a layer image ([`crate::volume::attach`]).
+    /// A host directory or file (`-v`, an OCI bind mount): shared, or
+    /// copied as a layer image ([`crate::volume::attach`]).
     Host(PathBuf),
     /// What a host source became: the VM's layer `index`, its root or its
     /// one file `file`.
     Layer {
         index: u32,
         file: Option<String>,
+    },
+    /// What a host directory became: the VM's shared directory `index`.
+    Share {
+        index: u32,
     },
     Tmpfs,
     Sysfs,
@@ -65,6 +69,7 @@ impl ContainerMount {
                 layer: *index,
                 file: file.clone(),
             },
+            MountSource::Share { index } => MountKind::Share { index: *index },
             MountSource::Tmpfs => MountKind::Tmpfs,
             MountSource::Sysfs => MountKind::Sysfs,
         };

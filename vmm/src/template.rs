@@ -336,8 +336,10 @@ pub(crate) fn identity(config: &VmConfig, cache: &Path) -> Result<(String, Input
         Some((path, size)) => fs::metadata(path).map_or(*size, |m| m.len()).to_string(),
         None => "none".into(),
     };
+    // Shares count by number alone: the guest mounts none before its run
+    // request, so a template serves any directories.
     let mut identity = format!(
-        "uvm {}\nhost {:?}\nflags {} {}\nmemory {} MiB\ncpus {}\ncid {}\nscratch {scratch}\n",
+        "uvm {}\nhost {:?}\nflags {} {}\nmemory {} MiB\ncpus {}\ncid {}\nscratch {scratch}\nshares {}\n",
         env!("CARGO_PKG_VERSION"),
         config.host,
         vm::guest_flags(config),
@@ -345,6 +347,7 @@ pub(crate) fn identity(config: &VmConfig, cache: &Path) -> Result<(String, Input
         config.memory_mib,
         config.cpus,
         config.vsock.guest_cid,
+        config.shares.len(),
     );
     let roles = ["kernel", "initrd"]
         .into_iter()
@@ -369,6 +372,7 @@ fn unusable(e: &vm::Error) -> bool {
         e,
         vm::Error::Layer(_)
             | vm::Error::Scratch(_)
+            | vm::Error::Share { .. }
             | vm::Error::VsockSocket { .. }
             | vm::Error::ControlSocket { .. }
             | vm::Error::Thread(_)

@@ -1,13 +1,15 @@
 //! Host directories and files in the container (`uvm run -v`, an OCI
-//! bundle's bind mounts): each becomes a read-only ext4 image that the VM
-//! maps like a layer and the agent mounts where asked. The VM gets a copy
-//! taken when it starts: the cost grows with the content, and what the
-//! container writes there stays in the VM.
+//! bundle's bind mounts). A directory is shared live (virtio-fs): what the
+//! container writes there reaches the host, what the host changes the
+//! container sees, and nothing is copied. A file becomes a read-only ext4
+//! image that the VM maps like a layer: a copy taken when the VM starts
+//! (sharing its directory would show the VM its neighbours too), so the
+//! container's writes to it stay in the VM.
 
 use std::path::{Path, PathBuf};
 
 use crate::process::MountSource;
-use crate::vm::VmConfig;
+use crate::vm::{Share, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -25,8 +27,8 @@ pub enum Error {
     Kind(PathBuf),
 }
 
-/// `config` with each host source of its container's mounts made an image
-/// in `dir` and added after its layers.
+/// `config` with each host source of its container's mounts made a share
+/// (a directory) or an image in `dir` added after its layers (a file).
 pub fn attach(config: &VmConfig, dir: &Path) -> Result<VmConfig, Error> {
     let mut config = config.clone();
     let Some(process) = config.process.as_mut() else {
@@ -36,43 +38,56 @@ pub fn attach(config: &VmConfig, dir: &Path) -> Result<VmConfig, Error> {
         let MountSource::Host(host) = &mount.source else {
             continue;
         };
+        let io = |source| Error::Io {
+            path: host.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(host).map_err(io)?;
+        if meta.is_dir() {
+            let dir = std::fs::canonicalize(host).map_err(io)?;
+            mount.source = MountSource::Share {
+                index: config.shares.len() as u32,
+            };
+            config.shares.push(Share {
+                dir,
+                read_only: mount.read_only,
+            });
+            continue;
+        }
+        if !meta.is_file() {
+            return Err(Error::Kind(host.clone()));
+        }
         let image = dir.join(format!("{n}.img"));
-        let file = make_image(host, &image, &dir.join(format!("{n}.d")))?;
+        let file = file_image(host, &image, &dir.join(format!("{n}.d")))?;
         mount.source = MountSource::Layer {
             index: config.layers.len() as u32,
-            file,
+            file: Some(file),
         };
         config.layers.push(image);
     }
     Ok(config)
 }
 
-/// Writes `host` (a directory, or a file by way of `staging`) as the ext4
-/// image `image`; returns the file's name for a file.
-fn make_image(host: &Path, image: &Path, staging: &Path) -> Result<Option<String>, Error> {
+/// Writes the file `host` as the ext4 image `image` (by way of the
+/// directory `staging`); returns the file's name.
+fn file_image(host: &Path, image: &Path, staging: &Path) -> Result<String, Error> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| Error::Io { path, source }
     };
-    let convert = |from: &Path| {
-        uvm_image::convert::from_dir(from, image).map_err(|source| Error::Image {
-            path: host.to_owned(),
-            source,
-        })
-    };
+    let name = host
+        .file_name()
+        .ok_or_else(|| Error::Kind(host.to_owned()))?;
     std::fs::create_dir_all(image.parent().unwrap_or(Path::new("/"))).map_err(io(image))?;
-    let meta = std::fs::metadata(host).map_err(io(host))?;
-    if meta.is_dir() {
-        return convert(host).map(|_| None);
-    }
-    let name = host.file_name().filter(|_| meta.is_file());
-    let Some(name) = name else {
-        return Err(Error::Kind(host.to_owned()));
-    };
     std::fs::create_dir_all(staging).map_err(io(staging))?;
     let made = std::fs::copy(host, staging.join(name))
         .map_err(io(host))
-        .and_then(|_| convert(staging));
+        .and_then(|_| {
+            uvm_image::convert::from_dir(staging, image).map_err(|source| Error::Image {
+                path: host.to_owned(),
+                source,
+            })
+        });
     let _ = std::fs::remove_dir_all(staging);
-    made.map(|_| Some(name.to_string_lossy().into_owned()))
+    made.map(|_| name.to_string_lossy().into_owned())
 }

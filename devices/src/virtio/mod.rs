@@ -9,6 +9,9 @@
 //! the notification to the device itself ([`VirtioDevice::queue_notified`]).
 
 pub mod block;
+// fuse-backend-rs's passthrough file system is Linux's.
+#[cfg(target_os = "linux")]
+pub mod fs;
 pub mod mmio;
 pub mod pmem;
 #[cfg(test)]

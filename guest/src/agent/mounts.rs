@@ -58,6 +58,7 @@ fn plan_one(index: usize, mount: &Mount) -> io::Result<Planned> {
             };
             (source, "", libc::MS_BIND | libc::MS_REC, file.is_some())
         }
+        MountKind::Share { index } => (guest::share_tag(*index), "virtiofs", read_only, false),
         MountKind::Tmpfs => ("tmpfs".into(), "tmpfs", read_only | libc::MS_NOSUID, false),
         MountKind::Sysfs => ("sysfs".into(), "sysfs", read_only | libc::MS_NOSUID, false),
     };
@@ -187,7 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn tmpfs_and_sysfs_need_no_source_and_keep_read_only() {
+    fn tmpfs_sysfs_and_shares_need_no_source_and_keep_read_only() {
         let mount = |kind, read_only| Mount {
             destination: "/dev/shm".into(),
             kind,
@@ -204,5 +205,11 @@ mod tests {
             file: Some("../x".into()),
         };
         assert!(plan_one(2, &mount(file, true)).is_err());
+        let share = plan_one(3, &mount(MountKind::Share { index: 2 }, true)).unwrap();
+        assert_eq!(
+            (share.source.as_c_str(), share.fstype.as_c_str()),
+            (c"uvm-share2", c"virtiofs")
+        );
+        assert_ne!(share.flags & libc::MS_RDONLY, 0);
     }
 }

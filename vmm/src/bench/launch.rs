@@ -294,6 +294,7 @@ impl Launcher {
             layers: self.vm.layers.clone(),
             tools: None,
             scratch: None,
+            shares: Vec::new(),
             process: None,
         }
     }

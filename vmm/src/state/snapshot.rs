@@ -116,6 +116,15 @@ where
             reason: "exists already".into(),
         });
     }
+    if !config.shares.is_empty() {
+        // The FUSE session (the guest's inodes and open files) lives in
+        // the VMM and would not come back with the snapshot.
+        return Err(Error::Invalid {
+            path: dir.to_path_buf(),
+            reason: "the VM shares host directories (virtio-fs), which a snapshot cannot keep"
+                .into(),
+        });
+    }
     let name = dir.file_name().ok_or_else(|| Error::Invalid {
         path: dir.to_path_buf(),
         reason: "names no directory".into(),

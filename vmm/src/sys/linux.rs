@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::virtio::fs::Fs;
 use devices::virtio::vsock::{HostPorts, Vsock};
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -26,7 +27,7 @@ use crate::vm::layout::Slot;
 use crate::vm::threads::{Ending, RunGate, ThreadKind, Worker};
 
 pub use super::seccomp::{confine, confined};
-use crate::vm::{Error, Exit, VmConfig};
+use crate::vm::{Error, Exit, Share, VmConfig};
 
 /// The agent talks over vsock: the layout has a vsock device.
 pub const HAS_VSOCK: bool = true;
@@ -72,6 +73,29 @@ pub fn register_notifiers<V: Vm>(
         vm.register_notifier(event, notify, queue)?;
     }
     Ok(())
+}
+
+/// Attaches shared directory `index` at `slot`: a virtio-fs device served
+/// on the event thread.
+pub fn attach_share<V: Vm>(
+    env: &mut DeviceEnv<'_, V>,
+    slot: &Slot,
+    index: usize,
+    share: &Share,
+) -> Result<(), Error> {
+    let failed = |source| Error::Share {
+        path: share.dir.clone(),
+        source,
+    };
+    let dir = share.dir.to_str().ok_or_else(|| {
+        failed(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not UTF-8",
+        ))
+    })?;
+    let tag = guest::share_tag(index as u32);
+    let fs = Fs::new(env.mem, dir, &tag, share.read_only).map_err(failed)?;
+    env.attach(slot, fs)
 }
 
 /// The device event loop: queue notifications and host sockets, on one

@@ -16,7 +16,7 @@ use crate::process::Outcome;
 use crate::vm::board::DeviceEnv;
 use crate::vm::layout::Slot;
 use crate::vm::threads::{Ending, RunGate, ThreadKind};
-use crate::vm::{Error, Exit, VmConfig, DEFAULT_GUEST_CID};
+use crate::vm::{Error, Exit, Share, VmConfig, DEFAULT_GUEST_CID};
 
 /// No vsock device: the layout has none.
 pub const HAS_VSOCK: bool = false;
@@ -63,6 +63,18 @@ impl<T: VirtioDevice + 'static> Served for T {}
 /// Nothing to register: the MMIO bus passes notifications on.
 pub fn register_notifiers<V: Vm>(_: &V, _: &dyn VirtioDevice, _: u64) -> Result<(), Error> {
     Ok(())
+}
+
+/// virtio-fs's server (fuse-backend-rs's passthrough) is Linux's.
+pub fn attach_share<V: Vm>(
+    _: &mut DeviceEnv<'_, V>,
+    _: &Slot,
+    _: usize,
+    _: &Share,
+) -> Result<(), Error> {
+    Err(Error::Unsupported(
+        "shared directories (virtio-fs) need a Linux host",
+    ))
 }
 
 /// No loop: devices are served on the vCPU threads.

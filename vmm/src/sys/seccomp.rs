@@ -327,6 +327,39 @@ fn allowed(kind: ThreadKind) -> Vec<Group> {
                 ][..],
                 Conditions::Any,
             ),
+            // virtio-fs: fuse-backend-rs's passthrough file system, on the
+            // shared directories, by descriptor (openat from the inodes'
+            // O_PATH descriptors and /proc/self/fd), creating as the
+            // guest's caller (setresuid/setresgid on this thread alone)
+            // with its umask.
+            (
+                &[
+                    SYS_openat,
+                    SYS_newfstatat,
+                    SYS_fstat,
+                    SYS_statx,
+                    SYS_fstatfs,
+                    SYS_getdents64,
+                    SYS_readlinkat,
+                    SYS_mkdirat,
+                    SYS_mknodat,
+                    SYS_symlinkat,
+                    SYS_linkat,
+                    SYS_unlinkat,
+                    SYS_renameat2,
+                    SYS_fchmod,
+                    SYS_fchmodat,
+                    SYS_fchownat,
+                    SYS_utimensat,
+                    SYS_ftruncate,
+                    SYS_fallocate,
+                    SYS_dup,
+                    SYS_setresuid,
+                    SYS_setresgid,
+                    SYS_umask,
+                ][..],
+                Conditions::Any,
+            ),
         ],
         // The control stream and the stdio streams; stdin forwarding waits
         // with poll.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::{Device, Layout, Slot};
 use super::threads::Ending;
-use super::{Error, Exit};
+use super::{Error, Exit, Share};
 use crate::console::Console;
 use crate::hypervisor::{IoHandler, Vm};
 use crate::memory::GuestMemory;
@@ -130,12 +130,14 @@ impl<V: Vm> DeviceEnv<'_, V> {
     }
 
     /// Every device of `layout`: the agent's link, a pmem device for each
-    /// layer (mapped where the layout placed it), the scratch disk.
+    /// layer (mapped where the layout placed it), the scratch disk, the
+    /// shares.
     pub fn attach_all(
         &mut self,
         layout: &Layout,
         link: &mut AgentLink,
         mut scratch: Option<File>,
+        shares: &[Share],
     ) -> Result<(), Error> {
         let devices_err = Error::Devices;
         for slot in &layout.slots {
@@ -157,6 +159,7 @@ impl<V: Vm> DeviceEnv<'_, V> {
                     let disk = RequestDevice::new(self.mem.clone(), block).map_err(devices_err)?;
                     self.attach(slot, disk)?;
                 }
+                Device::Share(index) => sys::attach_share(self, slot, index, &shares[index])?,
             }
         }
         Ok(())

@@ -23,13 +23,15 @@ const LAST_GSI: u32 = ioapic::PINS - 1;
 const DEVICE_MEMORY_LEN: u64 = 1 << 45;
 
 /// What a virtio device slot holds. Devices are numbered in this order:
-/// vsock, the layers bottom first, the scratch disk.
+/// vsock, the layers bottom first, the scratch disk, the shares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     Vsock,
     /// The N-th `--layer`: `/dev/pmemN` in the guest.
     Layer(usize),
     Scratch,
+    /// The N-th shared host directory (virtio-fs).
+    Share(usize),
 }
 
 /// One virtio device's place on the MMIO bus and its interrupt line.
@@ -76,13 +78,14 @@ pub struct Layout {
 impl Layout {
     /// Places a vsock device (if `vsock`), one pmem device for each image
     /// of `layer_lens` bytes (already aligned; with `tools`, the last is the
-    /// VM's tools), and a scratch disk (if `scratch`), for a guest with
-    /// `ram_size` bytes of RAM.
+    /// VM's tools), a scratch disk (if `scratch`) and `shares` virtio-fs
+    /// devices, for a guest with `ram_size` bytes of RAM.
     pub fn new(
         vsock: bool,
         layer_lens: &[u64],
         tools: bool,
         scratch: bool,
+        shares: usize,
         ram_size: u64,
     ) -> Result<Self, Error> {
         let devices: Vec<Device> = vsock
@@ -90,13 +93,15 @@ impl Layout {
             .into_iter()
             .chain((0..layer_lens.len()).map(Device::Layer))
             .chain(scratch.then_some(Device::Scratch))
+            .chain((0..shares).map(Device::Share))
             .collect();
         let limit = LAST_GSI - FIRST_GSI + 1;
         if devices.len() > limit as usize {
-            let others = usize::from(vsock) + usize::from(tools) + usize::from(scratch);
+            let others = usize::from(vsock) + usize::from(tools) + usize::from(scratch) + shares;
+            let layers = layer_lens.len() - usize::from(tools);
             return Err(Error::OutOfLines {
                 devices: devices.len(),
-                what: describe(vsock, layer_lens.len() - usize::from(tools), tools, scratch),
+                what: describe(vsock, layers, tools, scratch, shares),
                 limit,
                 max_layers: limit as usize - others,
             });
@@ -134,13 +139,15 @@ impl Layout {
     }
 }
 
-/// "vsock, 20 layers, tools, scratch"
-fn describe(vsock: bool, layers: usize, tools: bool, scratch: bool) -> String {
-    let layers = format!("{layers} layer{}", if layers == 1 { "" } else { "s" });
+/// "vsock, 20 layers, tools, scratch, 2 shares"
+fn describe(vsock: bool, layers: usize, tools: bool, scratch: bool, shares: usize) -> String {
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let layers = format!("{layers} layer{}", plural(layers));
     let parts = [vsock.then_some("vsock".to_string()), Some(layers)];
     let parts = parts.into_iter().chain([
         tools.then_some("tools".to_string()),
         scratch.then_some("scratch".to_string()),
+        (shares > 0).then(|| format!("{shares} share{}", plural(shares))),
     ]);
     parts.flatten().collect::<Vec<_>>().join(", ")
 }
@@ -171,7 +178,7 @@ mod tests {
 
     #[test]
     fn slots_windows_lines_and_the_command_line_agree() {
-        let layout = Layout::new(true, &[MIB2, 3 * MIB2], false, true, 128 << 20).unwrap();
+        let layout = Layout::new(true, &[MIB2, 3 * MIB2], false, true, 0, 128 << 20).unwrap();
         let devices: Vec<Device> = layout.slots.iter().map(|s| s.device).collect();
         assert_eq!(
             devices,
@@ -218,39 +225,49 @@ mod tests {
     #[test]
     fn an_image_s_layers_fit_with_tools_and_scratch() {
         let layers = [MIB2; uvm_image::store::MAX_LAYERS];
-        Layout::new(true, &layers, true, true, 128 << 20).unwrap();
+        Layout::new(true, &layers, true, true, 0, 128 << 20).unwrap();
     }
 
     #[test]
     fn every_line_of_the_interrupt_controller_can_be_used_and_no_more() {
         // 19 lines (GSIs 5-23): vsock, 17 layers and a scratch disk fit.
-        let layout = Layout::new(true, &[MIB2; 17], false, true, 128 << 20).unwrap();
+        let layout = Layout::new(true, &[MIB2; 17], false, true, 0, 128 << 20).unwrap();
         assert_eq!(layout.slots.last().unwrap().gsi, LAST_GSI);
         assert_eq!(layout.slots.last().unwrap().mmio_base, 0xd001_2000);
-        let err = Layout::new(true, &[MIB2; 20], false, false, 128 << 20).unwrap_err();
+        let err = Layout::new(true, &[MIB2; 20], false, false, 0, 128 << 20).unwrap_err();
         assert_eq!(
             err.to_string(),
             "too many devices: 21 virtio devices (vsock, 20 layers) but the interrupt \
              controller has lines for 19 (GSIs 5-23); at most 18 layers fit with this set-up"
         );
-        let err = Layout::new(true, &[MIB2; 18], false, true, 128 << 20).unwrap_err();
+        let err = Layout::new(true, &[MIB2; 18], false, true, 0, 128 << 20).unwrap_err();
         assert!(
             err.to_string().contains("(vsock, 18 layers, scratch)"),
             "{err}"
         );
         assert!(err.to_string().contains("at most 17 layers"), "{err}");
-        let err = Layout::new(true, &[MIB2; 18], true, true, 128 << 20).unwrap_err();
+        let err = Layout::new(true, &[MIB2; 18], true, true, 0, 128 << 20).unwrap_err();
         assert!(
             err.to_string()
                 .contains("(vsock, 17 layers, tools, scratch)"),
             "{err}"
         );
         assert!(err.to_string().contains("at most 16 layers"), "{err}");
+        let err = Layout::new(true, &[MIB2; 16], false, true, 2, 128 << 20).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(vsock, 16 layers, scratch, 2 shares)"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("at most 15 layers"), "{err}");
+        let layout = Layout::new(true, &[MIB2], false, true, 2, 128 << 20).unwrap();
+        let last: Vec<Device> = layout.slots[3..].iter().map(|s| s.device).collect();
+        assert_eq!(last, [Device::Share(0), Device::Share(1)]);
     }
 
     #[test]
     fn layers_start_above_high_ram() {
-        let layout = Layout::new(false, &[MIB2], false, false, 4 << 30).unwrap();
+        let layout = Layout::new(false, &[MIB2], false, false, 0, 4 << 30).unwrap();
         assert_eq!(layout.layers[0].start, memory::device_memory_start(4 << 30));
         assert_eq!(
             layout.slots[0].gsi, FIRST_GSI,

@@ -66,8 +66,20 @@ pub struct VmConfig {
     pub tools: Option<PathBuf>,
     /// The writable layer's image and the size to create it with.
     pub scratch: Option<(PathBuf, u64)>,
+    /// Host directories shared live with the guest: one virtio-fs device
+    /// each, after the scratch disk.
+    #[serde(default)]
+    pub shares: Vec<Share>,
     /// The process to run; without one the VM ends once the agent is up.
     pub process: Option<ProcessSpec>,
+}
+
+/// A host directory the guest mounts by its tag ([`guest::share_tag`]);
+/// `read_only` is enforced by the VMM, not only by the guest's mount.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Share {
+    pub dir: PathBuf,
+    pub read_only: bool,
 }
 
 impl VmConfig {
@@ -135,8 +147,13 @@ pub enum Error {
     Layer(#[from] layer::Error),
     #[error(transparent)]
     Scratch(#[from] scratch::Error),
-    #[error("mount of {0}: no layer holds it (volume::attach makes one)")]
+    #[error("mount of {0}: no layer or share holds it (volume::attach makes one)")]
     Unattached(PathBuf),
+    #[error("shared directory {path}: {source}")]
+    Share {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How a VM ended: the first reason any part of it gave.
@@ -313,7 +330,15 @@ where
         let ram_size = config.memory_mib << 20;
         let lens: Vec<u64> = layers.iter().map(Layer::mapped_len).collect();
         let tools = config.tools.is_some();
-        let layout = Layout::new(sys::HAS_VSOCK, &lens, tools, scratch.is_some(), ram_size)?;
+        let shares = config.shares.len();
+        let layout = Layout::new(
+            sys::HAS_VSOCK,
+            &lens,
+            tools,
+            scratch.is_some(),
+            shares,
+            ram_size,
+        )?;
 
         let boots = matches!(guest, Guest::Boot);
         let mem = match guest {
@@ -349,7 +374,7 @@ where
             transports: &mut transports,
             events: &mut events,
         };
-        env.attach_all(&layout, &mut link, scratch)?;
+        env.attach_all(&layout, &mut link, scratch, &config.shares)?;
         let (pio, com1) = pio_bus(&vm, &ending, &console, &boot_timer)?;
         let buses = Arc::new(Buses {
             pio,
@@ -790,13 +815,14 @@ mod tests {
             layers: vec!["a.img".into()],
             tools: None,
             scratch: Some(("s.img".into(), 1 << 30)),
+            shares: Vec::new(),
             process: None,
         }
     }
 
     #[test]
     fn cmdline_adds_pvm_flags_only_on_pvm_hosts() {
-        let layout = Layout::new(true, &[2 << 20], false, true, 128 << 20).unwrap();
+        let layout = Layout::new(true, &[2 << 20], false, true, 0, 128 << 20).unwrap();
         let config = config(false, HostKind::Hardware);
         let link = AgentLink::new(&config).unwrap();
         let hw = cmdline(&config, &layout, &link);
@@ -811,7 +837,7 @@ mod tests {
     #[test]
     fn the_root_every_run_uses_travels_on_the_command_line() {
         let mut config = config(false, HostKind::Hardware);
-        let layout = Layout::new(true, &[2 << 20], false, true, 128 << 20).unwrap();
+        let layout = Layout::new(true, &[2 << 20], false, true, 0, 128 << 20).unwrap();
         let link = AgentLink::new(&config).unwrap();
         assert!(!cmdline(&config, &layout, &link).contains("uvm.root="));
         let root = guest::protocol::Root {
