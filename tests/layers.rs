@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::{
-    assert_fails_naming, layer, require_kvm, run, stderr, stdout, tempdir, uvm, Watchdog,
+    assert_fails_naming, guest_dir, layer, require_kvm, run, sh, stderr, stdout, tempdir, uvm,
+    Watchdog,
 };
 
 fn uvm_run(layers: &[PathBuf], args: &[&str], script: &str) -> Command {
@@ -227,6 +228,33 @@ fn volumes_share_directories_live_and_copy_files() {
     );
 }
 
+// Why boot: only the agent's mount shows the container a host directory as
+// its root, and only the VMM's server puts its writes there.
+#[test]
+#[cfg_attr(kvm_missing, ignore = "no usable /dev/kvm on this machine")]
+fn a_rootfs_is_a_host_directory_the_container_writes_to() {
+    require_kvm("a_rootfs_is_a_host_directory_the_container_writes_to");
+    let dir = tempdir("rootfs");
+    let rootfs = dir.join("rootfs");
+    sh(
+        r#"rm -rf "$2"; cp -a "$1" "$2""#,
+        &[&guest_dir().join("layers/base.d"), &rootfs],
+    );
+    let mut cmd = uvm();
+    cmd.arg("run")
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args(["--", "/bin/sh", "-c"])
+        .arg("grep -c ' / virtiofs' /proc/mounts; echo $$; echo made > /etc/made");
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "1\n1\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/made")).unwrap(),
+        "made\n"
+    );
+}
+
 #[test]
 fn bad_volumes_are_refused_before_boot() {
     let missing = run(&mut uvm_run(
@@ -239,6 +267,20 @@ fn bad_volumes_are_refused_before_boot() {
     assert_fails_naming(&relative, "GUEST be absolute");
     let no_layers = run(&mut uvm_run(&[], &["-v", "/tmp:/data"], "true"));
     assert_fails_naming(&no_layers, "are for a container");
+    let missing = run(&mut uvm_run(
+        &[],
+        &["--rootfs", "/nonexistent-uvm-root"],
+        "true",
+    ));
+    assert_fails_naming(&missing, "--rootfs /nonexistent-uvm-root");
+    let file = run(&mut uvm_run(&[], &["--rootfs", "/etc/passwd"], "true"));
+    assert_fails_naming(&file, "not a directory");
+    let both = run(&mut uvm_run(
+        &[layer("base")],
+        &["--rootfs", "/tmp"],
+        "true",
+    ));
+    assert_fails_naming(&both, "cannot be used with");
 }
 
 #[test]

@@ -133,7 +133,7 @@ fn podman_runs_containers_in_vms_with_their_output_exit_code_and_volumes() {
     let data = tempdir("oci-volume");
     std::fs::write(data.join("f.txt"), "from the host\n").unwrap();
     let volume = format!("{}:/data", data.display());
-    let script = "cat /data/f.txt; ulimit -n; hostname; exit 5";
+    let script = "cat /data/f.txt; echo back > /data/g.txt; ulimit -n; hostname; exit 5";
     let cidfile = data.join("cid");
     let out = podman.run(&[
         "--cidfile",
@@ -151,6 +151,11 @@ fn podman_runs_containers_in_vms_with_their_output_exit_code_and_volumes() {
     ]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert_eq!(stdout(&out), "from the host\n4096\nbox\n");
+    // The volume is shared, not copied: the container's write is the host's.
+    assert_eq!(
+        std::fs::read_to_string(data.join("g.txt")).unwrap(),
+        "back\n"
+    );
     // --rm: the container and its VM go (podman's cleanup may finish
     // after `run` returns).
     let id = std::fs::read_to_string(&cidfile).unwrap();
@@ -360,7 +365,9 @@ fn the_state_follows_runtime_spec_and_runc_s_refusals() {
     require_kvm("the_state_follows_runtime_spec_and_runc_s_refusals");
     // What the startContainer hook left in the container's /tmp (a tmpfs
     // of its own) reaches create's stderr, which the container keeps.
-    let script = "cat /tmp/started >&2; trap 'exit 3' TERM; while true; do sleep 1; done";
+    // Its write to / lands in the bundle's root, as with runc.
+    let script = "cat /tmp/started >&2; echo made > /made; \
+        trap 'exit 3' TERM; while true; do sleep 1; done";
     let root = tempdir("oci-state-root");
     let files = tempdir("oci-state-files");
     let hooked = |name: &str| files.join(format!("{name}.json"));
@@ -433,6 +440,11 @@ fn the_state_follows_runtime_spec_and_runc_s_refusals() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let (json, _) = hooked_state.split_once(" in-the-vm").unwrap();
+    let made = bundle.join("rootfs/made");
+    while std::fs::read_to_string(&made).unwrap_or_default() != "made\n" {
+        assert!(began.elapsed() < Duration::from_secs(120), "no /made");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let hooked_state: serde_json::Value = serde_json::from_str(json).unwrap();
     assert_eq!(
         (

@@ -172,6 +172,10 @@ pub struct Root {
     /// instead of pmem (no DAX).
     #[serde(default)]
     pub layer_disks: bool,
+    /// The root is shared host directory N (virtio-fs, writable; no
+    /// layers): mounted when the run request comes, not at boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,6 +433,7 @@ mod tests {
                 dax: true,
                 scratch: true,
                 layer_disks: false,
+                share: None,
             }),
             tools: Some(2),
             fresh: Fresh {
@@ -506,6 +511,7 @@ mod tests {
             root: Some(Root {
                 layers: 1,
                 layer_disks: true,
+                share: Some(1),
                 ..Root::default()
             }),
             ..Run::default()

@@ -114,8 +114,8 @@ fn create(store: &Store, uvm: &Uvm, args: &CreateArgs, log: &Log) -> anyhow::Res
     }
 }
 
-/// Makes the bundle's root a layer, boots the VM up to the point where
-/// `start` runs the process, then runs the create-time hooks.
+/// Boots the VM on the bundle's root up to the point where `start` runs
+/// the process, then runs the create-time hooks.
 fn boot(
     container: &Container,
     bundle: &Bundle,
@@ -127,14 +127,12 @@ fn boot(
     for warning in &plan.warnings {
         log.warn(warning);
     }
-    let image = container.root_image();
-    uvm_image::convert::from_dir(&bundle.root, &image)
-        .with_context(|| format!("bundle {}: its root as a layer", bundle.dir.display()))?;
     let mut command = uvm.command("create");
-    // Every bundle's root is a new layer: no template would match it.
+    // The root is shared as it is (virtio-fs): the container's writes
+    // reach it, as with runc.
     command
-        .args(["--cold", "--keep-stdio", "--name", &args.id, "--layer"])
-        .arg(&image);
+        .args(["--cold", "--keep-stdio", "--name", &args.id, "--rootfs"])
+        .arg(&bundle.root);
     if let Some(pid_file) = &args.pid_file {
         command
             .arg("--pid-file")

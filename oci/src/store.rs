@@ -95,11 +95,6 @@ impl Container {
         vmm::state::write_whole(&path, &text).with_context(|| format!("{}", path.display()))
     }
 
-    /// The layer image made from the bundle's root.
-    pub fn root_image(&self) -> PathBuf {
-        self.dir.join("root.img")
-    }
-
     /// The startContainer hooks, as `uvm create --hooks` reads them.
     pub fn start_hooks(&self) -> PathBuf {
         self.dir.join("start-hooks.json")

@@ -24,7 +24,7 @@ use vmm::describe;
 use vmm::process::{ContainerMount, MountSource, Outcome, ProcessSpec};
 use vmm::pvm::{self, HostKind};
 use vmm::sys;
-use vmm::vm::{Exit, Report, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
+use vmm::vm::{Exit, Report, Share, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
 
 const DEFAULT_MEMORY_MIB: u64 = 128;
 const MIN_MEMORY_MIB: u64 = 64;
@@ -204,6 +204,12 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
 
+    /// The container's root is this host directory, shared live
+    /// (virtio-fs): what COMMAND writes there reaches it (podman's
+    /// `--rootfs`; instead of layers).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "layers", "scratch"])]
+    rootfs: Option<PathBuf>,
+
     /// The writable layer: a raw ext4 image, created sparse and formatted if
     /// missing. Without it the writable layer is a tmpfs in the guest.
     #[arg(long, value_name = "FILE")]
@@ -319,7 +325,7 @@ impl VmArgs {
             layers: layers as u32,
             dax: !self.no_dax,
             scratch,
-            layer_disks: false,
+            ..Root::default()
         })
     }
 }
@@ -356,6 +362,20 @@ fn parse_mount(text: &str) -> Result<ContainerMount, String> {
         destination: target.to_string(),
         source,
         read_only,
+    })
+}
+
+/// `--rootfs DIR` as the VM's share: an existing directory, by its full
+/// path.
+fn rootfs_share(dir: &Path) -> anyhow::Result<Share> {
+    let dir = std::fs::canonicalize(dir).with_context(|| format!("--rootfs {}", dir.display()))?;
+    if !dir.is_dir() {
+        bail!("--rootfs {}: not a directory", dir.display());
+    }
+    Ok(Share {
+        dir,
+        read_only: false,
+        keep_cache: true,
     })
 }
 
@@ -546,13 +566,22 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
     if args.scratch.is_some() && container.layers.is_empty() {
         bail!("--scratch needs layers to go over (--layer or IMAGE)");
     }
+    let rootfs = args.rootfs.as_deref().map(rootfs_share).transpose()?;
     let mounts = !args.volumes.is_empty() || !args.mounts.is_empty();
     let container_only = mounts || args.hostname.is_some() || args.hooks.is_some();
-    if container_only && container.layers.is_empty() {
-        bail!("-v, --mount, --hostname and --hooks are for a container: give its layers (--layer or IMAGE)");
+    if container_only && container.layers.is_empty() && rootfs.is_none() {
+        bail!("-v, --mount, --hostname and --hooks are for a container: give its layers (--layer or IMAGE) or --rootfs");
     }
+    let root = match rootfs {
+        // The root is the first share.
+        Some(_) => Some(Root {
+            share: Some(0),
+            ..Root::default()
+        }),
+        None => vm.root(container.layers.len(), args.scratch.is_some()),
+    };
     let process = (!container.argv.is_empty()).then(|| ProcessSpec {
-        root: vm.root(container.layers.len(), args.scratch.is_some()),
+        root,
         argv: container.argv,
         env: container.env,
         cwd: container.workdir,
@@ -579,7 +608,7 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<(VmConfig, Hold)> {
         layers: container.layers,
         tools: tools(args.tools.clone(), args.no_tools)?,
         scratch: args.scratch.clone().map(|path| (path, args.scratch_size)),
-        shares: Vec::new(),
+        shares: rootfs.into_iter().collect(),
         process,
     };
     Ok((config, hold))

@@ -51,6 +51,7 @@ pub fn attach(config: &VmConfig, dir: &Path) -> Result<VmConfig, Error> {
             config.shares.push(Share {
                 dir,
                 read_only: mount.read_only,
+                keep_cache: false,
             });
             continue;
         }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OpenIn, OutHeader};
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::passthrough::{Config, PassthroughFs};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::{Queue, QueueState};
 use virtio_queue_fuse::{DescriptorChain, QueueT};
@@ -86,14 +86,27 @@ impl Ram {
 
 impl Fs {
     /// Shares `dir` (which must be a directory) as `tag` (at most
-    /// [`TAG_LEN`] bytes).
-    pub fn new(mem: &GuestMemory, dir: &str, tag: &str, read_only: bool) -> io::Result<Self> {
+    /// [`TAG_LEN`] bytes). With `keep_cache` the guest keeps file data
+    /// cached across opens (for a directory nothing else changes, as a
+    /// container's root); without, each open drops it (close-to-open
+    /// consistency with the host's changes).
+    pub fn new(
+        mem: &GuestMemory,
+        dir: &str,
+        tag: &str,
+        read_only: bool,
+        keep_cache: bool,
+    ) -> io::Result<Self> {
         if tag.is_empty() || tag.len() > TAG_LEN {
             let e = format!("share tag `{tag}`: 1 to {TAG_LEN} bytes");
             return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
         }
         let fs = PassthroughFs::<()>::new(Config {
             root_dir: dir.to_string(),
+            cache_policy: match keep_cache {
+                true => CachePolicy::Always,
+                false => CachePolicy::Auto,
+            },
             ..Config::default()
         })?;
         fs.import()?;
@@ -388,7 +401,7 @@ mod tests {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("hello"), "hi there").unwrap();
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-            let mut fs = Fs::new(&mem, dir.to_str().unwrap(), "share", read_only).unwrap();
+            let mut fs = Fs::new(&mem, dir.to_str().unwrap(), "share", read_only, false).unwrap();
             let (hiprio, requests) = (Ring::new(0), Ring::new(0x4_0000));
             let irq = Arc::new(IrqStatus::new(Arc::new(CountingInterrupt::default())));
             fs.activate(vec![hiprio.queue(), requests.queue()], irq)
@@ -515,13 +528,13 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let dir = std::env::temp_dir();
         let dir = dir.to_str().unwrap();
-        assert!(Fs::new(&mem, dir, "", false).is_err());
-        assert!(Fs::new(&mem, dir, &"x".repeat(37), false).is_err());
-        let fs = Fs::new(&mem, dir, &"x".repeat(36), false).unwrap();
+        assert!(Fs::new(&mem, dir, "", false, false).is_err());
+        assert!(Fs::new(&mem, dir, &"x".repeat(37), false, true).is_err());
+        let fs = Fs::new(&mem, dir, &"x".repeat(36), false, true).unwrap();
         let mut config = [0u8; 40];
         fs.read_config(0, &mut config);
         assert_eq!(&config[..36], "x".repeat(36).as_bytes());
         assert_eq!(config[36..], 1u32.to_le_bytes());
-        assert!(Fs::new(&mem, "/nonexistent/dir", "t", false).is_err());
+        assert!(Fs::new(&mem, "/nonexistent/dir", "t", false, false).is_err());
     }
 }

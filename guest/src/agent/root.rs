@@ -31,9 +31,11 @@ pub enum Prepared {
     Failed(String),
 }
 
-/// Assembles as much of `root` as every run of this VM shares.
+/// Assembles as much of `root` as every run of this VM shares. A shared
+/// root waits for the run: mounting it starts its FUSE session, which a
+/// template taken before the run must not hold.
 pub fn prepare(root: Root) -> Prepared {
-    let prepared = match root.scratch {
+    let prepared = match root.scratch || root.share.is_some() {
         true => mount_layers(root).map(|()| Prepared::Layers(root)),
         false => assemble(root).map(|()| Prepared::Whole(root)),
     };
@@ -72,8 +74,23 @@ fn mount_layers(root: Root) -> io::Result<()> {
     Ok(())
 }
 
-/// The writable layer and the overlay over the mounted layers.
+/// The writable layer and the overlay over the mounted layers, or the
+/// shared host directory itself (the container's writes reach it).
 fn stack(root: Root) -> io::Result<()> {
+    std::fs::create_dir_all(ROOT)?;
+    if let Some(index) = root.share {
+        let tag = cstring(guest::share_tag(index))?;
+        mount_with(&tag, ROOT_C, c"virtiofs", 0, None)?;
+    } else {
+        overlay(root)?;
+    }
+    for dir in ["proc", "dev", "tmp", "sys"] {
+        std::fs::create_dir_all(format!("{ROOT}/{dir}"))?;
+    }
+    Ok(())
+}
+
+fn overlay(root: Root) -> io::Result<()> {
     // overlayfs lists the top layer first
     let lower: Vec<String> = (0..root.layers).rev().map(layer_dir).collect();
     std::fs::create_dir_all("/scratch")?;
@@ -83,12 +100,8 @@ fn stack(root: Root) -> io::Result<()> {
     } else {
         mount_with(c"tmpfs", SCRATCH, c"tmpfs", 0, None)?;
     }
-    std::fs::create_dir_all(ROOT)?;
     mount_union(&lower.join(":"), "/scratch", ROOT_C)?;
-    for dir in ["proc", "dev", "tmp", "sys", "run/layers"] {
-        std::fs::create_dir_all(format!("{ROOT}/{dir}"))?;
-    }
-    Ok(())
+    std::fs::create_dir_all(format!("{ROOT}/run/layers"))
 }
 
 /// Where the VM's tools are mounted; the VM's /bin, /sbin and /usr lead
@@ -206,6 +219,8 @@ fn wait_until<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> io::Result
 /// What the main process sets up as it enters its root, besides the root.
 #[derive(Clone, Debug)]
 pub struct Setup {
+    /// The root has layers, which the process sees at /run/layers.
+    pub layers: bool,
     pub hostname: CString,
     pub mounts: Vec<Planned>,
     /// Run in the container just before its program.
@@ -214,7 +229,7 @@ pub struct Setup {
 
 /// Run in the process between fork and exec: a mount, UTS and IPC namespace
 /// of its own (the agent made a PID namespace for it), /proc, /dev (with the
-/// agent's /dev/pts for a `tty`), /tmp and the layers at /run/layers, the
+/// agent's /dev/pts for a `tty`), /tmp and any layers at /run/layers, the
 /// setup's mounts, then the union as `/`, the host name, and `cwd` as the
 /// working directory.
 pub fn enter(tty: bool, cwd: &CStr, setup: &Setup) -> io::Result<()> {
@@ -235,14 +250,17 @@ pub fn enter(tty: bool, cwd: &CStr, setup: &Setup) -> io::Result<()> {
     mount_with(c"proc", c"/rootfs/proc", c"proc", 0, None)?;
     mount_with(c"devtmpfs", c"/rootfs/dev", c"devtmpfs", 0, None)?;
     mount_with(c"tmpfs", c"/rootfs/tmp", c"tmpfs", 0, None)?;
-    // The layer mounts (read-only, DAX or not) stay visible for inspection.
-    mount_with(
-        c"/layers",
-        c"/rootfs/run/layers",
-        c"",
-        libc::MS_BIND | libc::MS_REC,
-        None,
-    )?;
+    if setup.layers {
+        // The layer mounts (read-only, DAX or not) stay visible for
+        // inspection.
+        mount_with(
+            c"/layers",
+            c"/rootfs/run/layers",
+            c"",
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )?;
+    }
     if tty {
         // devtmpfs is one instance: the agent's /dev/pts may be there already.
         mounts::make_dir(c"/rootfs/dev/pts")?;

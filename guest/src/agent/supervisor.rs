@@ -124,6 +124,7 @@ fn start_main_process(
     root::assemble_prepared(root, prepared)
         .map_err(|e| failed("assembling the container root", e))?;
     let setup = Setup {
+        layers: root.layers > 0,
         hostname: root::cstring(run.hostname.clone().unwrap_or_else(|| "uvm".into()))
             .map_err(|e| failed("the host name", e))?,
         mounts: mounts::plan(&run.mounts).map_err(|e| failed("the container's mounts", e))?,

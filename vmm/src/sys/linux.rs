@@ -94,7 +94,7 @@ pub fn attach_share<V: Vm>(
         ))
     })?;
     let tag = guest::share_tag(index as u32);
-    let fs = Fs::new(env.mem, dir, &tag, share.read_only).map_err(failed)?;
+    let fs = Fs::new(env.mem, dir, &tag, share.read_only, share.keep_cache).map_err(failed)?;
     env.attach(slot, fs)
 }
 

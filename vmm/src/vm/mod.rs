@@ -80,6 +80,10 @@ pub struct VmConfig {
 pub struct Share {
     pub dir: PathBuf,
     pub read_only: bool,
+    /// Only the VM changes it (a container's root): the guest may keep
+    /// file data cached across opens.
+    #[serde(default)]
+    pub keep_cache: bool,
 }
 
 impl VmConfig {
