@@ -68,7 +68,11 @@ fn a_detached_vm_is_operated_like_a_container() {
     let root = dir.join("root");
     let scratch = dir.join("scratch.img");
     let scratch_arg = scratch.to_str().unwrap();
-    let out = detached(&root, &["--name", "web", "--scratch", scratch_arg], MAIN);
+    let shared = dir.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let volume = format!("{}:/shared", shared.display());
+    let args = ["--name", "web", "--scratch", scratch_arg, "-v", &volume];
+    let out = detached(&root, &args, MAIN);
     assert!(out.status.success(), "run -d: {}", stderr(&out));
     let id = stdout(&out).trim().to_string();
     assert_eq!(id.len(), 32, "run -d prints the ID: {id:?}");
@@ -106,6 +110,19 @@ fn a_detached_vm_is_operated_like_a_container() {
     // The name is taken: refused before anything boots.
     let out = detached(&root, &["--name", "web"], "true");
     assert_fails_naming(&out, "the name `web` is taken");
+
+    // Its shared directory is live; and it cannot be snapshotted: what its
+    // guest holds of the share lives in the VMM's FUSE server.
+    let wrote = exec(&mut uvm_at(
+        &root,
+        &["exec", "web", "--", "sh", "-c", "echo hi > /shared/f"],
+    ));
+    assert!(wrote.status.success(), "{}", stderr(&wrote));
+    assert_eq!(std::fs::read_to_string(shared.join("f")).unwrap(), "hi\n");
+    let never = dir.join("never");
+    let refused = run(uvm_at(&root, &["snapshot", "web", "-o"]).arg(&never));
+    assert_fails_naming(&refused, "shares host directories");
+    assert!(!never.exists());
 
     // exec: exit code, stdin, two at once with their own output.
     let code = exec(&mut uvm_at(

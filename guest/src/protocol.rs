@@ -117,17 +117,13 @@ pub struct Mount {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MountKind {
-    /// A host directory, or its one file `file`, as the read-only ext4
-    /// image `/dev/pmem{layer}` holds it. Writable, the container's writes
-    /// go to a tmpfs over it: they stay in the VM.
-    Bind {
-        layer: u32,
-        file: Option<String>,
-    },
     /// A host directory shared live (virtio-fs, the tag
-    /// [`crate::share_tag`]`(index)`): writes reach the host.
+    /// [`crate::share_tag`]`(index)`): writes reach the host. With `file`,
+    /// only that file of it (a one-file directory the VMM made for a
+    /// bind mount of a file).
     Share {
         index: u32,
+        file: Option<String>,
     },
     Tmpfs,
     Sysfs,
@@ -444,8 +440,8 @@ mod tests {
             hostname: Some("box".into()),
             mounts: vec![Mount {
                 destination: "/data".into(),
-                kind: MountKind::Bind {
-                    layer: 2,
+                kind: MountKind::Share {
+                    index: 2,
                     file: Some("hosts".into()),
                 },
                 read_only: true,

@@ -129,9 +129,10 @@ fn boot(
     }
     let mut command = uvm.command("create");
     // The root is shared as it is (virtio-fs): the container's writes
-    // reach it, as with runc.
+    // reach it, as with runc. Roots and mounts are shares, so one template
+    // serves every container with as many mounts and the same resources.
     command
-        .args(["--cold", "--keep-stdio", "--name", &args.id, "--rootfs"])
+        .args(["--keep-stdio", "--name", &args.id, "--rootfs"])
         .arg(&bundle.root);
     if let Some(pid_file) = &args.pid_file {
         command

@@ -43,18 +43,14 @@ pub struct ContainerMount {
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MountSource {
-    /// A host directory or file (`-v`, an OCI bind mount): shared, or
-    /// copied as a layer image ([`crate::volume::attach`]).
+    /// A host directory or file (`-v`, an OCI bind mount), which
+    /// [`crate::volume::attach`] makes a share.
     Host(PathBuf),
-    /// What a host source became: the VM's layer `index`, its root or its
-    /// one file `file`.
-    Layer {
-        index: u32,
-        file: Option<String>,
-    },
-    /// What a host directory became: the VM's shared directory `index`.
+    /// What a host source became: the VM's shared directory `index`, or
+    /// its one file `file`.
     Share {
         index: u32,
+        file: Option<String>,
     },
     Tmpfs,
     Sysfs,
@@ -65,11 +61,10 @@ impl ContainerMount {
     fn request(&self) -> Option<Mount> {
         let kind = match &self.source {
             MountSource::Host(_) => return None,
-            MountSource::Layer { index, file } => MountKind::Bind {
-                layer: *index,
+            MountSource::Share { index, file } => MountKind::Share {
+                index: *index,
                 file: file.clone(),
             },
-            MountSource::Share { index } => MountKind::Share { index: *index },
             MountSource::Tmpfs => MountKind::Tmpfs,
             MountSource::Sysfs => MountKind::Sysfs,
         };
@@ -169,7 +164,7 @@ mod tests {
             mounts: vec![
                 ContainerMount {
                     destination: "/data".into(),
-                    source: MountSource::Layer {
+                    source: MountSource::Share {
                         index: 1,
                         file: None,
                     },
@@ -211,8 +206,8 @@ mod tests {
         assert_eq!(
             mounts.iter().map(|m| &m.kind).collect::<Vec<_>>(),
             [
-                &MountKind::Bind {
-                    layer: 1,
+                &MountKind::Share {
+                    index: 1,
                     file: None
                 },
                 &MountKind::Tmpfs

@@ -1,10 +1,12 @@
 //! Host directories and files in the container (`uvm run -v`, an OCI
-//! bundle's bind mounts). A directory is shared live (virtio-fs): what the
-//! container writes there reaches the host, what the host changes the
-//! container sees, and nothing is copied. A file becomes a read-only ext4
-//! image that the VM maps like a layer: a copy taken when the VM starts
-//! (sharing its directory would show the VM its neighbours too), so the
-//! container's writes to it stay in the VM.
+//! bundle's bind mounts), each a shared directory (virtio-fs) the agent
+//! mounts where asked. A directory is shared live: what the container
+//! writes there reaches the host, what the host changes the container
+//! sees, nothing is copied. A file is copied, when the VM starts, into a
+//! directory of its own that is shared instead (sharing the file's own
+//! directory would show the VM its neighbours too): the container sees the
+//! copy and its writes stay there. No mount adds a layer, so a template
+//! (keyed by the number of shares) serves any of them.
 
 use std::path::{Path, PathBuf};
 
@@ -18,17 +20,13 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("volume {path}: {source}")]
-    Image {
-        path: PathBuf,
-        source: uvm_image::Error,
-    },
     #[error("volume {0}: neither a directory nor a file")]
     Kind(PathBuf),
 }
 
 /// `config` with each host source of its container's mounts made a share
-/// (a directory) or an image in `dir` added after its layers (a file).
+/// after its others: a directory itself, a file by way of a copy in a
+/// directory of its own under `dir`.
 pub fn attach(config: &VmConfig, dir: &Path) -> Result<VmConfig, Error> {
     let mut config = config.clone();
     let Some(process) = config.process.as_mut() else {
@@ -38,57 +36,37 @@ pub fn attach(config: &VmConfig, dir: &Path) -> Result<VmConfig, Error> {
         let MountSource::Host(host) = &mount.source else {
             continue;
         };
-        let io = |source| Error::Io {
-            path: host.clone(),
-            source,
+        let (shared, file) = shared_dir(host, &dir.join(n.to_string()))?;
+        mount.source = MountSource::Share {
+            index: config.shares.len() as u32,
+            file,
         };
-        let meta = std::fs::metadata(host).map_err(io)?;
-        if meta.is_dir() {
-            let dir = std::fs::canonicalize(host).map_err(io)?;
-            mount.source = MountSource::Share {
-                index: config.shares.len() as u32,
-            };
-            config.shares.push(Share {
-                dir,
-                read_only: mount.read_only,
-                keep_cache: false,
-            });
-            continue;
-        }
-        if !meta.is_file() {
-            return Err(Error::Kind(host.clone()));
-        }
-        let image = dir.join(format!("{n}.img"));
-        let file = file_image(host, &image, &dir.join(format!("{n}.d")))?;
-        mount.source = MountSource::Layer {
-            index: config.layers.len() as u32,
-            file: Some(file),
-        };
-        config.layers.push(image);
+        config.shares.push(Share {
+            dir: shared,
+            read_only: mount.read_only,
+            keep_cache: false,
+        });
     }
     Ok(config)
 }
 
-/// Writes the file `host` as the ext4 image `image` (by way of the
-/// directory `staging`); returns the file's name.
-fn file_image(host: &Path, image: &Path, staging: &Path) -> Result<String, Error> {
+/// The directory to share for `host`: itself if it is a directory, else
+/// `copies` holding a copy of the file, whose name comes along.
+fn shared_dir(host: &Path, copies: &Path) -> Result<(PathBuf, Option<String>), Error> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| Error::Io { path, source }
     };
-    let name = host
-        .file_name()
-        .ok_or_else(|| Error::Kind(host.to_owned()))?;
-    std::fs::create_dir_all(image.parent().unwrap_or(Path::new("/"))).map_err(io(image))?;
-    std::fs::create_dir_all(staging).map_err(io(staging))?;
-    let made = std::fs::copy(host, staging.join(name))
-        .map_err(io(host))
-        .and_then(|_| {
-            uvm_image::convert::from_dir(staging, image).map_err(|source| Error::Image {
-                path: host.to_owned(),
-                source,
-            })
-        });
-    let _ = std::fs::remove_dir_all(staging);
-    made.map(|_| name.to_string_lossy().into_owned())
+    let meta = std::fs::metadata(host).map_err(io(host))?;
+    if meta.is_dir() {
+        return Ok((std::fs::canonicalize(host).map_err(io(host))?, None));
+    }
+    let name = host.file_name().filter(|_| meta.is_file());
+    let Some(name) = name else {
+        return Err(Error::Kind(host.to_owned()));
+    };
+    std::fs::create_dir_all(copies).map_err(io(copies))?;
+    std::fs::copy(host, copies.join(name)).map_err(io(host))?;
+    let copies = std::fs::canonicalize(copies).map_err(io(copies))?;
+    Ok((copies, Some(name.to_string_lossy().into_owned())))
 }

@@ -253,37 +253,34 @@ where
     }
 }
 
+/// A queue's state as the other virtio-queue release spells it (the same
+/// fields).
+macro_rules! convert_state {
+    ($state:expr => $to:path) => {{
+        let s = $state;
+        $to {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }};
+}
+
 /// The 0.17 queue that stands for uvm's `queue`, where it stands.
 fn fuse_queue(queue: &Queue) -> Option<virtio_queue_fuse::Queue> {
-    let s = queue.state();
-    let state = virtio_queue_fuse::QueueState {
-        max_size: s.max_size,
-        next_avail: s.next_avail,
-        next_used: s.next_used,
-        event_idx_enabled: s.event_idx_enabled,
-        size: s.size,
-        ready: s.ready,
-        desc_table: s.desc_table,
-        avail_ring: s.avail_ring,
-        used_ring: s.used_ring,
-    };
+    let state = convert_state!(queue.state() => virtio_queue_fuse::QueueState);
     virtio_queue_fuse::Queue::try_from(state).ok()
 }
 
 /// Where a 0.17 queue stands, as uvm's snapshots keep it.
 fn queue_state(queue: &virtio_queue_fuse::Queue) -> QueueState {
-    let s = queue.state();
-    QueueState {
-        max_size: s.max_size,
-        next_avail: s.next_avail,
-        next_used: s.next_used,
-        event_idx_enabled: s.event_idx_enabled,
-        size: s.size,
-        ready: s.ready,
-        desc_table: s.desc_table,
-        avail_ring: s.avail_ring,
-        used_ring: s.used_ring,
-    }
+    convert_state!(queue.state() => QueueState)
 }
 
 impl VirtioDevice for Fs {
@@ -377,11 +374,7 @@ mod tests {
     use crate::virtio::testing::Ring;
     use crate::CountingInterrupt;
 
-    const INIT: u32 = 26;
-    const LOOKUP: u32 = 1;
-    const OPEN: u32 = 14;
-    const READ: u32 = 15;
-    const MKDIR: u32 = 9;
+    /// The root directory's node.
     const ROOT: u64 = 1;
 
     /// A device sharing a new directory that holds `hello`, activated, and
@@ -414,7 +407,7 @@ mod tests {
                 unique: 0,
             };
             let init = [7u32, 31, 0, 0].map(u32::to_le_bytes).concat();
-            assert_eq!(shared.ask(INIT, ROOT, &init).0, 0);
+            assert_eq!(shared.ask(Opcode::Init as u32, ROOT, &init).0, 0);
             shared
         }
 
@@ -449,7 +442,8 @@ mod tests {
         }
 
         fn lookup(&mut self, name: &str) -> (i32, u64) {
-            let (error, entry) = self.ask(LOOKUP, ROOT, format!("{name}\0").as_bytes());
+            let (error, entry) =
+                self.ask(Opcode::Lookup as u32, ROOT, format!("{name}\0").as_bytes());
             let node = entry
                 .get(..8)
                 .map_or(0, |n| u64::from_le_bytes(n.try_into().unwrap()));
@@ -457,7 +451,11 @@ mod tests {
         }
 
         fn open(&mut self, node: u64, flags: i32) -> (i32, u64) {
-            let (error, out) = self.ask(OPEN, node, &[flags.to_le_bytes(), [0; 4]].concat());
+            let (error, out) = self.ask(
+                Opcode::Open as u32,
+                node,
+                &[flags.to_le_bytes(), [0; 4]].concat(),
+            );
             let handle = out
                 .get(..8)
                 .map_or(0, |h| u64::from_le_bytes(h.try_into().unwrap()));
@@ -467,7 +465,7 @@ mod tests {
         fn mkdir(&mut self, name: &str) -> i32 {
             let mut body = [0o755u32.to_le_bytes(), [0; 4]].concat();
             body.extend(format!("{name}\0").as_bytes());
-            self.ask(MKDIR, ROOT, &body).0
+            self.ask(Opcode::Mkdir as u32, ROOT, &body).0
         }
     }
 
@@ -494,7 +492,10 @@ mod tests {
             &[0; 8],
         ]
         .concat();
-        assert_eq!(shared.ask(READ, node, &read), (0, b"hi there".to_vec()));
+        assert_eq!(
+            shared.ask(Opcode::Read as u32, node, &read),
+            (0, b"hi there".to_vec())
+        );
         assert_eq!(shared.mkdir("made"), 0);
         assert!(shared.dir.join("made").is_dir(), "the host sees it");
         assert_eq!(shared.lookup("missing").0, -libc::ENOENT);

@@ -10,7 +10,7 @@ use guest::protocol::{Mount, MountKind};
 use crate::root::{self, cstring};
 use crate::{check, mount_with};
 
-/// Where the agent mounts what bind mounts come from.
+/// Where the agent mounts the shares that bind mounts of files come from.
 const SOURCES: &str = "/mounts";
 
 /// One mount, ready to be made.
@@ -29,36 +29,38 @@ pub struct Planned {
     read_only_bind: bool,
 }
 
-/// Readies each mount's source (the bind mounts' images, mounted in the
+/// Readies each mount's source (the shares of files, mounted in the
 /// agent) and what the process needs to make it.
 pub fn plan(mounts: &[Mount]) -> io::Result<Vec<Planned>> {
     mounts
         .iter()
-        .enumerate()
-        .map(|(index, mount)| {
-            plan_one(index, mount)
+        .map(|mount| {
+            plan_one(mount)
                 .map_err(|e| io::Error::new(e.kind(), format!("mount {}: {e}", mount.destination)))
         })
         .collect()
 }
 
-fn plan_one(index: usize, mount: &Mount) -> io::Result<Planned> {
+fn plan_one(mount: &Mount) -> io::Result<Planned> {
     let (parents, target) = mount_point(&mount.destination)?;
     let read_only = if mount.read_only { libc::MS_RDONLY } else { 0 };
     let (source, fstype, flags, file) = match &mount.kind {
-        MountKind::Bind { layer, file } => {
-            if let Some(name) = file.as_deref().filter(|n| n.contains('/') || *n == "..") {
+        // The directory itself, mounted by the process.
+        MountKind::Share { index, file: None } => {
+            (guest::share_tag(*index), "virtiofs", read_only, false)
+        }
+        MountKind::Share {
+            index,
+            file: Some(name),
+        } => {
+            if name.contains('/') || name == ".." || name == "." {
                 let e = format!("bad file name {name:?}");
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
             }
-            let dir = bind_source(index, *layer, mount.read_only)?;
-            let source = match file {
-                Some(name) => format!("{dir}/{name}"),
-                None => dir,
-            };
-            (source, "", libc::MS_BIND | libc::MS_REC, file.is_some())
+            let dir = share_source(*index, mount.read_only)?;
+            let flags = libc::MS_BIND | libc::MS_REC;
+            (format!("{dir}/{name}"), "", flags, true)
         }
-        MountKind::Share { index } => (guest::share_tag(*index), "virtiofs", read_only, false),
         MountKind::Tmpfs => ("tmpfs".into(), "tmpfs", read_only | libc::MS_NOSUID, false),
         MountKind::Sysfs => ("sysfs".into(), "sysfs", read_only | libc::MS_NOSUID, false),
     };
@@ -69,7 +71,7 @@ fn plan_one(index: usize, mount: &Mount) -> io::Result<Planned> {
         target,
         parents,
         file,
-        read_only_bind: mount.read_only && matches!(mount.kind, MountKind::Bind { .. }),
+        read_only_bind: mount.read_only && file,
     })
 }
 
@@ -100,22 +102,15 @@ fn mount_point(destination: &str) -> io::Result<(Vec<CString>, CString)> {
     Ok((paths, target))
 }
 
-/// Mounts layer `layer` (read-only) for bind mount `index`, with a tmpfs
-/// over it if the mount is writable; returns the directory.
-fn bind_source(index: usize, layer: u32, read_only: bool) -> io::Result<String> {
-    let image = format!("{SOURCES}/{index}");
-    std::fs::create_dir_all(&image)?;
-    root::mount_layer_at(layer, &image)?;
-    if read_only {
-        return Ok(image);
-    }
-    let writes = format!("{SOURCES}/{index}.writes");
-    let union = format!("{SOURCES}/{index}.union");
-    std::fs::create_dir_all(&writes)?;
-    std::fs::create_dir_all(&union)?;
-    mount_with(c"tmpfs", &cstring(writes.clone())?, c"tmpfs", 0, None)?;
-    root::mount_union(&image, &writes, &cstring(union.clone())?)?;
-    Ok(union)
+/// Mounts share `index` in the agent, for the process to bind one file of
+/// it; returns the directory.
+fn share_source(index: u32, read_only: bool) -> io::Result<String> {
+    let dir = format!("{SOURCES}/{index}");
+    std::fs::create_dir_all(&dir)?;
+    let flags = if read_only { libc::MS_RDONLY } else { 0 };
+    let tag = cstring(guest::share_tag(index))?;
+    mount_with(&tag, &cstring(dir.clone())?, c"virtiofs", flags, None)?;
+    Ok(dir)
 }
 
 /// Makes the mounts, in order, under the root: run by the process in its
@@ -194,18 +189,22 @@ mod tests {
             kind,
             read_only,
         };
-        let tmpfs = plan_one(0, &mount(MountKind::Tmpfs, false)).unwrap();
+        let tmpfs = plan_one(&mount(MountKind::Tmpfs, false)).unwrap();
         assert_eq!(tmpfs.fstype, c"tmpfs".to_owned());
         assert_eq!(tmpfs.flags & libc::MS_RDONLY, 0);
-        let sysfs = plan_one(1, &mount(MountKind::Sysfs, true)).unwrap();
+        let sysfs = plan_one(&mount(MountKind::Sysfs, true)).unwrap();
         assert_ne!(sysfs.flags & libc::MS_RDONLY, 0);
         assert!(!sysfs.read_only_bind, "not a bind mount");
-        let file = MountKind::Bind {
-            layer: 3,
+        let file = MountKind::Share {
+            index: 3,
             file: Some("../x".into()),
         };
-        assert!(plan_one(2, &mount(file, true)).is_err());
-        let share = plan_one(3, &mount(MountKind::Share { index: 2 }, true)).unwrap();
+        assert!(plan_one(&mount(file, true)).is_err());
+        let share = MountKind::Share {
+            index: 2,
+            file: None,
+        };
+        let share = plan_one(&mount(share, true)).unwrap();
         assert_eq!(
             (share.source.as_c_str(), share.fstype.as_c_str()),
             (c"uvm-share2", c"virtiofs")

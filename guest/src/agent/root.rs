@@ -148,15 +148,10 @@ fn mount_read_only(device: String, target: &str, dax: bool) -> io::Result<()> {
     mount(c"noload")
 }
 
-/// Mounts layer `index` (pmem, without DAX) read-only at `target`.
-pub fn mount_layer_at(index: u32, target: &str) -> io::Result<()> {
-    mount_layer(index, target, Root::default())
-}
-
 /// Mounts overlayfs at `target`: `lower` (overlayfs's `a:b` list, top
 /// first) under a writable layer whose upper and work directories it
 /// makes in `writes` (a mounted file system).
-pub fn mount_union(lower: &str, writes: &str, target: &CStr) -> io::Result<()> {
+fn mount_union(lower: &str, writes: &str, target: &CStr) -> io::Result<()> {
     std::fs::create_dir_all(format!("{writes}/upper"))?;
     std::fs::create_dir_all(format!("{writes}/work"))?;
     let options = format!("lowerdir={lower},upperdir={writes}/upper,workdir={writes}/work");
