@@ -404,9 +404,13 @@ for m in {modules}; do insmod /modules/$m.ko || fail; done
 # Loopback: tests serve and reach programs on 127.0.0.1 (a registry).
 ip link set lo up || fail
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 host /host || fail
-# A writable /tmp over the host's (conmon makes its console sockets there).
-mkdir /tmpw && mount -t tmpfs tmpw /tmpw && mkdir /tmpw/upper /tmpw/work || fail
-mount -t overlay -o lowerdir=/host/tmp,upperdir=/tmpw/upper,workdir=/tmpw/work tmp /host/tmp || fail
+# A writable /tmp over the host's (conmon makes its console sockets there)
+# and /var/lib (uvm's store as root, where uvm-oci's VMs keep templates).
+mkdir /tmpw && mount -t tmpfs tmpw /tmpw || fail
+for d in tmp var/lib; do
+  mkdir -p /tmpw/$d/upper /tmpw/$d/work || fail
+  mount -t overlay -o lowerdir=/host/$d,upperdir=/tmpw/$d/upper,workdir=/tmpw/$d/work $d /host/$d || fail
+done
 {mounts}mount -t proc proc /host/proc && mount -t sysfs sys /host/sys || fail
 mount -t devtmpfs dev /host/dev && mount -t tmpfs run /host/run && mkdir /host/run/tmp || fail
 # Where podman's image transports unpack archives (not $TMPDIR).
@@ -485,6 +489,7 @@ mod tests {
         assert!(init.contains("for m in a b; do insmod /modules/$m.ko"));
         assert!(init.contains("ip link set lo up"));
         assert!(init.contains("mount -t tmpfs vartmp /host/var/tmp"));
+        assert!(init.contains("for d in tmp var/lib; do"));
         assert!(init.contains("out0 '/host/w/target/bench'"));
         // On a line of its own, whatever COMMAND printed last.
         assert!(init.contains(&format!(r#"printf "\\n{STATUS_LINE}%d\\n" $?"#)));
