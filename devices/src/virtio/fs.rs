@@ -2,8 +2,11 @@
 //! live — what the guest writes lands in the directory, what the host
 //! changes the guest sees. The guest's FUSE requests are served in the VMM
 //! by fuse-backend-rs's passthrough file system, which resolves every name
-//! from the directory's own descriptors, so nothing outside it is
-//! reachable. No DAX window: file data travels in the requests.
+//! from the directory's own descriptors (`..` at its top is the top), so
+//! nothing outside it is reachable — unless the host moves a directory the
+//! guest holds out of it: virtiofsd's sandbox (a chroot) would still stop
+//! that, this server does not. No DAX window: file data travels in the
+//! requests.
 //!
 //! fuse-backend-rs 0.14 is built on vm-memory 0.17 and virtio-queue 0.17,
 //! one release behind the rest of uvm, and takes its requests as those
@@ -388,11 +391,14 @@ mod tests {
     }
 
     impl Shared {
+        /// Shares `base/share`, beside `base/outside`.
         fn new(name: &str, read_only: bool) -> Self {
-            let dir = std::env::temp_dir().join(format!("uvm-fs-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
+            let base = std::env::temp_dir().join(format!("uvm-fs-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&base);
+            let dir = base.join("share");
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("hello"), "hi there").unwrap();
+            std::fs::write(base.join("outside"), "not shared").unwrap();
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
             let mut fs = Fs::new(&mem, dir.to_str().unwrap(), "share", read_only, false).unwrap();
             let (hiprio, requests) = (Ring::new(0), Ring::new(0x4_0000));
@@ -442,8 +448,12 @@ mod tests {
         }
 
         fn lookup(&mut self, name: &str) -> (i32, u64) {
+            self.lookup_in(ROOT, name)
+        }
+
+        fn lookup_in(&mut self, dir: u64, name: &str) -> (i32, u64) {
             let (error, entry) =
-                self.ask(Opcode::Lookup as u32, ROOT, format!("{name}\0").as_bytes());
+                self.ask(Opcode::Lookup as u32, dir, format!("{name}\0").as_bytes());
             let node = entry
                 .get(..8)
                 .map_or(0, |n| u64::from_le_bytes(n.try_into().unwrap()));
@@ -471,7 +481,7 @@ mod tests {
 
     impl Drop for Shared {
         fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = std::fs::remove_dir_all(self.dir.parent().unwrap());
         }
     }
 
@@ -499,6 +509,16 @@ mod tests {
         assert_eq!(shared.mkdir("made"), 0);
         assert!(shared.dir.join("made").is_dir(), "the host sees it");
         assert_eq!(shared.lookup("missing").0, -libc::ENOENT);
+    }
+
+    #[test]
+    fn nothing_outside_the_shared_directory_is_reachable() {
+        let mut shared = Shared::new("confined", false);
+        let (error, above) = shared.lookup("..");
+        assert_eq!(error, 0, "the root's parent is the root itself");
+        assert_eq!(shared.lookup_in(above, "outside").0, -libc::ENOENT);
+        assert_eq!(shared.lookup_in(above, "hello").0, 0);
+        assert_eq!(shared.lookup("../outside").0, -libc::EINVAL);
     }
 
     #[test]
